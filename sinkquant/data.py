@@ -1,0 +1,163 @@
+"""Text loading through `datasets`, one tokenization, and disjoint calibration / evaluation windows."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sinkquant.artifacts import sha256_bytes
+from sinkquant.errors import SinkquantError
+
+DEFAULT_DATA = "wikitext2"
+WIKITEXT2_ENV = "SINKQUANT_WIKITEXT2"
+WIKITEXT2_HUB = ("wikitext", "wikitext-2-raw-v1", "test")
+_BUILDERS = {".txt": "text", ".raw": "text", ".md": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+
+
+@dataclass
+class Text:
+    """A text with the facts a report must record about it."""
+
+    text: str
+    source: dict[str, Any]
+
+    @property
+    def sha256(self) -> str:
+        return sha256_bytes(self.text.encode("utf-8"))
+
+
+def _load_local(path: Path, text_field: str) -> Text:
+    if not path.is_file():
+        raise SinkquantError(f"data file {path} does not exist or is not a file")
+    builder = _BUILDERS.get(path.suffix.lower())
+    if builder is None:
+        raise SinkquantError(f"data file {path}: unsupported suffix {path.suffix!r}; valid: {', '.join(_BUILDERS)}")
+    import datasets
+
+    datasets.disable_progress_bars()
+    try:
+        if builder == "text":
+            # sample_by="document" keeps the file byte-exact (one row = the whole file).
+            rows = datasets.load_dataset("text", data_files=str(path), sample_by="document", split="train")
+            text = "".join(rows["text"])
+        else:
+            rows = datasets.load_dataset(builder, data_files=str(path), split="train")
+            if text_field not in rows.column_names:
+                raise SinkquantError(
+                    f"data file {path} has no field {text_field!r}; fields: {', '.join(rows.column_names)} "
+                    "(choose one with --text-field)"
+                )
+            text = "\n\n".join(rows[text_field])
+    except SinkquantError:
+        raise
+    except Exception as exc:
+        raise SinkquantError(f"could not read data file {path}: {str(exc).splitlines()[0]}") from exc
+    return Text(text=text, source={"kind": "file", "path": str(path), "builder": builder, "join": "file as is"})
+
+
+def _load_hub(name: str, config: str | None, split: str, text_field: str) -> Text:
+    import datasets
+
+    datasets.disable_progress_bars()
+    try:
+        rows = datasets.load_dataset(name, config, split=split)
+    except Exception as exc:
+        raise SinkquantError(
+            f"could not load data set {name!r} (config {config!r}, split {split!r}) from the hub: "
+            f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}. Offline, pass a local file "
+            f"(--data path/to/file.txt), or for WikiText-2 set {WIKITEXT2_ENV}=path/to/wiki.test.raw"
+        ) from exc
+    if text_field not in rows.column_names:
+        raise SinkquantError(f"data set {name!r} has no field {text_field!r}; fields: {', '.join(rows.column_names)}")
+    # GPTQ / SmoothQuant convention: rows joined with a blank line.
+    text = "\n\n".join(rows[text_field])
+    return Text(text=text, source={"kind": "hub", "name": name, "config": config, "split": split, "join": "\\n\\n"})
+
+
+def load_text(
+    spec: str = DEFAULT_DATA,
+    config: str | None = None,
+    split: str = "test",
+    text_field: str = "text",
+    local_copy: str | None = None,
+) -> Text:
+    """`spec`: a local .txt/.raw/.jsonl/.json/.parquet file, a hub data set name, or 'wikitext2' (default:
+    the local copy named by `local_copy` or $SINKQUANT_WIKITEXT2 when given, else the hub)."""
+    if spec == DEFAULT_DATA:
+        copy = local_copy or os.environ.get(WIKITEXT2_ENV)
+        if copy:
+            loaded = _load_local(Path(copy).expanduser(), text_field)
+            loaded.source["dataset"] = "wikitext-2-raw-v1 test (local copy)"
+            return loaded
+        return _load_hub(*WIKITEXT2_HUB[:2], split=WIKITEXT2_HUB[2], text_field=text_field)
+    path = Path(spec).expanduser()
+    if path.suffix.lower() in _BUILDERS or path.exists() or spec.startswith((".", "/", "~")):
+        return _load_local(path, text_field)
+    return _load_hub(spec, config, split, text_field)
+
+
+@dataclass
+class TokenStream:
+    """The whole text tokenized once (no special tokens), cut later into non-overlapping windows."""
+
+    ids: torch.Tensor
+    text_sha256: str
+    source: dict[str, Any]
+
+    def n_windows(self, ctx: int) -> int:
+        return self.ids.numel() // ctx
+
+    def windows(self, ctx: int, indices: list[int]) -> torch.Tensor:
+        return torch.stack([self.ids[i * ctx : (i + 1) * ctx] for i in indices])
+
+
+def tokenize(text: Text, tokenizer) -> TokenStream:
+    ids = tokenizer(text.text, add_special_tokens=False, return_tensors="pt").input_ids[0]
+    return TokenStream(ids=ids, text_sha256=text.sha256, source=text.source)
+
+
+@dataclass(frozen=True)
+class WindowPlan:
+    """Which windows evaluate and which calibrate: taken from opposite ends so they never overlap."""
+
+    ctx: int
+    eval_windows: tuple[int, ...]
+    calib_windows: tuple[int, ...]
+
+    def describe(self) -> dict[str, Any]:
+        def span(ws: tuple[int, ...]) -> str:
+            return f"{ws[0]}..{ws[-1]}" if ws else "none"
+
+        return {
+            "ctx": self.ctx,
+            "eval_windows": len(self.eval_windows),
+            "eval_range": span(self.eval_windows),
+            "calib_windows": len(self.calib_windows),
+            "calib_range": span(self.calib_windows),
+            "disjoint": not set(self.eval_windows) & set(self.calib_windows),
+        }
+
+
+def plan_windows(stream: TokenStream, ctx: int, max_windows: int | None = None, calib_windows: int = 0) -> WindowPlan:
+    """Evaluation windows from the start of the text, calibration windows from its end."""
+    if ctx < 2:
+        raise SinkquantError(f"ctx={ctx} is too small; it must be at least 2 tokens")
+    total = stream.n_windows(ctx)
+    if total < 1:
+        raise SinkquantError(
+            f"text has {stream.ids.numel()} tokens, shorter than one window of ctx={ctx}; "
+            "use a longer text or a smaller --ctx"
+        )
+    if calib_windows >= total:
+        raise SinkquantError(
+            f"text has {total} windows of ctx={ctx}: too few for {calib_windows} calibration windows "
+            "plus at least one evaluation window"
+        )
+    n_eval = total - calib_windows if max_windows is None else min(max_windows, total - calib_windows)
+    eval_ids = tuple(range(n_eval))
+    calib_ids = tuple(range(total - calib_windows, total))
+    return WindowPlan(ctx=ctx, eval_windows=eval_ids, calib_windows=calib_ids)

@@ -1,0 +1,163 @@
+"""Perplexity by the GPTQ / SmoothQuant / PrefixQuant protocol, with word perplexity and bits per byte
+as lm-eval-harness defines them, and room for a prefix whose KV cache was computed elsewhere."""
+
+from __future__ import annotations
+
+import copy
+import math
+import re
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+from transformers import DynamicCache
+
+from sinkquant.artifacts import library_versions
+from sinkquant.data import TokenStream, WindowPlan
+from sinkquant.errors import SinkquantError
+from sinkquant.models import LoadedModel
+
+BosPolicy = Literal["never", "per-window", "auto"]
+BOS_POLICIES: tuple[str, ...] = ("never", "per-window", "auto")
+
+
+@dataclass
+class Prefix:
+    """Tokens that stand before every window. With `cache`, their KV was computed once (e.g. by the
+    full-precision model) and is reused, so the evaluated model never processes them itself."""
+
+    ids: list[int]
+    cache: DynamicCache | None = None
+
+    def cache_for_batch(self, batch: int) -> DynamicCache | None:
+        if self.cache is None:
+            return None
+        cache = copy.deepcopy(self.cache)
+        if batch > 1:
+            cache.batch_repeat_interleave(batch)
+        return cache
+
+
+@torch.no_grad()
+def build_prefix(model: torch.nn.Module, ids: list[int]) -> Prefix:
+    """Run `model` once over `ids` and keep the resulting KV cache."""
+    if not ids:
+        return Prefix(ids=[], cache=None)
+    device = next(model.parameters()).device
+    cache = DynamicCache(config=model.config)
+    model(input_ids=torch.tensor([ids], device=device), past_key_values=cache, use_cache=True)
+    return Prefix(ids=list(ids), cache=cache)
+
+
+def resolve_bos(policy: str, loaded: LoadedModel) -> bool:
+    if policy not in BOS_POLICIES:
+        raise SinkquantError(f"unknown BOS policy {policy!r}; valid: {', '.join(BOS_POLICIES)}")
+    if policy == "per-window" and loaded.bos_id is None:
+        raise SinkquantError(f"model {loaded.spec} has no BOS token; use --bos never (or auto)")
+    return policy == "per-window" or (policy == "auto" and loaded.adds_bos)
+
+
+@dataclass
+class PerplexityResult:
+    """One evaluation, with everything needed to reproduce or compare it."""
+
+    ppl: float
+    word_perplexity: float
+    bits_per_byte: float
+    nll_sum: float
+    tokens: int
+    words: int
+    bytes: int
+    ctx: int
+    windows: int
+    bos: str
+    context_ids: list[int]
+    context_cached: bool
+    seconds: float
+    model: dict[str, Any] = field(default_factory=dict)
+    data: dict[str, Any] = field(default_factory=dict)
+    versions: dict[str, str] = field(default_factory=library_versions)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _count_words(text: str) -> int:
+    """lm-eval-harness's wikitext word count: pieces between whitespace runs."""
+    return len(re.split(r"\s+", text))
+
+
+@torch.no_grad()
+def evaluate(
+    loaded: LoadedModel,
+    stream: TokenStream,
+    plan: WindowPlan,
+    bos: str = "auto",
+    prefix: Prefix | None = None,
+    model: torch.nn.Module | None = None,
+    batch_size: int = 1,
+    progress: bool = True,
+    desc: str = "perplexity",
+) -> PerplexityResult:
+    """Score tokens 1..ctx-1 of every evaluation window. The context in front (BOS, or a prefix) only
+    conditions the model, so every BOS policy and recipe scores exactly the same tokens.
+
+    `model` overrides `loaded.model` (e.g. a quantized copy); tokenizer and provenance come from `loaded`."""
+    model = model if model is not None else loaded.model
+    add_bos = resolve_bos(bos, loaded)
+    if prefix is not None and add_bos and (not prefix.ids or prefix.ids[0] != loaded.bos_id):
+        raise SinkquantError("BOS policy asks for BOS but the prefix does not start with it; build the prefix with BOS")
+    context = prefix.ids if prefix is not None else ([loaded.bos_id] if add_bos else [])
+    ctx = plan.ctx
+    limit = loaded.max_context
+    if limit is not None and ctx + len(context) > limit:
+        raise SinkquantError(
+            f"ctx={ctx} plus {len(context)} context token(s) exceeds the model's limit of {limit} positions; "
+            f"use --ctx {limit - len(context)} or less"
+        )
+    device = next(model.parameters()).device
+    cached = prefix is not None and prefix.cache is not None
+    nll_sum, tokens, words, n_bytes = 0.0, 0, 0, 0
+    indices = list(plan.eval_windows)
+    batches = [indices[i : i + batch_size] for i in range(0, len(indices), batch_size)]
+    start = time.perf_counter()
+    for batch in tqdm(batches, desc=desc, disable=not progress, unit="batch" if batch_size > 1 else "window"):
+        windows = stream.windows(ctx, batch).to(device)
+        if cached:
+            inputs, past = windows, prefix.cache_for_batch(len(batch))
+        else:
+            head = torch.tensor(context, dtype=windows.dtype, device=device).expand(len(batch), -1)
+            inputs, past = torch.cat([head, windows], dim=1), None
+        logits = model(input_ids=inputs, past_key_values=past, use_cache=past is not None, logits_to_keep=ctx).logits
+        nll = F.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.shape[-1]).float(), windows[:, 1:].reshape(-1), reduction="sum"
+        )
+        nll_sum += float(nll)
+        tokens += windows[:, 1:].numel()
+        for row in windows[:, 1:].cpu():
+            piece = loaded.tokenizer.decode(row)
+            words += _count_words(piece)
+            n_bytes += len(piece.encode("utf-8"))
+    seconds = time.perf_counter() - start
+    if tokens == 0:
+        raise SinkquantError("no tokens were scored; check ctx and the number of windows")
+    return PerplexityResult(
+        ppl=math.exp(nll_sum / tokens),
+        word_perplexity=math.exp(nll_sum / words),
+        bits_per_byte=nll_sum / (n_bytes * math.log(2)),
+        nll_sum=nll_sum,
+        tokens=tokens,
+        words=words,
+        bytes=n_bytes,
+        ctx=ctx,
+        windows=len(indices),
+        bos="prefix" if prefix is not None else ("per-window" if add_bos else "never"),
+        context_ids=list(context),
+        context_cached=cached,
+        seconds=seconds,
+        model={"spec": loaded.spec, **loaded.source},
+        data={"sha256": stream.text_sha256, **stream.source, **plan.describe()},
+    )
