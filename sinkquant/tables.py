@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 
 from rich.console import Console
@@ -14,7 +15,8 @@ def print_table(title: str, headers: Sequence[str], rows: Sequence[Sequence[obje
         table.add_column(header, justify="left" if header == headers[0] else "right")
     for row in rows:
         table.add_row(*(str(cell) for cell in row))
-    Console().print(table)
+    # Off a terminal rich assumes 80 columns and truncates cells; logs are better wide.
+    Console(width=None if sys.stdout.isatty() else 200).print(table)
 
 
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:

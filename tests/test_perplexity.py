@@ -1,0 +1,72 @@
+"""The evaluator against an independent computation (transformers' own loss) on the real SmolLM2."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from sinkquant.data import TokenStream, plan_windows
+from sinkquant.errors import SinkquantError
+from sinkquant.perplexity import Prefix, build_prefix, evaluate
+
+CTX = 128
+
+
+@pytest.fixture(scope="module")
+def plan(wikitext_stream: TokenStream):
+    return plan_windows(wikitext_stream, CTX, max_windows=3)
+
+
+def test_matches_transformers_loss(smollm2, wikitext_stream, plan) -> None:
+    result = evaluate(smollm2, wikitext_stream, plan, bos="never", progress=False)
+    windows = wikitext_stream.windows(CTX, list(plan.eval_windows))
+    with torch.no_grad():
+        losses = [smollm2.model(input_ids=w[None], labels=w[None]).loss.item() for w in windows]
+    assert result.tokens == 3 * (CTX - 1)
+    assert result.ppl == pytest.approx(math.exp(sum(losses) / len(losses)), rel=1e-5)
+    assert result.bits_per_byte == pytest.approx(result.nll_sum / (result.bytes * math.log(2)))
+    assert result.word_perplexity > result.ppl  # fewer words than tokens
+    assert result.data["sha256"] == wikitext_stream.text_sha256
+    assert result.versions["transformers"]
+    assert result.bos == "never" and result.context_ids == []
+
+
+def test_bos_policies_score_the_same_tokens(smollm2, wikitext_stream, plan) -> None:
+    never = evaluate(smollm2, wikitext_stream, plan, bos="never", progress=False)
+    per_window = evaluate(smollm2, wikitext_stream, plan, bos="per-window", progress=False)
+    auto = evaluate(smollm2, wikitext_stream, plan, bos="auto", progress=False)
+    assert per_window.tokens == never.tokens
+    assert per_window.context_ids == [smollm2.bos_id]
+    assert per_window.ppl != pytest.approx(never.ppl, rel=1e-3)
+    assert auto.bos == ("per-window" if smollm2.adds_bos else "never")
+
+
+def test_cached_prefix_equals_plain_context(smollm2, wikitext_stream, plan) -> None:
+    """A precomputed prefix KV must give what the same tokens as plain context give, with no duplicate BOS."""
+    ids = [smollm2.bos_id, 198, 30]
+    plain = evaluate(smollm2, wikitext_stream, plan, prefix=Prefix(ids=ids), progress=False)
+    cached = evaluate(smollm2, wikitext_stream, plan, bos="per-window", prefix=build_prefix(smollm2.model, ids),
+                      progress=False, batch_size=2)
+    assert cached.context_cached and not plain.context_cached
+    assert cached.ppl == pytest.approx(plain.ppl, rel=1e-4)
+    assert cached.tokens == plain.tokens
+
+
+def test_prefix_without_bos_is_refused_under_per_window(smollm2, wikitext_stream, plan) -> None:
+    with pytest.raises(SinkquantError, match="prefix does not start with it"):
+        evaluate(smollm2, wikitext_stream, plan, bos="per-window", prefix=Prefix(ids=[198]), progress=False)
+
+
+def test_ctx_above_model_limit(smollm2) -> None:
+    stream = TokenStream(ids=torch.zeros(20000, dtype=torch.long), text_sha256="x", source={})
+    plan = plan_windows(stream, 8192)
+    with pytest.raises(SinkquantError, match="exceeds the model's limit of 8192 positions; use --ctx 8191"):
+        evaluate(smollm2, stream, plan, bos="per-window", progress=False)
+
+
+def test_batching_does_not_change_the_result(smollm2, wikitext_stream, plan) -> None:
+    one = evaluate(smollm2, wikitext_stream, plan, bos="never", progress=False)
+    three = evaluate(smollm2, wikitext_stream, plan, bos="never", progress=False, batch_size=3)
+    assert three.ppl == pytest.approx(one.ppl, rel=1e-5)
