@@ -6,7 +6,6 @@ import argparse
 import logging
 import os
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
 from sinkquant.errors import SinkquantError
@@ -18,7 +17,8 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--trust-remote-code", action="store_true", help="allow the model's own code (off by default)")
 
 
-def add_data_args(parser: argparse.ArgumentParser, ctx: int = 512, max_windows: int | None = 16) -> None:
+def add_data_args(parser: argparse.ArgumentParser, ctx: int = 512, max_windows: int | None = 16,
+                  eval_windows: bool = True) -> None:
     parser.add_argument("--data", default="wikitext2",
                         help="'wikitext2', a .txt/.raw/.jsonl/.parquet file, or a hub data set name")
     parser.add_argument("--data-config", default=None, help="hub data set config (e.g. wikitext-2-raw-v1)")
@@ -28,8 +28,9 @@ def add_data_args(parser: argparse.ArgumentParser, ctx: int = 512, max_windows: 
                         help="local copy of WikiText-2 test (wiki.test.raw) when the hub is out of reach; "
                              "or set SINKQUANT_WIKITEXT2")
     parser.add_argument("--ctx", type=int, default=ctx, help="window length in tokens")
-    parser.add_argument("--max-windows", type=int, default=max_windows,
-                        help="evaluate at most this many windows (0 = all)")
+    if eval_windows:
+        parser.add_argument("--max-windows", type=int, default=max_windows,
+                            help="evaluate at most this many windows (0 = all)")
     parser.add_argument("--bos", default="auto", choices=["never", "per-window", "auto"],
                         help="BOS in front of each window; auto = the tokenizer's own convention")
 
@@ -98,13 +99,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_convert)
 
-    for register in EXTRA_COMMANDS:
-        register(sub)
+    # Each job's module adds its own subcommand; imported here, after this module is complete.
+    from sinkquant.profiling.cli import register as register_profile
+    from sinkquant.recipes.cli import register as register_recipes
+
+    register_profile(sub)
+    register_recipes(sub)
     return parser
-
-
-# Each later command module exposes register(subparsers); listed here so `sinkquant --help` shows them all.
-EXTRA_COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = []
 
 
 def _quiet_libraries(quiet: bool) -> None:

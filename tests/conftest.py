@@ -12,7 +12,8 @@ from sinkquant.data import TokenStream, load_text, tokenize
 from sinkquant.models import LoadedModel, load_model
 
 REPO = Path(__file__).resolve().parent.parent
-WIKITEXT2 = Path(os.environ.get("SINKQUANT_WIKITEXT2", REPO.parent / "shared/data/wikitext-2-raw/wiki.test.raw"))
+WIKITEXT2 = Path(os.environ.setdefault("SINKQUANT_WIKITEXT2",
+                                       str(REPO.parent / "shared/data/wikitext-2-raw/wiki.test.raw")))
 
 
 @pytest.fixture(scope="session")

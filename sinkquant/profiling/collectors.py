@@ -32,6 +32,7 @@ TOP_K = (1, 2, 3)
 LATE_QUERY_FRACTION = 0.5  # StreamingLLM's "late queries": the second half of the window
 SHORT_WINDOW = 64  # Gu et al. publish sink rates at T = 64; causal attention makes them a prefix of ours
 MIN_QUERIES_FOR_HIDDEN_SINK = 32  # a key seen by a handful of queries has a large column mean by construction
+ENTROPY_QUERY_STRIDE = 8  # mean row entropy from every 8th query: same estimate, an eighth of the cost
 
 _ACTIVE: list[AttentionStats] = []
 
@@ -59,6 +60,11 @@ def _tensor_output(output: Any) -> torch.Tensor:
     return output[0] if isinstance(output, tuple) else output
 
 
+def _tokens(x: torch.Tensor) -> torch.Tensor:
+    """(T, C) float view of one window's activations: (1, T, C) in most models, (T, C) inside OPT's MLP."""
+    return x.detach().reshape(-1, x.shape[-1]).float()
+
+
 @dataclass
 class ResidualStats:
     """Per decoder layer: the residual stream's peaks (Sun et al.), systematic outliers (An et al.) and the
@@ -83,7 +89,7 @@ class ResidualStats:
         self.norm_peak = [0.0] * self.n_layers
 
     def observe(self, layer: int, window: int, h: torch.Tensor) -> None:
-        h = h.detach()[0].float()
+        h = _tokens(h)
         h_abs = h.abs()
         median = float(h_abs.median())
         self.medians[layer] += median
@@ -125,17 +131,18 @@ class LinearStats:
     token_max: torch.Tensor | None = None  # this window only
 
     def observe(self, x: torch.Tensor) -> None:
-        x = x.detach()[0].float()
+        x = _tokens(x)
         x_abs = x.abs()
         self.token_max = x_abs.amax(dim=-1)
         cols = x_abs.amax(dim=0)
         self.col_absmax = cols if self.col_absmax is None else torch.maximum(self.col_absmax, cols)
-        self.inf_norm = max(self.inf_norm, float(self.token_max.max()))
+        absmax = self.token_max.max()
+        self.inf_norm = max(self.inf_norm, float(absmax))
         self.sums += metrics.power_sums(x)
         for scheme, (bits, per_token) in QUANT_SCHEMES.items():
-            errors = metrics.token_quant_error(x, bits, per_token)
-            for i, k in enumerate(TOP_K):
-                self.shares[scheme][i] += metrics.topk_share(errors, k)
+            errors = metrics.token_quant_error(x, bits, self.token_max[:, None] if per_token else absmax)
+            for i, share in enumerate(metrics.topk_shares(errors, TOP_K)):
+                self.shares[scheme][i] += share
             if scheme == "int8_per_tensor":
                 self.top_error_positions[int(errors.argmax())] += 1
 
@@ -196,7 +203,7 @@ class AttentionStats:
         self._add(self.alpha0, layer, alpha0)
         self._add(self.alpha0_short, layer, short)
         self._add(self.late0, layer, attn[:, int(t * LATE_QUERY_FRACTION):, 0].mean(dim=-1))
-        self._add(self.entropy, layer, metrics.row_entropy(attn).mean(dim=-1))
+        self._add(self.entropy, layer, metrics.row_entropy(attn[:, ::ENTROPY_QUERY_STRIDE]).mean(dim=-1))
         self._add(self.drain, layer, metrics.value_drain(value.detach()[0].float()))
         last_key = t - min(MIN_QUERIES_FOR_HIDDEN_SINK, t // 2)
         heads, keys = torch.nonzero(cols[:, 1 : last_key + 1] > metrics.HIDDEN_SINK_THRESHOLD, as_tuple=True)
@@ -293,13 +300,16 @@ class ProfileCollector:
         return hook
 
     @torch.no_grad()
-    def run(self, ids: torch.Tensor) -> None:
-        """Profile one window of token ids (1-D), folding its statistics into the accumulators."""
+    def run(self, ids: torch.Tensor) -> torch.Tensor:
+        """Profile one window of token ids (1-D), folding its statistics into the accumulators; returns the
+        last position's logits (to check that profiling does not change what the model computes)."""
         device = next(self.model.parameters()).device
         self.residual.ids = ids.tolist()
-        self.model(input_ids=ids[None].to(device), use_cache=False)
+        # One logit is enough (the profile reads activations), which skips most of the LM head's cost.
+        logits = self.model(input_ids=ids[None].to(device), use_cache=False, logits_to_keep=1).logits
         self._last_input = self._last_stats = None
         self._end_window(ids.tolist())
+        return logits[0, -1]
 
     def _end_window(self, ids: list[int]) -> None:
         massive, systematic = self.residual.end_window()
@@ -396,8 +406,8 @@ class ProfileCollector:
             "row_entropy": entropy.tolist(), "value_drain": (torch.stack(att.drain) / n).tolist(),
             "dormant_heads": [{"layer": int(l_), "head": int(h), "alpha0": float(alpha0[l_, h]),
                                "entropy": float(entropy[l_, h])} for l_, h in torch.nonzero(dormant).tolist()],
-            "hidden_sinks": [{"position": p, "windows": k, "max_column_mean": self.hidden_max[p]} for p, k in sorted(self.hidden_positions.items(),
-                                                                  key=lambda e: (-e[1], e[0]))[:20]],
+            "hidden_sinks": [{"position": p, "windows": k, "max_column_mean": self.hidden_max[p]}
+                             for p, k in sorted(self.hidden_positions.items(), key=lambda e: (-e[1], e[0]))[:20]],
             "hidden_sink_token_ids": self._top_ids(self.hidden_ids),
         }
         token_outliers = {
@@ -407,3 +417,30 @@ class ProfileCollector:
             "position_ratio_mean": (self.position_ratio / n).tolist() if self.position_ratio is not None else [],
         }
         return {"residual": residual, "linears": linears, "attention": attention, "token_outliers": token_outliers}
+
+
+@torch.no_grad()
+def residual_peaks(loaded: LoadedModel, ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """For one sequence: each position's largest max_c|h| / median|h| over layers, and whether it is massive
+    (Sun et al.) in any layer. The probe's cheap test of 'is this position a sink'."""
+    ratio: torch.Tensor | None = None
+    massive: torch.Tensor | None = None
+
+    def hook(module: nn.Module, args: Any, output: Any) -> None:
+        nonlocal ratio, massive
+        h_abs = _tokens(_tensor_output(output)).abs()
+        median = h_abs.median()
+        token_max = h_abs.amax(dim=-1)
+        r = token_max / median.clamp_min(torch.finfo(token_max.dtype).tiny)
+        m = metrics.massive_mask(token_max, median)
+        ratio = r if ratio is None else torch.maximum(ratio, r)
+        massive = m if massive is None else massive | m
+
+    handles = [layer.register_forward_hook(hook) for layer in loaded.adapter.decoder_layers(loaded.model)]
+    try:
+        device = next(loaded.model.parameters()).device
+        loaded.model(input_ids=torch.tensor([ids], device=device), use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return ratio, massive

@@ -11,14 +11,14 @@ import torch
 
 # Where each metric comes from; copied into every report so a reader can check the definitions.
 SOURCES: dict[str, str] = {
-    "massive_activation": "Sun et al. 2024, Massive Activations in Large Language Models: |h| > 100 and >= 1000x median",
+    "massive_activation": "Sun et al. 2024, Massive Activations in LLMs: |h| > 100 and >= 1000x median",
     "token_outlier_ratio": "Chen et al. 2024, PrefixQuant: r_t = max_c|X[t,c]| / median_t, outlier if r_t > 64",
     "prefix_rule": "Chen et al. 2024, PrefixQuant: o = ceil(mean_seq max_layer #outlier tokens), o most frequent ids",
     "systematic_outlier": "An et al. 2025, Systematic Outliers in LLMs: max_c|h[t,c]| > 1000x mean|h| of the tensor",
     "sink_rate": "Gu et al. 2024, When Attention Sink Emerges: 100 x share of (layer, head) with alpha_k > eps",
     "first_token_attention": "Xiao et al. 2024, StreamingLLM: attention of late queries to token 0 per layer",
     "hidden_sink": "Yu et al. 2024, ACT (Unveiling and Harnessing Hidden Attention Sinks): column mean > 0.1",
-    "value_drain_dormant": "Guo et al. 2024, Active-Dormant Attention Heads: ||v_sink|| / median ||v_t||, dormant heads",
+    "value_drain_dormant": "Guo et al. 2024, Active-Dormant Attention Heads: value drain ||v_sink|| / median ||v_t||",
     "kurtosis_inf_norm": "Bondarenko et al. 2023, Quantizable Transformers: E[(x-mu)^4]/(sigma^4+1e-6), max|x|",
     "int8_outlier_feature": "Dettmers et al. 2022, LLM.int8(): column j outlier if any |X[t,j]| >= 6.0",
     "quant_error_attribution": "Chen et al. 2024, PrefixQuant fig. 1: share of ||Q(X)-X||^2 held by the top-k tokens",
@@ -37,7 +37,8 @@ DORMANT_ENTROPY = 1.0
 
 DELIMITERS = frozenset(".,;:!?\n\t-–—()[]{}\"'`/\\|=@#*<>")
 WEAK_SEMANTIC = frozenset(
-    "the a an of and or to in on at for with by from as is was be are were it its this that".split()
+    ["the", "a", "an", "of", "and", "or", "to", "in", "on", "at", "for", "with", "by", "from", "as", "is", "was",
+     "be", "are", "were", "it", "its", "this", "that"]
 )
 
 
@@ -129,10 +130,12 @@ def norm_peak(h: torch.Tensor, sink: int = 0) -> float:
 
 
 def power_sums(x: torch.Tensor) -> torch.Tensor:
-    """(n, sum x, sum x^2, sum x^3, sum x^4) in float64, so kurtosis can stream over windows."""
-    x = x.reshape(-1).double()
-    return torch.stack([torch.tensor(float(x.numel()), dtype=torch.float64), x.sum(), (x * x).sum(),
-                        (x * x * x).sum(), (x * x).square().sum()])
+    """(n, sum x, sum x^2, sum x^3, sum x^4) in float64, so kurtosis can stream over windows. Five passes
+    (two as BLAS dot products) because this runs on every Linear input of every window."""
+    flat = x.reshape(-1)
+    sq = flat * flat
+    return torch.stack([torch.tensor(float(flat.numel()), dtype=torch.float64), flat.sum(dtype=torch.float64),
+                        sq.sum(dtype=torch.float64), torch.dot(sq, flat).double(), torch.dot(sq, sq).double()])
 
 
 def kurtosis_from_sums(sums: torch.Tensor) -> float:
@@ -154,23 +157,23 @@ def int8_outlier_columns(col_absmax: torch.Tensor, threshold: float = INT8_OUTLI
     return torch.nonzero(col_absmax >= threshold).flatten()
 
 
-def fake_quant(x: torch.Tensor, bits: int, per_token: bool) -> torch.Tensor:
-    """Symmetric round-to-nearest with a per-tensor (or per-token) absmax scale: the scheme being attributed."""
-    qmax = 2 ** (bits - 1) - 1
-    amax = x.abs().amax(dim=-1, keepdim=True) if per_token else x.abs().amax()
-    scale = amax.clamp_min(torch.finfo(x.dtype).tiny) / qmax
-    return (x / scale).round().clamp(-qmax, qmax) * scale
+def token_quant_error(x: torch.Tensor, bits: int, absmax: torch.Tensor) -> torch.Tensor:
+    """Each token's ||Q(x_t) - x_t||^2 under symmetric round-to-nearest with scale absmax / (2^(bits-1) - 1):
+    `absmax` is the tensor's max |x| (per-tensor) or the (T, 1) per-token maxima (per-token). No clamp is
+    needed: |x / scale| <= qmax by construction."""
+    scale = absmax.clamp_min(torch.finfo(x.dtype).tiny) / (2 ** (bits - 1) - 1)
+    y = x / scale
+    residual = torch.round(y).sub_(y)
+    return torch.linalg.vector_norm(residual, dim=-1).square_() * scale.square().reshape(-1)
 
 
-def token_quant_error(x: torch.Tensor, bits: int, per_token: bool = False) -> torch.Tensor:
-    """Each token's ||Q(x_t) - x_t||^2 for a (T, C) input."""
-    return (fake_quant(x, bits, per_token) - x).square().sum(dim=-1)
-
-
-def topk_share(errors: torch.Tensor, k: int) -> float:
-    """PrefixQuant fig. 1: share of the total squared error held by the k worst tokens."""
+def topk_shares(errors: torch.Tensor, ks: tuple[int, ...]) -> list[float]:
+    """PrefixQuant fig. 1: share of the total squared error held by the k worst tokens, for each k."""
     total = float(errors.sum())
-    return float(errors.topk(min(k, errors.numel())).values.sum()) / total if total > 0 else 0.0
+    if total <= 0:
+        return [0.0] * len(ks)
+    top = errors.topk(min(max(ks), errors.numel())).values.cumsum(0)
+    return [float(top[min(k, top.numel()) - 1]) / total for k in ks]
 
 
 def stretch(token_max: torch.Tensor, sink_mask: torch.Tensor) -> tuple[float, float]:

@@ -77,8 +77,6 @@ class KeepState:
 
 def attach_keep_state(model: nn.Module, policy: KeepPolicy) -> KeepState:
     """Install the pre-hook once; the state is an attribute of the model so deepcopy keeps it consistent."""
-    if getattr(model, "_sinkquant_keep", None) is not None:
-        raise SinkquantError("model already carries sinkquant quantization; pass a fresh copy of the model")
     state = KeepState(policy)
     model._sinkquant_keep = state
     model.register_forward_pre_hook(state.hook, with_kwargs=True)

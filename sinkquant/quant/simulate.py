@@ -6,6 +6,7 @@ from __future__ import annotations
 import fnmatch
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -114,17 +115,28 @@ def _check_group_sizes(layers: dict[str, nn.Linear], weights: WeightSpec | None)
             )
 
 
+Batch = torch.Tensor | dict[str, Any]
+
+
+def _forward_kwargs(batch: Batch, device: torch.device) -> dict[str, Any]:
+    """A batch is input ids [batch, seq] (or [seq]), or forward kwargs, e.g. with a prefix KV cache."""
+    if isinstance(batch, dict):
+        return {**batch, "input_ids": batch["input_ids"].to(device)}
+    batch = batch.unsqueeze(0) if batch.dim() == 1 else batch
+    return {"input_ids": batch.to(device), "use_cache": False}
+
+
 @torch.no_grad()
-def calibrate(model: nn.Module, layers: list[QuantLinear], batches: Iterable[torch.Tensor]) -> int:
-    """Run `batches` of input ids [batch, seq] through the model with observers on (inputs left in fp)."""
+def calibrate(model: nn.Module, layers: list[QuantLinear], batches: Iterable[Batch]) -> int:
+    """Run `batches` through the model with observers on (inputs left in fp); returns tokens seen."""
     device = next(model.parameters()).device
     for layer in layers:
         layer.start_calibration()
     tokens = 0
     for batch in batches:
-        batch = batch.unsqueeze(0) if batch.dim() == 1 else batch
-        model(input_ids=batch.to(device), use_cache=False)
-        tokens += batch.numel()
+        kwargs = _forward_kwargs(batch, device)
+        model(**kwargs)
+        tokens += kwargs["input_ids"].numel()
     if tokens == 0:
         raise SinkquantError("calibration got no batches; pass at least one [batch, seq] tensor of input ids")
     for layer in layers:
@@ -133,12 +145,18 @@ def calibrate(model: nn.Module, layers: list[QuantLinear], batches: Iterable[tor
 
 
 def quantize_model(
-    model: nn.Module, adapter: Adapter, scheme: QuantScheme, calib_batches: Iterable[torch.Tensor] | None = None
+    model: nn.Module, adapter: Adapter, scheme: QuantScheme, calib_batches: Iterable[Batch] | None = None,
+    restore: bool = False,
 ) -> QuantSummary:
     """Quantize `model` in place (pass a copy to keep the original): swap decoder Linear layers not matched
     by `scheme.exclude`, calibrate static activation ranges on `calib_batches`, and enable KV-cache
-    fake-quant. lm_head and embeddings are never candidates, so tied weights stay tied."""
-    if scheme.needs_calibration and calib_batches is None:
+    fake-quant. lm_head and embeddings are never candidates, so tied weights stay tied.
+
+    `restore=True` builds the same structure without calibrating, with placeholder static scales, so that a
+    saved state dict (weights and calibrated scales) can be loaded into it."""
+    if getattr(model, "_sinkquant_keep", None) is not None:
+        raise SinkquantError("model already carries sinkquant quantization; pass a fresh copy of the model")
+    if scheme.needs_calibration and calib_batches is None and not restore:
         raise SinkquantError("activations.mode='static' needs calib_batches (input ids disjoint from evaluation)")
     layers = adapter.linear_layers(model)
     selected = {n: m for n, m in layers.items() if not any(fnmatch.fnmatchcase(n, p) for p in scheme.exclude)}
@@ -155,7 +173,11 @@ def quantize_model(
             setattr(model.get_submodule(parent_name), child, quant)
             swapped.append(quant)
     summary = QuantSummary(quantized=list(selected) if swapped else [], excluded=sorted(set(layers) - set(selected)))
-    if scheme.needs_calibration:
+    if scheme.needs_calibration and restore:
+        for layer in swapped:
+            layer.act_scale = torch.ones((), device=layer.weight.device)
+            layer.act_zero_point = torch.zeros((), device=layer.weight.device)
+    elif scheme.needs_calibration:
         kept_before = state.tokens_kept
         summary.calibration_tokens = calibrate(model, swapped, calib_batches)
         summary.calibration_kept_tokens = state.tokens_kept - kept_before

@@ -1,0 +1,179 @@
+"""Side-by-side perplexity of several recipes on the same windows with one shared fp32 baseline.
+
+Each finished row is cached under (model hash, recipe hash, data hash, settings), so a re-run skips finished
+work and an interrupted run resumes; a recipe that fails is a row with its error, the others still run."""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import time
+import traceback
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from sinkquant.artifacts import atomic_write_bytes, atomic_write_json, atomic_write_text, library_versions, sha256_bytes, to_json
+from sinkquant.data import TokenStream, plan_windows
+from sinkquant.errors import SinkquantError
+from sinkquant.models import LoadedModel
+from sinkquant.perplexity import evaluate
+from sinkquant.tables import markdown_table
+
+FP32 = "fp32"
+
+
+@dataclass
+class Row:
+    recipe: str
+    description: str
+    status: str  # "ok" | "failed"
+    ppl: float | None = None
+    delta_pct: float | None = None
+    quantize_seconds: float | None = None
+    eval_seconds: float | None = None
+    prefix: list[str] | None = None
+    error: str | None = None
+    cached: bool = False
+
+
+def _cache_key(loaded: LoadedModel, recipe_payload: Any, stream: TokenStream, settings: dict[str, Any]) -> str:
+    return sha256_bytes(to_json({"model": loaded.source.get("sha256"), "recipe": recipe_payload,
+                                 "data": stream.text_sha256, "settings": settings}).encode())[:24]
+
+
+def compare(
+    loaded: LoadedModel,
+    recipe_paths: list[str | Path],
+    stream: TokenStream,
+    ctx: int = 512,
+    max_windows: int | None = 16,
+    bos: str = "auto",
+    cache_dir: str | Path | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Evaluate fp32 and every recipe on the same evaluation windows; returns the comparison as a dict."""
+    from sinkquant.recipes import apply_recipe, load_recipe
+
+    recipes = []
+    for path in recipe_paths:
+        try:
+            recipes.append((str(path), load_recipe(path), None))
+        except SinkquantError as exc:
+            recipes.append((str(path), None, str(exc)))
+    calib = max((r.calibration.windows for _, r, _ in recipes if r is not None), default=8)
+    plan = plan_windows(stream, ctx, max_windows, calib_windows=calib)
+    settings = {"ctx": ctx, "windows": list(plan.eval_windows), "bos": bos, "calib_windows": calib}
+    cache = Path(cache_dir) if cache_dir else None
+
+    def cached_row(key: str) -> Row | None:
+        if cache is None or not (cache / f"{key}.json").is_file():
+            return None
+        import json
+
+        return Row(**{**json.loads((cache / f"{key}.json").read_text()), "cached": True})
+
+    def store(key: str, row: Row) -> None:
+        if cache is not None and row.status == "ok":
+            atomic_write_json(cache / f"{key}.json", {**asdict(row), "cached": False})
+
+    rows: list[Row] = []
+    key = _cache_key(loaded, FP32, stream, settings)
+    base = cached_row(key)
+    if base is None:
+        result = evaluate(loaded, stream, plan, bos=bos, progress=progress, desc=FP32)
+        base = Row(recipe=FP32, description="full precision reference", status="ok", ppl=result.ppl, delta_pct=0.0,
+                   quantize_seconds=0.0, eval_seconds=result.seconds)
+        store(key, base)
+    rows.append(base)
+    for path, recipe, error in recipes:
+        if recipe is None:
+            rows.append(Row(recipe=Path(path).stem, description="", status="failed", error=error))
+            continue
+        key = _cache_key(loaded, recipe.resolved(), stream, settings)
+        row = cached_row(key)
+        if row is None:
+            try:
+                start = time.perf_counter()
+                quantized = apply_recipe(loaded, recipe, stream, ctx=ctx)
+                quantize_seconds = time.perf_counter() - start
+                result = quantized.evaluate(stream, plan, bos=bos, progress=progress)
+                prefix = quantized.record.get("prefix", {}).get("tokens")
+                row = Row(recipe=recipe.name, description=recipe.description, status="ok", ppl=result.ppl,
+                          delta_pct=100 * (result.ppl / base.ppl - 1), quantize_seconds=quantize_seconds,
+                          eval_seconds=result.seconds, prefix=prefix)
+            except Exception as exc:  # one broken recipe must not sink the comparison
+                last = traceback.extract_tb(exc.__traceback__)[-1]
+                row = Row(recipe=recipe.name, description=recipe.description, status="failed",
+                          error=f"{type(exc).__name__}: {exc} ({Path(last.filename).name}:{last.lineno})")
+            store(key, row)
+        rows.append(row)
+    return {
+        "model": {"spec": loaded.spec, **loaded.source},
+        "data": {"sha256": stream.text_sha256, **stream.source, **plan.describe()},
+        "settings": settings,
+        "versions": library_versions(),
+        "rows": [asdict(r) for r in rows],
+    }
+
+
+HEADERS = ["recipe", "status", "perplexity", "delta vs fp32", "quantize s", "eval s", "prefix"]
+
+
+def table_rows(comparison: dict[str, Any]) -> list[list[str]]:
+    def fmt(value, pattern):
+        return "-" if value is None else pattern.format(value)
+
+    return [
+        [r["recipe"], r["status"] if r["status"] == "ok" else f"failed: {r['error']}", fmt(r["ppl"], "{:.3f}"),
+         fmt(r["delta_pct"], "{:+.1f}%"), fmt(r["quantize_seconds"], "{:.1f}"), fmt(r["eval_seconds"], "{:.1f}"),
+         " ".join(repr(t) for t in r["prefix"]) if r["prefix"] else "-"]
+        for r in comparison["rows"]
+    ]
+
+
+def plot(comparison: dict[str, Any]) -> bytes:
+    """Perplexity per recipe against the fp32 line; log scale when a naive recipe explodes."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = [r for r in comparison["rows"] if r["status"] == "ok" and r["recipe"] != FP32]
+    base = next(r["ppl"] for r in comparison["rows"] if r["recipe"] == FP32)
+    fig, ax = plt.subplots(figsize=(9, 0.45 * len(ok) + 1.8))
+    names = [r["recipe"] for r in ok]
+    values = [r["ppl"] for r in ok]
+    ax.barh(names, values, color=["tab:red" if v > 1.5 * base else "tab:blue" for v in values])
+    ax.axvline(base, color="black", linestyle="--", label=f"fp32 {base:.2f}")
+    if values and max(values) / base > 10:
+        ax.set_xscale("log")
+    for y, v in enumerate(values):
+        ax.text(v, y, f" {v:.2f} ({100 * (v / base - 1):+.1f}%)", va="center", fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel("perplexity (lower is better)")
+    settings = comparison["settings"]
+    ax.set_title(f"{comparison['model']['spec']}: ctx {settings['ctx']}, {len(settings['windows'])} windows")
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def write_comparison(comparison: dict[str, Any], out: str | Path) -> list[Path]:
+    """compare.md, compare.json, compare.csv and compare.png, each written atomically."""
+    out = Path(out)
+    rows = table_rows(comparison)
+    md = f"# Recipe comparison\n\n{markdown_table(HEADERS, rows)}\n![comparison](compare.png)\n"
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(HEADERS)
+    writer.writerows(rows)
+    paths = [atomic_write_text(out / "compare.md", md), atomic_write_json(out / "compare.json", comparison),
+             atomic_write_text(out / "compare.csv", buffer.getvalue())]
+    if any(r["status"] == "ok" and r["recipe"] != FP32 and math.isfinite(r["ppl"]) for r in comparison["rows"]):
+        paths.append(atomic_write_bytes(out / "compare.png", plot(comparison)))
+    return paths

@@ -1,0 +1,66 @@
+"""Where a sink comes from: is it chosen by position (position 0 stays a sink whatever token stands there) or
+by content (a token such as a delimiter becomes a sink wherever it is put), and what a BOS token changes.
+A position counts as a sink when it carries a massive residual activation (Sun et al.) in some layer."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from sinkquant.models import LoadedModel
+from sinkquant.profiling.collectors import residual_peaks
+
+PROBE_TOKENS = 128  # long enough for the sink to form, short enough for a dozen forwards to be cheap
+
+
+def _unique(ids: list[int]) -> list[int]:
+    return list(dict.fromkeys(ids))
+
+
+def _at(loaded: LoadedModel, ids: list[int], position: int) -> tuple[float, bool]:
+    ratio, massive = residual_peaks(loaded, ids)
+    return float(ratio[position]), bool(massive[position])
+
+
+def origin_probe(loaded: LoadedModel, base: list[int], candidates: list[int],
+                 decode: Callable[[int], str]) -> dict[str, Any]:
+    """Swap the token at position 0 (position test), plant each candidate in the middle (content test), and
+    run with and without BOS. `base` is plain text (no BOS); `candidates` are ids suspected to be sinks."""
+    base = base[:PROBE_TOKENS]
+    mid = len(base) // 2
+    position = []
+    for token in _unique([base[0], base[1], base[mid], base[-1]]):
+        ratio, sink = _at(loaded, [token, *base[1:]], 0)
+        position.append({"token_id": token, "token": decode(token), "peak_ratio": ratio, "sink": sink})
+    control_ratio, control_sink = _at(loaded, base, mid)
+    content = [{"token_id": base[mid], "token": decode(base[mid]), "control": True,
+                "peak_ratio": control_ratio, "sink": control_sink}]
+    for token in _unique([base[0], *candidates]):
+        if token == base[mid]:
+            continue
+        planted = [*base[:mid], token, *base[mid + 1 :]]
+        ratio, sink = _at(loaded, planted, mid)
+        content.append({"token_id": token, "token": decode(token), "control": False,
+                        "peak_ratio": ratio, "sink": sink})
+    by_position = all(p["sink"] for p in position)
+    by_content = [c["token_id"] for c in content if c["sink"] and not c["control"]]
+    origin = {(True, True): "position+content", (True, False): "position",
+              (False, True): "content", (False, False): "none"}[(by_position, bool(by_content))]
+    result: dict[str, Any] = {
+        "tokens": len(base), "middle_position": mid, "origin": origin, "content_sink_ids": by_content,
+        "position_test": position, "content_test": content,
+    }
+    bos = loaded.bos_id
+    if bos is None:
+        result["bos_test"] = {"bos_id": None, "note": "the tokenizer defines no BOS token"}
+        return result
+    ratio0, sink0 = _at(loaded, base, 0)
+    ratio_with, massive_with = residual_peaks(loaded, [bos, *base[:-1]])
+    result["bos_test"] = {
+        "bos_id": bos, "bos_token": decode(bos),
+        "without_bos": {"first_token_peak_ratio": ratio0, "first_token_sink": sink0},
+        "with_bos": {"bos_peak_ratio": float(ratio_with[0]), "bos_sink": bool(massive_with[0]),
+                     "first_text_peak_ratio": float(ratio_with[1]), "first_text_sink": bool(massive_with[1])},
+        "bos_takes_sink": bool(massive_with[0]) and not bool(massive_with[1]),
+    }
+    return result

@@ -1,0 +1,250 @@
+"""The profile as files: report.json (versioned, deterministic apart from its "run" section), report.html
+(self-contained: tables and base64 PNG plots, opens from disk), report.md, and the plots as PNG files."""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from sinkquant.artifacts import atomic_dir, to_json  # noqa: E402
+from sinkquant.profiling import metrics  # noqa: E402
+
+SCHEMA = "sinkquant.profile"
+SCHEMA_VERSION = 1
+SIGNIFICANT = 6
+TABLE_ROWS = 20
+
+
+def _round(value: Any) -> Any:
+    """Floats to 6 significant digits (non-finite to None), so repeated runs give byte-identical JSON."""
+    if isinstance(value, float):
+        return float(f"{value:.{SIGNIFICANT}g}") if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {str(k): _round(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_round(v) for v in value]
+    return value
+
+
+def finalize(report: dict[str, Any]) -> dict[str, Any]:
+    return _round(report)
+
+
+def _png(fig: plt.Figure) -> bytes:
+    buffer = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buffer, format="png", dpi=110)
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def _title(report: dict[str, Any], what: str) -> str:
+    return f"{what}\n{report['model']['spec']}, ctx {report['ctx']}, {report['data']['calib_windows']} windows"
+
+
+def plots(report: dict[str, Any]) -> dict[str, bytes]:
+    """The figures a reader checks first, as PNG bytes by file name."""
+    out: dict[str, bytes] = {}
+    layers = report["residual"]["layers"]
+    x = [row["layer"] for row in layers]
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for rank, style in enumerate(("o-", "s--", "^:")):
+        ax.plot(x, [row["top"][rank]["value"] if len(row["top"]) > rank else None for row in layers], style,
+                label=f"top-{rank + 1} |h|")
+    ax.plot(x, [row["median_abs"] for row in layers], "k-", label="median |h|")
+    ax.axhline(metrics.MASSIVE_ABS, color="grey", lw=0.8, ls=":", label="100 (massive floor)")
+    ax.set(yscale="log", xlabel="decoder layer", ylabel="|h| (residual stream, log)",
+           title=_title(report, "Residual-state peaks vs median per layer (Sun et al. 2024)"))
+    ax.legend(fontsize=8)
+    out["residual_peaks.png"] = _png(fig)
+
+    alpha = report["attention"]["alpha0"]
+    fig, ax = plt.subplots(figsize=(max(5, 0.45 * len(alpha[0]) + 3), max(4, 0.22 * len(alpha) + 1.5)))
+    image = ax.imshow(alpha, aspect="auto", cmap="viridis", vmin=0, vmax=1, origin="lower")
+    fig.colorbar(image, ax=ax, label="alpha_0 = mean attention to token 0")
+    rates = report["attention"]["sink_rate"]
+    ax.set(xlabel="head", ylabel="decoder layer",
+           title=_title(report, f"Sink rate per layer x head: Sink_0 = {rates['0.3']:.1f}% (eps 0.3), "
+                                f"{rates['0.8']:.1f}% (eps 0.8)"))
+    out["sink_rate_heatmap.png"] = _png(fig)
+
+    late = report["attention"]["first_token_late"]
+    fig, ax = plt.subplots(figsize=(8, 4))
+    ax.errorbar([r["layer"] for r in late], [r["mean"] for r in late], yerr=[r["std"] for r in late],
+                fmt="o-", capsize=3)
+    ax.set(ylim=(0, 1.05), xlabel="decoder layer", ylabel="attention to token 0 (mean +- std over heads)",
+           title=_title(report, "Attention of late queries to token 0 (StreamingLLM)"))
+    out["first_token_attention.png"] = _png(fig)
+
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    by_module: dict[str, tuple[list[int], list[float]]] = {}
+    for name, row in report["linears"].items():
+        if row["int8_stretch"] is not None:
+            xs, ys = by_module.setdefault(_module_of(name), ([], []))
+            xs.append(row["layer"])
+            ys.append(row["int8_stretch"])
+    for module, (xs, ys) in sorted(by_module.items()):
+        ax.plot(xs, ys, "o-", ms=3, label=module)
+    ax.axhline(1, color="grey", lw=0.8)
+    ax.set(yscale="log", xlabel="decoder layer", ylabel="absmax with sinks / without (log)",
+           title=_title(report, "Per-tensor int8 scale stretch at each Linear input caused by the sink tokens"))
+    ax.legend(fontsize=7, ncol=2)
+    out["int8_stretch.png"] = _png(fig)
+
+    ratio = report["token_outliers"]["position_ratio_mean"]
+    fig, ax = plt.subplots(figsize=(8, 4))
+    ax.plot(range(len(ratio)), ratio, lw=0.8)
+    ax.axhline(metrics.TOKEN_OUTLIER_ETA, color="red", ls="--", lw=0.8, label="eta = 64")
+    ax.set(yscale="log", xlabel="token position", ylabel="r_t = max_c|X[t]| / median_t (log)",
+           title=_title(report, "Token outlier ratio per position at the down projection (PrefixQuant)"))
+    ax.legend()
+    out["token_outlier_ratio.png"] = _png(fig)
+    return out
+
+
+def _module_of(name: str) -> str:
+    """'model.layers.3.mlp.down_proj' -> 'mlp.down_proj': the Linear's path inside its decoder layer."""
+    parts = name.split(".")
+    index = next(i for i, p in enumerate(parts) if p.isdigit())
+    return ".".join(parts[index + 1 :])
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, list):
+        return ", ".join(_fmt(v) for v in value)
+    return "" if value is None else str(value)
+
+
+def tables(report: dict[str, Any]) -> list[tuple[str, list[str], list[list[Any]]]]:
+    """(title, header, rows) for the HTML and Markdown renderings."""
+    v = report["verdict"]
+    att = report["attention"]
+    verdict = [
+        ["sink positions", v["sink_positions"]],
+        ["sink token ids (content)", [f"{i} {t!r}" for i, t in zip(v["sink_token_ids"], v["sink_tokens"],
+                                                                     strict=True)]],
+        ["peak channels", v["peak_channels"]],
+        ["origin (probe)", v["origin"]],
+        ["sink rate eps 0.3 / 0.8 (%)", [att["sink_rate"]["0.3"], att["sink_rate"]["0.8"]]],
+        ["sink rate at T=64, eps 0.3 / 0.8 (%)", [att["sink_rate_t64"]["0.3"], att["sink_rate_t64"]["0.8"]]],
+        ["peaks appear / vanish at layer", [report["residual"]["appear_layer"], report["residual"]["vanish_layer"]]],
+        ["outlier tokens o (PrefixQuant)", v["outlier_token_count"]],
+        ["prefix ids", [f"{i} {t!r}" for i, t in zip(v["prefix_ids"], v["prefix_tokens"], strict=True)]],
+        ["broken Linear inputs (int8 stretch >= 4)", [f"{b['name']} x{b['int8_stretch']:.3g}"
+                                                       for b in v["broken_linears"]]],
+        ["systematic outliers by bucket (An et al.)",
+         [f"{k}: {n}" for k, n in report["residual"]["systematic_buckets"].items()]],
+    ]
+    residual = []
+    for row in report["residual"]["layers"]:
+        tops = [f"{t['value']:.4g} @pos {t['position']} {t['token']!r} ch {t['channel']}" for t in row["top"]]
+        residual.append([row["layer"], row["median_abs"], *tops, row["top1_over_median"], row["massive_count"]])
+    heads = [[late["layer"], sum(a > 0.3 for a in alpha), sum(a > 0.8 for a in alpha), late["mean"], late["std"],
+              min(drain)] for late, alpha, drain in zip(att["first_token_late"], att["alpha0"], att["value_drain"],
+                                                        strict=True)]
+    linears = sorted(report["linears"].items(), key=lambda e: -(e[1]["int8_stretch"] or 0))[:TABLE_ROWS]
+    linear_rows = [[name, r["int8_stretch"], r["inf_norm"], r["kurtosis"], r["int8_outlier_columns"],
+                    r["outlier_tokens_per_window"], r["quant_error_share"]["int8_per_tensor"]["top1"],
+                    r["quant_error_share"]["int4_per_token"]["top2"]] for name, r in linears]
+    hidden = [[h["position"], h["windows"], h["max_column_mean"]] for h in att["hidden_sinks"]]
+    outliers = [[t["id"], repr(t["text"]), t["count"], t["seen"]]
+                for t in report["token_outliers"]["outlier_token_ids"]]
+    result = [
+        ("Verdict", ["what", "value"], verdict),
+        ("Residual-state peaks per layer (Sun et al.)",
+         ["layer", "median |h|", "top-1", "top-2", "top-3", "top-1 / median", "massive entries"], residual),
+        ("Attention per layer (Gu et al.; StreamingLLM; Guo et al.)",
+         ["layer", "heads alpha_0 > 0.3", "heads alpha_0 > 0.8", "late attn to tok 0", "std over heads",
+          "min value drain"], heads),
+        (f"Linear inputs, worst {TABLE_ROWS} by int8 stretch (all in report.json)",
+         ["Linear input", "int8 stretch", "inf-norm", "kurtosis", "LLM.int8 outlier cols", "outlier tokens/window",
+          "int8/tensor err top-1", "int4/token err top-2"], linear_rows),
+        ("Hidden sinks beyond token 0 (ACT, column mean > 0.1)", ["position", "windows", "max column mean"], hidden),
+        ("Outlier token ids outside position 0 (PrefixQuant)", ["id", "text", "count", "occurrences"], outliers),
+    ]
+    if report.get("probe"):
+        probe = report["probe"]
+        rows = [["position 0", p["token_id"], repr(p["token"]), p["peak_ratio"], p["sink"]]
+                for p in probe["position_test"]]
+        rows += [[f"position {probe['middle_position']}" + (" (control)" if c["control"] else ""), c["token_id"],
+                  repr(c["token"]), c["peak_ratio"], c["sink"]] for c in probe["content_test"]]
+        bos = probe["bos_test"]
+        if bos.get("bos_id") is not None:
+            rows.append(["no BOS: first token", "", "", bos["without_bos"]["first_token_peak_ratio"],
+                         bos["without_bos"]["first_token_sink"]])
+            rows.append(["with BOS: BOS", bos["bos_id"], repr(bos["bos_token"]), bos["with_bos"]["bos_peak_ratio"],
+                         bos["with_bos"]["bos_sink"]])
+            rows.append(["with BOS: first text token", "", "", bos["with_bos"]["first_text_peak_ratio"],
+                         bos["with_bos"]["first_text_sink"]])
+        result.append((f"Sink origin probe: {probe['origin']}",
+                       ["where", "token id", "token", "max |h| / median", "massive (sink)"], rows))
+    provenance = [["schema", f"{report['schema']} v{report['schema_version']}"],
+                  ["model", f"{report['model']['spec']} ({report['model'].get('sha256', '')})"],
+                  ["data", f"sha256 {report['data']['sha256']}, calibration windows "
+                           f"{report['data']['calib_range']} of ctx {report['ctx']}"],
+                  ["BOS", f"policy {report['bos']['policy']}, added: {report['bos']['added']}"],
+                  *[[f"version {k}", val] for k, val in sorted(report["versions"].items())],
+                  *[[f"source: {k}", val] for k, val in sorted(report["sources"].items())],
+                  *[[f"convention: {k}", val] for k, val in sorted(report["conventions"].items())]]
+    result.append(("Provenance and metric sources", ["what", "value"], provenance))
+    return result
+
+
+_CSS = """body{font-family:system-ui,sans-serif;margin:2em;max-width:1200px;color:#222}
+table{border-collapse:collapse;margin:0.5em 0 1.5em;font-size:13px}td,th{border:1px solid #ccc;padding:3px 8px;
+text-align:left}th{background:#f0f0f0}img{max-width:100%;border:1px solid #ddd;margin:0.5em 0}"""
+
+
+def render_html(report: dict[str, Any], images: dict[str, bytes]) -> str:
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>sinkquant profile: "
+             f"{html.escape(report['model']['spec'])}</title><style>{_CSS}</style></head><body>",
+             f"<h1>Sink and outlier profile: {html.escape(report['model']['spec'])}</h1>"]
+    for name, data in images.items():
+        parts.append(f"<img alt='{name}' src='data:image/png;base64,{base64.b64encode(data).decode()}'>")
+    for title, header, rows in tables(report):
+        parts.append(f"<h2>{html.escape(title)}</h2><table><tr>"
+                     + "".join(f"<th>{html.escape(h)}</th>" for h in header) + "</tr>")
+        for row in rows:
+            parts.append("<tr>" + "".join(f"<td>{html.escape(_fmt(c))}</td>" for c in row) + "</tr>")
+        parts.append("</table>")
+    parts.append("</body></html>\n")
+    return "\n".join(parts)
+
+
+def _md_cell(value: Any) -> str:
+    return _fmt(value).replace("|", "\\|").replace("\n", "\\n")
+
+
+def render_markdown(report: dict[str, Any], images: dict[str, bytes]) -> str:
+    lines = [f"# Sink and outlier profile: {report['model']['spec']}", ""]
+    lines += [f"![{name}](plots/{name})" for name in images] + [""]
+    for title, header, rows in tables(report):
+        lines += [f"## {title}", "", "| " + " | ".join(_md_cell(h) for h in header) + " |", "|" + "---|" * len(header)]
+        lines += ["| " + " | ".join(_md_cell(c) for c in row) + " |" for row in rows]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def write_report(report: dict[str, Any], out: str | os.PathLike, overwrite: bool = False) -> Path:
+    """All files into a temp folder renamed into place, so an interrupted run leaves nothing half-written."""
+    images = plots(report)
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        (tmp / "report.json").write_text(to_json(report), encoding="utf-8")
+        (tmp / "report.html").write_text(render_html(report, images), encoding="utf-8")
+        (tmp / "report.md").write_text(render_markdown(report, images), encoding="utf-8")
+        (tmp / "plots").mkdir()
+        for name, data in images.items():
+            (tmp / "plots" / name).write_bytes(data)
+    return Path(out)
