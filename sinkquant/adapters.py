@@ -22,7 +22,9 @@ class Adapter:
     final_norm: str
     attention: str
     linears: tuple[str, ...]
-    # (norm, Linear layers that read that norm's output): where SmoothQuant-style scales can migrate.
+    # (source, Linear layers that read the source's output): where SmoothQuant-style scales can migrate. The
+    # source is a norm, or a Linear whose output reaches the targets through an elementwise product only
+    # (Llama's up_proj -> down_proj: down(act(gate(x)) * up(x))), so the migration is exact in full precision.
     smooth_groups: tuple[tuple[str, tuple[str, ...]], ...]
     # Gemma's RMSNorm multiplies by (1 + weight); migration must scale (offset + weight).
     norm_weight_offset: float = 0.0
@@ -58,6 +60,7 @@ _LLAMA_LINEARS = (
 _LLAMA_GROUPS = (
     ("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
     ("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
+    ("mlp.up_proj", ("mlp.down_proj",)),
 )
 
 ADAPTERS: tuple[Adapter, ...] = (
@@ -80,6 +83,7 @@ ADAPTERS: tuple[Adapter, ...] = (
         smooth_groups=(
             ("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
             ("pre_feedforward_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
+            ("mlp.up_proj", ("mlp.down_proj",)),
         ),
         norm_weight_offset=1.0,
     ),

@@ -83,6 +83,23 @@ def atomic_write_json(path: str | os.PathLike, payload: Any) -> Path:
     return atomic_write_text(path, to_json(payload))
 
 
+def read_structured(path: str | os.PathLike, what: str) -> Any:
+    """Parse a JSON or YAML file (by suffix); a missing or malformed file is one clear error naming it."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise SinkquantError(f"{what} file {path} does not exist")
+    text = path.read_text()
+    try:
+        if path.suffix == ".json":
+            return json.loads(text)
+        return yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as exc:
+        kind = "JSON" if path.suffix == ".json" else "YAML"
+        raise SinkquantError(f"{what} file {path} is not valid {kind}: {str(exc).splitlines()[0]}") from None
+
+
 def check_output_dir(path: str | os.PathLike, overwrite: bool) -> Path:
     """Refuse to clobber an existing output folder unless asked, before any work is done."""
     target = Path(path)

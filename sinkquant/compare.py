@@ -14,7 +14,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from sinkquant.artifacts import atomic_write_bytes, atomic_write_json, atomic_write_text, library_versions, sha256_bytes, to_json
+from sinkquant.artifacts import (
+    atomic_write_bytes,
+    atomic_write_json,
+    atomic_write_text,
+    library_versions,
+    sha256_bytes,
+    to_json,
+)
 from sinkquant.data import TokenStream, plan_windows
 from sinkquant.errors import SinkquantError
 from sinkquant.models import LoadedModel

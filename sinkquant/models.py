@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from sinkquant.adapters import Adapter, adapter_for, normalize
 from sinkquant.artifacts import atomic_dir, sha256_file
@@ -105,6 +105,13 @@ def _embedded_folder(dtype: torch.dtype) -> tuple[Path, str]:
             model.save_pretrained(tmp, safe_serialization=True)
             tokenizer.save_pretrained(tmp)
     return folder, digest
+
+
+def empty_model(folder: str | os.PathLike) -> PreTrainedModel:
+    """The architecture saved in `folder`'s config.json, fp32, randomly initialised: the skeleton that a
+    quantized state dict is loaded into."""
+    config = AutoConfig.from_pretrained(folder)
+    return AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
 
 
 def _folder_digest(folder: Path) -> str:

@@ -4,12 +4,11 @@ its tolerance, refuse a baseline made for another model or text, and update base
 from __future__ import annotations
 
 import functools
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sinkquant.artifacts import atomic_write_json, library_versions, sha256_file
+from sinkquant.artifacts import atomic_write_json, library_versions, read_structured, sha256_file
 from sinkquant.data import TokenStream, load_text, plan_windows, tokenize
 from sinkquant.errors import SinkquantError
 from sinkquant.models import LoadedModel, load_model
@@ -46,12 +45,9 @@ def _stream(spec: str, data: str) -> TokenStream:
 
 
 def read_baseline(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise SinkquantError(f"baseline file {path} does not exist")
-    try:
-        spec = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise SinkquantError(f"baseline file {path} is not valid JSON: {exc}") from None
+    spec = read_structured(path, "baseline")
+    if not isinstance(spec, dict):
+        raise SinkquantError(f"baseline file {path} must hold a JSON object; required keys: {', '.join(REQUIRED)}")
     missing = [k for k in REQUIRED if k not in spec]
     if missing:
         raise SinkquantError(f"baseline file {path} lacks {', '.join(missing)}; required: {', '.join(REQUIRED)}")

@@ -11,12 +11,11 @@ from typing import Any
 import pytest
 import torch
 
-from sinkquant.cli import EXTRA_COMMANDS, main
+from sinkquant.cli import main
 from sinkquant.data import TokenStream
 from sinkquant.errors import SinkquantError
 from sinkquant.models import LoadedModel
 from sinkquant.profiling import profile
-from sinkquant.profiling.cli import register
 
 pytestmark = pytest.mark.slow
 MIDDLE_LAYERS = range(12, 27)  # 0-based layer outputs where token 0 carries |h| ~ 24,000 (measured)
@@ -102,25 +101,19 @@ def test_determinism_and_overwrite(smollm2: LoadedModel, wikitext_stream: TokenS
     assert [p.name for p in tmp_path.iterdir()] == ["r"]  # no temp folder left behind
 
 
-def _cli(argv: list[str]) -> int:
-    if register not in EXTRA_COMMANDS:
-        EXTRA_COMMANDS.append(register)
-    return main(argv)
-
-
 def test_cli_profile_and_errors(wikitext_path: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "cli"
     common = ["--data", str(wikitext_path), "--ctx", "64", "--windows", "1", "--quiet", "--no-probe"]
-    assert _cli(["profile", *common, "--out", str(out)]) == 0
+    assert main(["profile", *common, "--out", str(out)]) == 0
     assert "sink positions [0]" in capsys.readouterr().out
     assert json.loads((out / "report.json").read_text())["ctx"] == 64
 
-    assert _cli(["profile", *common, "--out", str(out)]) == 2
+    assert main(["profile", *common, "--out", str(out)]) == 2
     assert "already exists; pass --overwrite" in capsys.readouterr().err
-    assert _cli(["profile", *common, "--model", "./no-such-model", "--out", str(tmp_path / "x")]) == 2
+    assert main(["profile", *common, "--model", "./no-such-model", "--out", str(tmp_path / "x")]) == 2
     assert "no-such-model" in capsys.readouterr().err
     short = tmp_path / "short.txt"
     short.write_text("Too short to profile.")
-    assert _cli(["profile", "--data", str(short), "--ctx", "64", "--quiet", "--out", str(tmp_path / "y")]) == 2
+    assert main(["profile", "--data", str(short), "--ctx", "64", "--quiet", "--out", str(tmp_path / "y")]) == 2
     assert "shorter than one window of ctx=64" in capsys.readouterr().err
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()

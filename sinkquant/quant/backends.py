@@ -13,10 +13,11 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, BitsAndBytesConfig, PreTrainedModel
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig, PreTrainedModel
 
 from sinkquant.artifacts import atomic_dir, atomic_write_json
 from sinkquant.errors import SinkquantError
+from sinkquant.models import empty_model
 
 BACKENDS: dict[str, str] = {
     "bnb-int8": "bitsandbytes LLM.int8 (outlier threshold 6.0; 0 disables the fp16 outlier path)",
@@ -132,8 +133,7 @@ def load_backend(folder: str | Path) -> PreTrainedModel:
     _check_backend(backend)
     if backend.startswith("bnb-"):
         return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, device_map="cpu").eval()
-    config = AutoConfig.from_pretrained(folder)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    model = empty_model(folder)
     if backend.startswith("quanto-"):
         from optimum.quanto import requantize
         from safetensors.torch import load_file

@@ -15,7 +15,7 @@ from torch import nn
 from sinkquant.data import TokenStream, plan_windows
 from sinkquant.errors import SinkquantError
 from sinkquant.models import LoadedModel
-from sinkquant.perplexity import Prefix, PerplexityResult, build_prefix, evaluate
+from sinkquant.perplexity import PerplexityResult, Prefix, build_prefix, evaluate
 from sinkquant.quant import KeepPolicy, KeepState, QuantLinear, quantize_model
 from sinkquant.quant.backends import quantize_backend
 from sinkquant.recipes.clip import clip_activations
@@ -129,13 +129,15 @@ def apply_recipe(
     smooth = recipe.step("smooth")
     if smooth is not None:
         record["smooth"] = smooth_model(loaded, model, forward_batches(windows, prefix), KeepState(keep), smooth.alpha)
-    summary = quantize_model(model, loaded.adapter, recipe.quant_scheme(keep), calib_batches=forward_batches(windows, prefix))
+    summary = quantize_model(model, loaded.adapter, recipe.quant_scheme(keep),
+                             calib_batches=forward_batches(windows, prefix))
     record["quantized_layers"] = len(summary.quantized)
     record["calibration"]["kept_tokens"] = summary.calibration_kept_tokens
     clip = recipe.step("clip")
     if clip is not None:
         layers = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
-        ratios = clip_activations(model, layers, forward_batches(windows, prefix), clip.grid, clip.min_ratio, clip.samples)
+        ratios = clip_activations(model, layers, forward_batches(windows, prefix),
+                                  clip.grid, clip.min_ratio, clip.samples)
         record["clip"] = {"mean_ratio": sum(ratios.values()) / max(len(ratios), 1), "ratios": ratios}
     record["seconds"] = time.perf_counter() - start
     return QuantizedModel(base=loaded, model=model, recipe=recipe, prefix=prefix, record=record)

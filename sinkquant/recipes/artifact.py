@@ -3,23 +3,21 @@ KV, the resolved recipe, what each step did, versions and data hashes. Written a
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import torch
 import yaml
 from safetensors.torch import load_file, load_model, save_file, save_model
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, DynamicCache
+from transformers import AutoTokenizer, DynamicCache
 
 from sinkquant.adapters import adapter_for, normalize
-from sinkquant.artifacts import atomic_dir, atomic_write_json, atomic_write_text, library_versions
+from sinkquant.artifacts import atomic_dir, atomic_write_json, atomic_write_text, library_versions, read_structured
 from sinkquant.errors import SinkquantError
-from sinkquant.models import LoadedModel
+from sinkquant.models import LoadedModel, empty_model
 from sinkquant.perplexity import Prefix
-from sinkquant.quant import KeepPolicy
+from sinkquant.quant import KeepPolicy, quantize_model
 from sinkquant.quant.backends import load_backend, save_backend
-from sinkquant.quant import quantize_model
 from sinkquant.recipes.apply import QuantizedModel
 from sinkquant.recipes.schema import parse_recipe
 
@@ -75,7 +73,7 @@ def load(folder: str | Path) -> QuantizedModel:
     meta_path = folder / META
     if not meta_path.is_file():
         raise SinkquantError(f"{folder} is not a sinkquant artifact (no {META}); write one with `sinkquant quantize`")
-    meta = json.loads(meta_path.read_text())
+    meta = read_structured(meta_path, "artifact metadata")
     if meta.get("format_version") != FORMAT_VERSION:
         raise SinkquantError(f"{meta_path}: format_version {meta.get('format_version')!r}; this sinkquant reads "
                              f"{FORMAT_VERSION}")
@@ -83,11 +81,9 @@ def load(folder: str | Path) -> QuantizedModel:
     tokenizer = AutoTokenizer.from_pretrained(folder)
     prefix = None
     if recipe.backend == "simulated":
-        config = AutoConfig.from_pretrained(folder)
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
-        normalize(model)
+        model = normalize(empty_model(folder))
         if (folder / "prefix.safetensors").is_file():
-            prefix = _prefix_from(load_file(folder / "prefix.safetensors"), config)
+            prefix = _prefix_from(load_file(folder / "prefix.safetensors"), model.config)
         keep = KeepPolicy(**meta["record"]["keep"])
         quantize_model(model, adapter_for(model), recipe.quant_scheme(keep), restore=True)
         load_model(model, str(folder / "model.safetensors"))

@@ -79,7 +79,8 @@ def greedy_prefix(
     best = max_linear_input(loaded, loaded.model, prefix, sample)
     trace = [{"prefix": list(prefix), "max_linear_input": best}]
     while len(prefix) < max_tokens:
-        scores = {c: max_linear_input(loaded, loaded.model, prefix + [c], sample) for c in candidates if c not in prefix}
+        scores = {c: max_linear_input(loaded, loaded.model, prefix + [c], sample)
+                  for c in candidates if c not in prefix}
         if not scores:
             break
         choice = min(scores, key=lambda c: (scores[c], c))

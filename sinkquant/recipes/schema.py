@@ -8,9 +8,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal, get_args
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from sinkquant.artifacts import read_structured
 from sinkquant.errors import SinkquantError
 from sinkquant.quant import ActivationSpec, KeepPolicy, KVSpec, QuantScheme, WeightSpec
 from sinkquant.quant.backends import BACKENDS as REAL_BACKENDS
@@ -204,12 +204,7 @@ def parse_recipe(data: Any, source: str = "<recipe>") -> Recipe:
 
 def load_recipe(path: str | Path) -> Recipe:
     path = Path(path)
-    if not path.is_file():
-        raise SinkquantError(f"recipe file {path} does not exist")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise SinkquantError(f"{path}: not valid YAML: {str(exc).splitlines()[0]}") from None
+    data = read_structured(path, "recipe")
     try:
         return parse_recipe(data, str(path))
     except SinkquantError as exc:

@@ -1,6 +1,6 @@
 """SmoothQuant migration (metrics.md item 11): move activation outliers into the weights, channel by channel,
-through the norm in front of each Linear group. Sink tokens are left out of the activation statistics, or their
-peaks alone would set every scale."""
+through the norm in front of each Linear group, or through up_proj into down_proj (the adapter lists where).
+Sink tokens are left out of the activation statistics, or their peaks alone would set every scale."""
 
 from __future__ import annotations
 
@@ -34,8 +34,9 @@ def smooth_model(
         return hook
 
     for index, layer in enumerate(layers):
-        for norm_name, targets in adapter.smooth_groups:
-            handles.append(layer.get_submodule(targets[0]).register_forward_pre_hook(make_hook((index, norm_name))))
+        for source_name, targets in adapter.smooth_groups:
+            hook = make_hook((index, source_name))
+            handles.append(layer.get_submodule(targets[0]).register_forward_pre_hook(hook))
     keep_handle = model.register_forward_pre_hook(keep.hook, with_kwargs=True)
     try:
         for kwargs in batches:
@@ -46,17 +47,24 @@ def smooth_model(
 
     largest: dict[str, float] = {}
     for index, layer in enumerate(layers):
-        for norm_name, targets in adapter.smooth_groups:
-            norm = layer.get_submodule(norm_name)
+        for source_name, targets in adapter.smooth_groups:
+            source = layer.get_submodule(source_name)
             linears = [layer.get_submodule(t) for t in targets]
             w_max = torch.stack([lin.weight.abs().amax(dim=0) for lin in linears]).amax(dim=0)
-            x_max = act_max[(index, norm_name)]
+            x_max = act_max[(index, source_name)]
             scale = (x_max.pow(alpha) / w_max.pow(1 - alpha)).clamp(min=1e-5)
-            offset = adapter.norm_weight_offset
-            norm.weight.copy_((norm.weight + offset) / scale - offset)
-            if getattr(norm, "bias", None) is not None:
-                norm.bias.div_(scale)
+            _divide_output(source, scale, adapter.norm_weight_offset)
             for lin in linears:
                 lin.weight.mul_(scale)
-            largest[f"{adapter.layers}.{index}.{norm_name}"] = float(scale.max())
+            largest[f"{adapter.layers}.{index}.{source_name}"] = float(scale.max())
     return largest
+
+
+def _divide_output(source: torch.nn.Module, scale: torch.Tensor, norm_offset: float) -> None:
+    """Divide the source's output channels by `scale`: a Linear's weight rows, or a norm's gain."""
+    if isinstance(source, torch.nn.Linear):
+        source.weight.div_(scale[:, None])
+    else:
+        source.weight.copy_((source.weight + norm_offset) / scale - norm_offset)
+    if getattr(source, "bias", None) is not None:
+        source.bias.div_(scale)
