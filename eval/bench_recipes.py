@@ -18,15 +18,16 @@ from sinkquant.tables import markdown_table
 SUITES: dict[str, list[str]] = {
     "engine": ["w8a16", "w8a8-dynamic-token", "w8a8-naive", "w8a8-keep-sink", "quanto-w8a8", "bnb-int8", "bnb-nf4",
                "torchao-int8dyn", "w4a16-group64"],
-    "peers": ["w8a8-naive", "w8a8-prefix-smooth-clip", "w4a8kv8-prefix-smooth-clip", "w4a4kv4-prefix-smooth-clip",
-              "quanto-w8a8", "bnb-int8", "bnb-nf4", "torchao-int8dyn"],
+    "peers": ["w8a8-naive", "w8a8-prefix-smooth-except", "w8a8-dynamic-token", "w4a16-group64",
+              "w4a8kv8-prefix-smooth-except", "w4a4kv4-prefix-clip", "quanto-w8a8", "torchao-int8dyn", "bnb-int8",
+              "bnb-nf4"],
     "ablation": ["w8a8-naive", "w8a8-keep-sink", "w8a8-prefix", "w8a8-prefix-clip", "w8a8-prefix-smooth",
-                 "w8a8-prefix-smooth-clip", "w8a8-dynamic-token", "w4a16-group64", "w4a8kv8-prefix-smooth-clip",
-                 "w4a4kv4-prefix-smooth-clip"],
+                 "w8a8-prefix-smooth-except", "w8a8-dynamic-token", "w4a16-group64", "w4a8kv8-prefix-clip",
+                 "w4a8kv8-prefix-smooth-except", "w4a4kv4-prefix-clip"],
 }
 # Peers whose activations are quantized with static scales: the ones a static sinkquant recipe must beat.
 STATIC_PEERS = ("quanto-w8a8",)
-BEST_W8A8, BEST_W4A8 = "w8a8-prefix-smooth-clip", "w4a8kv8-prefix-smooth-clip"
+BEST_W8A8, BEST_W4A8 = "w8a8-prefix-smooth-except", "w4a8kv8-prefix-smooth-except"
 
 
 def checks(ppl: dict[str, float]) -> list[tuple[bool, str]]:

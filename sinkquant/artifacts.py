@@ -100,6 +100,14 @@ def read_structured(path: str | os.PathLike, what: str) -> Any:
         raise SinkquantError(f"{what} file {path} is not valid {kind}: {str(exc).splitlines()[0]}") from None
 
 
+def read_manifest(folder: str | os.PathLike, name: str, missing_hint: str) -> Any:
+    """The JSON file `name` that marks `folder` as written by sinkquant; its absence says what to do instead."""
+    path = Path(folder) / name
+    if not path.is_file():
+        raise SinkquantError(f"{folder} has no {name}; {missing_hint}")
+    return read_structured(path, name)
+
+
 def check_output_dir(path: str | os.PathLike, overwrite: bool) -> Path:
     """Refuse to clobber an existing output folder unless asked, before any work is done."""
     target = Path(path)

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 
 import pytest
 import torch
 
-from sinkquant.data import TokenStream, load_text, tokenize
+from sinkquant.data import TokenStream, WindowPlan, load_text, plan_windows, tokenize
 from sinkquant.models import LoadedModel, load_model
+from sinkquant.perplexity import evaluate
 
 REPO = Path(__file__).resolve().parent.parent
 WIKITEXT2 = Path(os.environ.setdefault("SINKQUANT_WIKITEXT2",
@@ -33,3 +35,16 @@ def smollm2() -> LoadedModel:
 @pytest.fixture(scope="session")
 def wikitext_stream(smollm2: LoadedModel, wikitext_path: Path) -> TokenStream:
     return tokenize(load_text(str(wikitext_path)), smollm2.tokenizer)
+
+
+@pytest.fixture(scope="session")
+def eval_and_calib(smollm2: LoadedModel, wikitext_stream: TokenStream):
+    """(ctx, eval windows, calib windows) -> (plan, calibration batches, fp32 perplexity), computed once each."""
+
+    @functools.cache
+    def make(ctx: int, windows: int, calib_windows: int) -> tuple[WindowPlan, list[torch.Tensor], float]:
+        plan = plan_windows(wikitext_stream, ctx=ctx, max_windows=windows, calib_windows=calib_windows)
+        calib = [wikitext_stream.windows(ctx, [i]) for i in plan.calib_windows]
+        return plan, calib, evaluate(smollm2, wikitext_stream, plan, bos="never", progress=False).ppl
+
+    return make

@@ -6,7 +6,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sinkquant.data import plan_windows
 from sinkquant.errors import SinkquantError
 from sinkquant.perplexity import evaluate
 from sinkquant.quant.backends import load_backend, quantize_backend, save_backend
@@ -15,11 +14,8 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def setup(smollm2, wikitext_stream):
-    plan = plan_windows(wikitext_stream, ctx=128, max_windows=1, calib_windows=1)
-    calib = [wikitext_stream.windows(128, [i]) for i in plan.calib_windows]
-    fp = evaluate(smollm2, wikitext_stream, plan, bos="never", progress=False).ppl
-    return plan, calib, fp
+def setup(eval_and_calib):
+    return eval_and_calib(128, 1, 1)
 
 
 # bnb-nf4 is saved before its first forward pass (bitsandbytes issue 2078), then scored after reload.

@@ -9,7 +9,6 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from sinkquant.data import plan_windows
 from sinkquant.errors import SinkquantError
 from sinkquant.perplexity import evaluate
 from sinkquant.quant import (
@@ -122,12 +121,9 @@ def test_group_size_error_names_layer_width_and_valid_sizes(smollm2) -> None:
 
 
 @pytest.fixture(scope="module")
-def smollm2_setup(smollm2, wikitext_stream):
+def smollm2_setup(eval_and_calib):
     # ctx 512: in 128-token windows keeping token 0 alone does not help (other tokens set the ranges too).
-    plan = plan_windows(wikitext_stream, ctx=512, max_windows=2, calib_windows=2)
-    calib = [wikitext_stream.windows(512, [i]) for i in plan.calib_windows]
-    fp = evaluate(smollm2, wikitext_stream, plan, bos="never", progress=False).ppl
-    return plan, calib, fp
+    return eval_and_calib(512, 2, 2)
 
 
 @pytest.mark.slow

@@ -35,7 +35,7 @@ def _ppl(smollm2, stream, plan, name: str):
 def test_mitigations_beat_naive_static(smollm2, wikitext_stream, plan, fp32_ppl) -> None:
     _, naive = _ppl(smollm2, wikitext_stream, plan, "w8a8-naive")
     _, keep = _ppl(smollm2, wikitext_stream, plan, "w8a8-keep-sink")
-    quantized, best = _ppl(smollm2, wikitext_stream, plan, "w8a8-prefix-clip")
+    quantized, best = _ppl(smollm2, wikitext_stream, plan, "w8a8-prefix-smooth-except")
     assert naive.ppl > 1.3 * fp32_ppl
     assert keep.ppl < naive.ppl
     assert best.ppl < keep.ppl
@@ -45,7 +45,8 @@ def test_mitigations_beat_naive_static(smollm2, wikitext_stream, plan, fp32_ppl)
 
 
 def test_artifact_round_trip(smollm2, wikitext_stream, plan, tmp_path) -> None:
-    quantized, before = _ppl(smollm2, wikitext_stream, plan, "w8a8-prefix-clip")
+    quantized, before = _ppl(smollm2, wikitext_stream, plan, "w8a8-prefix-smooth-except")
+    assert len(quantized.record["exceptions"]) == 8
     folder = save(quantized, tmp_path / "artifact")
     names = {p.name for p in folder.iterdir()}
     assert {"model.safetensors", "prefix.safetensors", "recipe.yaml", "sinkquant.json", "config.json"} <= names
@@ -54,6 +55,8 @@ def test_artifact_round_trip(smollm2, wikitext_stream, plan, tmp_path) -> None:
     assert after.ppl == pytest.approx(before.ppl, rel=1e-6)
     assert reloaded.prefix.ids == quantized.prefix.ids
     assert reloaded.recipe == quantized.recipe
+    for name in quantized.record["exceptions"]:  # per-layer exceptions survive the reload
+        assert reloaded.model.get_submodule(name).activations is None
     text = reloaded.generate("The capital of France is", max_new_tokens=5)
     assert isinstance(text, str) and text.strip()
     with pytest.raises(SinkquantError, match="already exists"):
@@ -91,7 +94,7 @@ def test_every_step_runs_on_every_architecture(arch, smollm2) -> None:
     recipe = parse_recipe({
         "name": "all-steps", "description": "every step at once on a tiny model",
         "steps": [{"prefix": {"tokens": ["\n", "."]}}, {"smooth": {"alpha": 0.5}}, {"keep_sink": {}},
-                  {"clip": {"grid": 4, "samples": 32}}],
+                  {"exceptions": {"top": 2}}, {"clip": {"grid": 4, "samples": 32}}],
         "scheme": {**W8A8, "kv": {"bits": 8}}, "calibration": {"windows": 2},
     })
     quantized = apply_recipe(loaded, recipe, stream, ctx=64)
@@ -100,3 +103,6 @@ def test_every_step_runs_on_every_architecture(arch, smollm2) -> None:
     assert torch.isfinite(torch.tensor(result.ppl))
     assert quantized.record["quantized_layers"] == len(loaded.adapter.linear_layers(loaded.model))
     assert 0.0 < quantized.record["clip"]["mean_ratio"] <= 1.0
+    assert len(quantized.record["exceptions"]) == 2
+    assert all(quantized.model.get_submodule(n).activations is None for n in quantized.record["exceptions"])
+    assert not set(quantized.record["exceptions"]) & set(quantized.record["clip"]["ratios"])

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig, PreTrainedModel
 
-from sinkquant.artifacts import atomic_dir, atomic_write_json
+from sinkquant.artifacts import atomic_dir, atomic_write_json, read_manifest
 from sinkquant.errors import SinkquantError
 from sinkquant.models import empty_model
 
@@ -126,10 +126,7 @@ def save_backend(model: PreTrainedModel, backend: str, folder: str | Path, overw
 def load_backend(folder: str | Path) -> PreTrainedModel:
     """Reload a folder written by save_backend."""
     folder = Path(folder)
-    manifest = folder / MANIFEST
-    if not manifest.is_file():
-        raise SinkquantError(f"{folder} has no {MANIFEST}; it was not written by sinkquant.quant.save_backend")
-    backend = json.loads(manifest.read_text())["backend"]
+    backend = read_manifest(folder, MANIFEST, "it was not written by sinkquant.quant.save_backend")["backend"]
     _check_backend(backend)
     if backend.startswith("bnb-"):
         return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, device_map="cpu").eval()

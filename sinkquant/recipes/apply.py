@@ -1,6 +1,6 @@
 """Apply a recipe: prefix (fp KV computed once), SmoothQuant migration, sink positions kept in full precision,
-calibrated static scales, per-layer clipping. The steps always run in that order, whatever the listing order,
-because each needs the one before (e.g. clipping searches the calibrated range)."""
+calibrated static scales, per-layer exceptions, per-layer clipping. The steps always run in that order,
+whatever the listing order, because each needs the one before (e.g. clipping searches the calibrated range)."""
 
 from __future__ import annotations
 
@@ -98,6 +98,20 @@ def _stream_of(windows: torch.Tensor) -> TokenStream:
     return TokenStream(ids=windows.reshape(-1), text_sha256="calibration windows", source={"kind": "calibration"})
 
 
+def widest_static_inputs(model: nn.Module, top: int) -> list[str]:
+    """The `top` QuantLinear layers whose calibrated static activation range is widest, widest first."""
+    static = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear) and m.act_scale is not None}
+    if not static:
+        raise SinkquantError("the exceptions step needs static activations (scheme.activations.mode: static)")
+    return sorted(static, key=lambda n: (-float(static[n].act_scale), n))[:top]
+
+
+def release_activations(model: nn.Module, names: list[str]) -> None:
+    """Per-layer exception: these layers keep full-precision inputs (their weights stay quantized)."""
+    for name in names:
+        model.get_submodule(name).activations = None
+
+
 def apply_recipe(
     loaded: LoadedModel, recipe: Recipe, stream: TokenStream, ctx: int, profile_report: dict | None = None,
 ) -> QuantizedModel:
@@ -133,6 +147,10 @@ def apply_recipe(
                              calib_batches=forward_batches(windows, prefix))
     record["quantized_layers"] = len(summary.quantized)
     record["calibration"]["kept_tokens"] = summary.calibration_kept_tokens
+    exceptions = recipe.step("exceptions")
+    if exceptions is not None:
+        record["exceptions"] = widest_static_inputs(model, exceptions.top)
+        release_activations(model, record["exceptions"])
     clip = recipe.step("clip")
     if clip is not None:
         layers = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}

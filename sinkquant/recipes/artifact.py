@@ -12,13 +12,13 @@ from safetensors.torch import load_file, load_model, save_file, save_model
 from transformers import AutoTokenizer, DynamicCache
 
 from sinkquant.adapters import adapter_for, normalize
-from sinkquant.artifacts import atomic_dir, atomic_write_json, atomic_write_text, library_versions, read_structured
+from sinkquant.artifacts import atomic_dir, atomic_write_json, atomic_write_text, library_versions, read_manifest
 from sinkquant.errors import SinkquantError
 from sinkquant.models import LoadedModel, empty_model
 from sinkquant.perplexity import Prefix
 from sinkquant.quant import KeepPolicy, quantize_model
 from sinkquant.quant.backends import load_backend, save_backend
-from sinkquant.recipes.apply import QuantizedModel
+from sinkquant.recipes.apply import QuantizedModel, release_activations
 from sinkquant.recipes.schema import parse_recipe
 
 FORMAT_VERSION = 1
@@ -71,9 +71,7 @@ def load(folder: str | Path) -> QuantizedModel:
     """Reload an artifact written by `save` (or `sinkquant quantize`)."""
     folder = Path(folder)
     meta_path = folder / META
-    if not meta_path.is_file():
-        raise SinkquantError(f"{folder} is not a sinkquant artifact (no {META}); write one with `sinkquant quantize`")
-    meta = read_structured(meta_path, "artifact metadata")
+    meta = read_manifest(folder, META, "it is not a sinkquant artifact; write one with `sinkquant quantize`")
     if meta.get("format_version") != FORMAT_VERSION:
         raise SinkquantError(f"{meta_path}: format_version {meta.get('format_version')!r}; this sinkquant reads "
                              f"{FORMAT_VERSION}")
@@ -87,6 +85,7 @@ def load(folder: str | Path) -> QuantizedModel:
         keep = KeepPolicy(**meta["record"]["keep"])
         quantize_model(model, adapter_for(model), recipe.quant_scheme(keep), restore=True)
         load_model(model, str(folder / "model.safetensors"))
+        release_activations(model, meta["record"].get("exceptions", []))
     else:
         model = load_backend(folder / "backend")
     adapter = adapter_for(model)

@@ -80,11 +80,19 @@ class SmoothStep(_Strict):
     alpha: float = Field(default=0.5, ge=0.0, le=1.0)
 
 
+class ExceptionsStep(_Strict):
+    """Per-layer exceptions: the `top` Linear inputs whose calibrated static range is widest keep
+    full-precision activations (their weights stay quantized). On SmolLM2 these are a few down_proj inputs."""
+
+    top: int = Field(default=8, ge=1)
+
+
 class Step(_Strict):
     keep_sink: KeepSinkStep | None = None
     clip: ClipStep | None = None
     prefix: PrefixStep | None = None
     smooth: SmoothStep | None = None
+    exceptions: ExceptionsStep | None = None
 
     @model_validator(mode="after")
     def _exactly_one(self) -> Step:
