@@ -79,6 +79,9 @@ def select_prefix(loaded: LoadedModel, recipe: Recipe, windows: torch.Tensor, pr
     if isinstance(step.tokens, list):
         ids = [token_id(loaded, t, f"prefix.tokens[{i}]") for i, t in enumerate(step.tokens)]
         return with_bos(loaded, ids, step.bos)[: step.max_tokens], {"source": "recipe"}
+    head = with_bos(loaded, [], step.bos)
+    if len(head) >= step.max_tokens:  # BOS alone fills the prefix: no ranking can change it, skip the search
+        return head[: step.max_tokens], {"source": "bos"}
     if step.tokens == "greedy":
         sample = windows[:2, :GREEDY_SAMPLE_TOKENS]
         ids, trace = greedy_prefix(loaded, sample, step.max_tokens, step.bos)
