@@ -57,6 +57,8 @@ def test_token0_peak_is_massive_in_a_stable_channel(report: dict) -> None:
         assert top1["value"] > 1000 * row["median_abs"] and top1["value"] > 10_000
         # the second peak is the same position and channel in the other window: stable across windows
         assert (top2["position"], top2["channel"]) == (0, PEAK_CHANNEL) and top2["window"] != top1["window"]
+        # Bondarenko's kurtosis of the layer output: a Gaussian gives 3; two peaks of ~24,000 dominate it
+        assert row["kurtosis"] > 1000 and row["inf_norm"] == top1["value"]
     assert report["verdict"]["peak_channels"][0] == PEAK_CHANNEL
 
 

@@ -10,7 +10,7 @@ from sinkquant.errors import SinkquantError
 from sinkquant.perplexity import evaluate
 from sinkquant.recipes import apply_recipe, load_recipe, parse_recipe
 from sinkquant.recipes.artifact import load, save
-from sinkquant.recipes.prefix import greedy_prefix, token_id, with_bos
+from sinkquant.recipes.prefix import greedy_prefix, max_linear_input, token_id, with_bos
 from tests.tiny import ARCHS, tiny_model
 
 CTX = 128
@@ -84,6 +84,33 @@ def test_prefix_token_rules(smollm2) -> None:
         token_id(smollm2, "hello world", "prefix.tokens[1]")
     with pytest.raises(SinkquantError, match="outside the vocabulary"):
         token_id(smollm2, 10**7, "prefix.tokens[0]")
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_max_linear_input_skips_the_prefix_tokens(arch, smollm2) -> None:
+    """The greedy prefix score counts only the tokens after the prefix, also where a model (OPT's MLP)
+    flattens batch and tokens before its Linear layers."""
+    loaded = tiny_model(arch, smollm2.tokenizer)
+    torch.manual_seed(1)
+    ids = torch.randint(3, 5000, (1, 24))
+    # The prefix token is a one-channel spike, so the prefix positions hold the largest Linear inputs.
+    ids[0, :3] = 7
+    with torch.no_grad():
+        embedding = loaded.model.get_input_embeddings().weight
+        embedding[7] = 0.0
+        embedding[7, 10] = 100.0
+    token_max: list[torch.Tensor] = []
+    handles = [m.register_forward_pre_hook(lambda _m, args: token_max.append(
+        args[0].reshape(-1, args[0].shape[-1]).abs().amax(dim=-1))) for m in
+        loaded.adapter.linear_layers(loaded.model).values()]
+    with torch.no_grad():
+        loaded.model(input_ids=ids, use_cache=False)
+    for handle in handles:
+        handle.remove()
+    per_position = torch.stack(token_max).amax(dim=0)
+    assert per_position[:3].max() > per_position[3:].max()
+    peak = max_linear_input(loaded, loaded.model, ids[0, :3].tolist(), ids[:, 3:])
+    assert peak == pytest.approx(float(per_position[3:].max()), rel=1e-5)
 
 
 @pytest.mark.parametrize("arch", ARCHS)

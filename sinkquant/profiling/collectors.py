@@ -77,6 +77,7 @@ class ResidualStats:
     massive_count: list[int] = field(default_factory=list)
     massive_windows: list[int] = field(default_factory=list)
     norm_peak: list[float] = field(default_factory=list)
+    sums: list[torch.Tensor] = field(default_factory=list)  # power sums of the layer output (Bondarenko)
     channels: Counter[int] = field(default_factory=Counter)
     window_massive: torch.Tensor | None = None  # positions with a massive entry in any layer, this window
     window_systematic: torch.Tensor | None = None
@@ -87,6 +88,7 @@ class ResidualStats:
         self.massive_count = [0] * self.n_layers
         self.massive_windows = [0] * self.n_layers
         self.norm_peak = [0.0] * self.n_layers
+        self.sums = [torch.zeros(5, dtype=torch.float64) for _ in range(self.n_layers)]
 
     def observe(self, layer: int, window: int, h: torch.Tensor) -> None:
         h = _tokens(h)
@@ -107,6 +109,7 @@ class ResidualStats:
         flagged = metrics.systematic_outliers(h_abs)
         self.window_systematic = flagged | (self.window_systematic if self.window_systematic is not None else False)
         self.norm_peak[layer] += metrics.norm_peak(h)
+        self.sums[layer] += metrics.power_sums(h).cpu()
 
     def end_window(self) -> tuple[torch.Tensor, torch.Tensor]:
         massive, systematic = self.window_massive, self.window_systematic
@@ -138,7 +141,7 @@ class LinearStats:
         self.col_absmax = cols if self.col_absmax is None else torch.maximum(self.col_absmax, cols)
         absmax = self.token_max.max()
         self.inf_norm = max(self.inf_norm, float(absmax))
-        self.sums += metrics.power_sums(x)
+        self.sums += metrics.power_sums(x).cpu()
         for scheme, (bits, per_token) in QUANT_SCHEMES.items():
             errors = metrics.token_quant_error(x, bits, self.token_max[:, None] if per_token else absmax)
             for i, share in enumerate(metrics.topk_shares(errors, TOP_K)):
@@ -263,13 +266,14 @@ class ProfileCollector:
         self._last_stats: LinearStats | None = None
 
     def __enter__(self) -> ProfileCollector:
+        # Switch attention first: if the model refuses the probe, no hook is left behind on it.
+        self._previous_impl = self.model.config._attn_implementation
+        self.model.set_attn_implementation(PROBE_NAME)
+        _ACTIVE.append(self.attention)
         for index, layer in enumerate(self.layers):
             self._handles.append(layer.register_forward_hook(self._residual_hook(index)))
         for name, module in self.linears.items():
             self._handles.append(module.register_forward_pre_hook(self._linear_hook(name)))
-        self._previous_impl = self.model.config._attn_implementation
-        self.model.set_attn_implementation(PROBE_NAME)
-        _ACTIVE.append(self.attention)
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -361,6 +365,7 @@ class ProfileCollector:
                 "top1_over_median": top[0]["value"] / median if median > 0 else None,
                 "massive_count": res.massive_count[index], "massive_windows": res.massive_windows[index],
                 "norm_peak_token0": res.norm_peak[index] / n,
+                "inf_norm": top[0]["value"] if top else 0.0, "kurtosis": metrics.kurtosis_from_sums(res.sums[index]),
             })
         with_peaks = [i for i in range(len(self.layers)) if 2 * res.massive_windows[i] >= n > 0 and
                       res.massive_windows[i] > 0]
@@ -439,7 +444,7 @@ def residual_peaks(loaded: LoadedModel, ids: list[int]) -> tuple[torch.Tensor, t
     handles = [layer.register_forward_hook(hook) for layer in loaded.adapter.decoder_layers(loaded.model)]
     try:
         device = next(loaded.model.parameters()).device
-        loaded.model(input_ids=torch.tensor([ids], device=device), use_cache=False)
+        loaded.model(input_ids=torch.tensor([ids], device=device), use_cache=False, logits_to_keep=1)
     finally:
         for handle in handles:
             handle.remove()

@@ -150,7 +150,8 @@ def tables(report: dict[str, Any]) -> list[tuple[str, list[str], list[list[Any]]
     residual = []
     for row in report["residual"]["layers"]:
         tops = [f"{t['value']:.4g} @pos {t['position']} {t['token']!r} ch {t['channel']}" for t in row["top"]]
-        residual.append([row["layer"], row["median_abs"], *tops, row["top1_over_median"], row["massive_count"]])
+        residual.append([row["layer"], row["median_abs"], *tops, row["top1_over_median"], row["massive_count"],
+                         row["kurtosis"]])
     heads = [[late["layer"], sum(a > 0.3 for a in alpha), sum(a > 0.8 for a in alpha), late["mean"], late["std"],
               min(drain)] for late, alpha, drain in zip(att["first_token_late"], att["alpha0"], att["value_drain"],
                                                         strict=True)]
@@ -164,7 +165,8 @@ def tables(report: dict[str, Any]) -> list[tuple[str, list[str], list[list[Any]]
     result = [
         ("Verdict", ["what", "value"], verdict),
         ("Residual-state peaks per layer (Sun et al.)",
-         ["layer", "median |h|", "top-1", "top-2", "top-3", "top-1 / median", "massive entries"], residual),
+         ["layer", "median |h|", "top-1", "top-2", "top-3", "top-1 / median", "massive entries",
+          "kurtosis (Bondarenko)"], residual),
         ("Attention per layer (Gu et al.; StreamingLLM; Guo et al.)",
          ["layer", "heads alpha_0 > 0.3", "heads alpha_0 > 0.8", "late attn to tok 0", "std over heads",
           "min value drain"], heads),

@@ -24,7 +24,6 @@ class KeepState:
         self.policy = policy
         self.mask: torch.Tensor | None = None
         self.kv_mask: torch.Tensor | None = None
-        self.tokens_seen = 0
         self.tokens_kept = 0
 
     def resolve(self, input_ids: torch.Tensor | None, shape: tuple[int, int], start: int, device: torch.device) -> None:
@@ -40,7 +39,6 @@ class KeepState:
             kv_mask[:, start:] |= torch.isin(input_ids, ids)
         self.kv_mask = kv_mask
         self.mask = kv_mask[:, start:]
-        self.tokens_seen += self.mask.numel()
         self.tokens_kept += int(self.mask.sum())
 
     def mask_for(self, x: torch.Tensor) -> torch.Tensor | None:

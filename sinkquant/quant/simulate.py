@@ -133,10 +133,16 @@ def calibrate(model: nn.Module, layers: list[QuantLinear], batches: Iterable[Bat
     for layer in layers:
         layer.start_calibration()
     tokens = 0
-    for batch in batches:
-        kwargs = _forward_kwargs(batch, device)
-        model(**kwargs)
-        tokens += kwargs["input_ids"].numel()
+    try:
+        for batch in batches:
+            kwargs = _forward_kwargs(batch, device)
+            model(**kwargs)
+            tokens += kwargs["input_ids"].numel()
+    except BaseException:
+        # A failed calibration must not leave observers on: later forwards would observe instead of quantize.
+        for layer in layers:
+            layer.observer = None
+        raise
     if tokens == 0:
         raise SinkquantError("calibration got no batches; pass at least one [batch, seq] tensor of input ids")
     for layer in layers:

@@ -11,8 +11,8 @@ import torch
 from sinkquant.errors import SinkquantError
 from sinkquant.models import LoadedModel
 
-# Candidates for the greedy search beyond the profile's outlier ids: delimiters and weak-semantic words
-# (An et al. 2025 find systematic outliers on exactly these).
+# Candidates for the greedy search: delimiters and weak-semantic words (An et al. 2025 find systematic
+# outliers on exactly these).
 GREEDY_CANDIDATES = ("\n", "\n\n", ".", ",", " the", " of", " and", ":", ";", "-", " ", "<|endoftext|>")
 
 
@@ -46,13 +46,14 @@ def max_linear_input(loaded: LoadedModel, model: torch.nn.Module, prefix: list[i
 
     def hook(_module, args):
         nonlocal peak
-        x = args[0]
+        # Some architectures (OPT's MLP) flatten (batch, tokens) before the Linear: restore the token axis.
+        x = args[0].reshape(sample.shape[0], -1, args[0].shape[-1])
         peak = torch.maximum(peak, x[:, start:].abs().amax())
 
     handles = [m.register_forward_pre_hook(hook) for m in loaded.adapter.linear_layers(model).values()]
     try:
         head = torch.tensor([prefix] * sample.shape[0], dtype=sample.dtype).reshape(sample.shape[0], -1)
-        model(input_ids=torch.cat([head, sample], dim=1), use_cache=False)
+        model(input_ids=torch.cat([head, sample], dim=1), use_cache=False, logits_to_keep=1)
     finally:
         for handle in handles:
             handle.remove()
@@ -64,13 +65,12 @@ def greedy_prefix(
     sample: torch.Tensor,
     max_tokens: int,
     bos_mode: str,
-    extra_candidates: Sequence[int] = (),
     min_gain: float = 0.05,
 ) -> tuple[list[int], list[dict]]:
     """CushionCache-style: add the candidate token that most lowers the largest activation of the following
     tokens; stop when no candidate lowers it by `min_gain` (relative) or at `max_tokens`."""
     start = time.perf_counter()
-    candidates: list[int] = list(dict.fromkeys(extra_candidates))
+    candidates: list[int] = []
     for text in GREEDY_CANDIDATES:
         ids = loaded.tokenizer.encode(text, add_special_tokens=False)
         if len(ids) == 1 and ids[0] not in candidates:
