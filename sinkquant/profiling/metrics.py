@@ -50,7 +50,8 @@ def massive_mask(h_abs: torch.Tensor, median: float | torch.Tensor) -> torch.Ten
 
 
 def top_entries(h_abs: torch.Tensor, k: int = 3) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Top-k |h| entries of a (T, C) tensor as (values, positions, channels); ties resolve to the lowest index."""
+    """Top-k |h| entries of a (T, C) tensor as (values, positions, channels). Exact ties (rare in float
+    activations) keep torch.topk's order, which is deterministic for the same input on the same device."""
     flat = h_abs.reshape(-1)
     values, index = torch.topk(flat, min(k, flat.numel()))
     return values, index // h_abs.shape[-1], index % h_abs.shape[-1]
