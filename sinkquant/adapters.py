@@ -22,12 +22,18 @@ class Adapter:
     final_norm: str
     attention: str
     linears: tuple[str, ...]
+    # The MLP's output projection: PrefixQuant counts outlier tokens at its input (the widest in practice).
+    down_proj: str
     # (source, Linear layers that read the source's output): where SmoothQuant-style scales can migrate. The
     # source is a norm, or a Linear whose output reaches the targets through an elementwise product only
     # (Llama's up_proj -> down_proj: down(act(gate(x)) * up(x))), so the migration is exact in full precision.
     smooth_groups: tuple[tuple[str, tuple[str, ...]], ...]
     # Gemma's RMSNorm multiplies by (1 + weight); migration must scale (offset + weight).
     norm_weight_offset: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.down_proj not in self.linears:
+            raise ValueError(f"adapter {self.name}: down_proj {self.down_proj!r} is not one of its linears")
 
     def decoder_layers(self, model: nn.Module) -> nn.ModuleList:
         return model.get_submodule(self.layers)
@@ -71,6 +77,7 @@ ADAPTERS: tuple[Adapter, ...] = (
         final_norm="model.norm",
         attention="self_attn",
         linears=_LLAMA_LINEARS,
+        down_proj="mlp.down_proj",
         smooth_groups=_LLAMA_GROUPS,
     ),
     Adapter(
@@ -80,6 +87,7 @@ ADAPTERS: tuple[Adapter, ...] = (
         final_norm="model.norm",
         attention="self_attn",
         linears=_LLAMA_LINEARS,
+        down_proj="mlp.down_proj",
         smooth_groups=(
             ("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
             ("pre_feedforward_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
@@ -94,6 +102,7 @@ ADAPTERS: tuple[Adapter, ...] = (
         final_norm="transformer.ln_f",
         attention="attn",
         linears=("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"),
+        down_proj="mlp.c_proj",
         smooth_groups=(("ln_1", ("attn.c_attn",)), ("ln_2", ("mlp.c_fc",))),
     ),
     Adapter(
@@ -103,6 +112,7 @@ ADAPTERS: tuple[Adapter, ...] = (
         final_norm="model.decoder.final_layer_norm",
         attention="self_attn",
         linears=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj", "fc1", "fc2"),
+        down_proj="fc2",
         smooth_groups=(
             ("self_attn_layer_norm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
             ("final_layer_norm", ("fc1",)),
@@ -115,6 +125,7 @@ ADAPTERS: tuple[Adapter, ...] = (
         final_norm="gpt_neox.final_layer_norm",
         attention="attention",
         linears=("attention.query_key_value", "attention.dense", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h"),
+        down_proj="mlp.dense_4h_to_h",
         smooth_groups=(
             ("input_layernorm", ("attention.query_key_value",)),
             ("post_attention_layernorm", ("mlp.dense_h_to_4h",)),

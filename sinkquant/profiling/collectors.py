@@ -239,9 +239,8 @@ class ProfileCollector:
         self.decode = decode
         self.layers = list(self.adapter.decoder_layers(self.model))
         self.linears = self.adapter.linear_layers(self.model)
-        # The last Linear of each layer is its MLP down projection, where PrefixQuant counts outlier tokens.
-        last = self.adapter.linears[-1]
-        self.down = [name for name in self.linears if name.endswith(f".{last}")]
+        # Each layer's MLP down projection, where PrefixQuant counts outlier tokens.
+        self.down = [name for name in self.linears if name.endswith(f".{self.adapter.down_proj}")]
         n = len(self.layers)
         self.residual = ResidualStats(n)
         self.linear = {name: LinearStats() for name in self.linears}

@@ -7,6 +7,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import torch
+
 from sinkquant.models import LoadedModel
 from sinkquant.profiling.collectors import residual_peaks
 
@@ -17,9 +19,22 @@ def _unique(ids: list[int]) -> list[int]:
     return list(dict.fromkeys(ids))
 
 
-def _at(loaded: LoadedModel, ids: list[int], position: int) -> tuple[float, bool]:
-    ratio, massive = residual_peaks(loaded, ids)
-    return float(ratio[position]), bool(massive[position])
+class _Peaks:
+    """residual_peaks with a memo: the base sequence serves the position, content and BOS tests alike."""
+
+    def __init__(self, loaded: LoadedModel) -> None:
+        self.loaded = loaded
+        self.seen: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def __call__(self, ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        key = tuple(ids)
+        if key not in self.seen:
+            self.seen[key] = residual_peaks(self.loaded, ids)
+        return self.seen[key]
+
+    def at(self, ids: list[int], position: int) -> tuple[float, bool]:
+        ratio, massive = self(ids)
+        return float(ratio[position]), bool(massive[position])
 
 
 def origin_probe(loaded: LoadedModel, base: list[int], candidates: list[int],
@@ -27,19 +42,20 @@ def origin_probe(loaded: LoadedModel, base: list[int], candidates: list[int],
     """Swap the token at position 0 (position test), plant each candidate in the middle (content test), and
     run with and without BOS. `base` is plain text (no BOS); `candidates` are ids suspected to be sinks."""
     base = base[:PROBE_TOKENS]
+    peaks = _Peaks(loaded)
     mid = len(base) // 2
     position = []
     for token in _unique([base[0], base[1], base[mid], base[-1]]):
-        ratio, sink = _at(loaded, [token, *base[1:]], 0)
+        ratio, sink = peaks.at([token, *base[1:]], 0)
         position.append({"token_id": token, "token": decode(token), "peak_ratio": ratio, "sink": sink})
-    control_ratio, control_sink = _at(loaded, base, mid)
+    control_ratio, control_sink = peaks.at(base, mid)
     content = [{"token_id": base[mid], "token": decode(base[mid]), "control": True,
                 "peak_ratio": control_ratio, "sink": control_sink}]
     for token in _unique([base[0], *candidates]):
         if token == base[mid]:
             continue
         planted = [*base[:mid], token, *base[mid + 1 :]]
-        ratio, sink = _at(loaded, planted, mid)
+        ratio, sink = peaks.at(planted, mid)
         content.append({"token_id": token, "token": decode(token), "control": False,
                         "peak_ratio": ratio, "sink": sink})
     by_position = all(p["sink"] for p in position)
@@ -54,8 +70,8 @@ def origin_probe(loaded: LoadedModel, base: list[int], candidates: list[int],
     if bos is None:
         result["bos_test"] = {"bos_id": None, "note": "the tokenizer defines no BOS token"}
         return result
-    ratio0, sink0 = _at(loaded, base, 0)
-    ratio_with, massive_with = residual_peaks(loaded, [bos, *base[:-1]])
+    ratio0, sink0 = peaks.at(base, 0)
+    ratio_with, massive_with = peaks([bos, *base[:-1]])
     result["bos_test"] = {
         "bos_id": bos, "bos_token": decode(bos),
         "without_bos": {"first_token_peak_ratio": ratio0, "first_token_sink": sink0},
