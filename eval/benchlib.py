@@ -36,10 +36,15 @@ def parser(doc: str, windows: int, out: str) -> argparse.ArgumentParser:
     return p
 
 
-def setup(args: argparse.Namespace) -> tuple[LoadedModel, TokenStream]:
+def configure(args: argparse.Namespace) -> None:
+    """Threads and seed, before anything is built."""
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+
+
+def setup(args: argparse.Namespace) -> tuple[LoadedModel, TokenStream]:
+    configure(args)
     loaded = load_model(args.model)
     return loaded, tokenize(load_text(args.data), loaded.tokenizer)
 

@@ -10,7 +10,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 from sinkquant.adapters import Adapter, adapter_for, normalize
 from sinkquant.artifacts import atomic_dir, sha256_file
@@ -112,6 +119,14 @@ def empty_model(folder: str | os.PathLike) -> PreTrainedModel:
     quantized state dict is loaded into."""
     config = AutoConfig.from_pretrained(folder)
     return AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+
+
+def random_model(config: PretrainedConfig, tokenizer: PreTrainedTokenizerBase, spec: str) -> LoadedModel:
+    """A randomly initialised fp32 model of `config`, normalized like a loaded one: for tests and memory
+    benchmarks, which need an architecture's shapes, not trained weights."""
+    model = normalize(AutoModelForCausalLM.from_config(config, dtype=torch.float32)).eval()
+    return LoadedModel(model=model, tokenizer=tokenizer, adapter=adapter_for(model), spec=spec,
+                       source={"kind": "random", "model_type": config.model_type})
 
 
 def _folder_digest(folder: Path) -> str:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import torch
 from transformers import (
-    AutoModelForCausalLM,
     Gemma3TextConfig,
     GPT2Config,
     GPTNeoXConfig,
@@ -14,8 +13,7 @@ from transformers import (
     Qwen2Config,
 )
 
-from sinkquant.adapters import adapter_for, normalize
-from sinkquant.models import LoadedModel
+from sinkquant.models import LoadedModel, random_model
 
 VOCAB = 49152  # SmolLM2's tokenizer is reused, so the vocab must cover its ids
 
@@ -48,8 +46,4 @@ ARCHS = ("llama", "qwen2", "gemma3", "gpt2", "opt", "gpt_neox")
 
 def tiny_model(arch: str, tokenizer) -> LoadedModel:
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(tiny_config(arch), dtype=torch.float32)
-    normalize(model)
-    model.eval()
-    return LoadedModel(model=model, tokenizer=tokenizer, adapter=adapter_for(model), spec=f"tiny-{arch}",
-                       source={"kind": "random", "arch": arch})
+    return random_model(tiny_config(arch), tokenizer, spec=f"tiny-{arch}")
