@@ -18,9 +18,10 @@ import benchlib
 from transformers import AutoTokenizer, Qwen2Config
 
 from sinkquant.data import load_text, plan_windows, tokenize
-from sinkquant.models import embedded_gguf_path, random_model
+from sinkquant.models import random_model
 from sinkquant.profiling import profile
 from sinkquant.tables import markdown_table
+from sinkquant.zoo import DEFAULT_MODEL, ZOO
 
 GB = 1024**3
 QWEN2_05B = {"hidden_size": 896, "intermediate_size": 4864, "num_hidden_layers": 24, "num_attention_heads": 14,
@@ -39,7 +40,7 @@ def main() -> None:
     parser.set_defaults(ctx=2048)
     args = parser.parse_args()
     benchlib.configure(args)
-    gguf = embedded_gguf_path()
+    gguf = ZOO[DEFAULT_MODEL].path()
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     stream = tokenize(load_text(args.data), tokenizer)
     start = peak_rss()

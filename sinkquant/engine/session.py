@@ -1,0 +1,45 @@
+"""The engine's working state while a recipe runs: the model being quantized (in place), the scheme, the
+calibration windows, and what the steps have decided so far (prefix, kept positions, quantized layers)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from sinkquant.models import LoadedModel
+from sinkquant.perplexity import Prefix
+from sinkquant.quant.scheme import KeepPolicy, Scheme
+
+
+@dataclass
+class Session:
+    """Steps read and write these fields; the engine owns the order in which they run."""
+
+    loaded: LoadedModel
+    scheme: Scheme
+    calibration: torch.Tensor  # [windows, ctx] token ids from the end of the text, never evaluation windows
+    prefix: Prefix | None = None  # set by the prefix step: ids and their full-precision KV
+    keep: KeepPolicy = field(default_factory=KeepPolicy)  # positions / ids that stay in full precision
+    quantized: dict[str, nn.Module] = field(default_factory=dict)  # filled by the engine before REFINE steps
+    profile_report: dict[str, Any] | None = None  # a profile the caller already has (the prefix step reuses it)
+    progress: bool = True
+
+    @property
+    def model(self) -> nn.Module:
+        return self.loaded.model
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def batches(self) -> list[dict[str, Any]]:
+        """Forward kwargs per calibration window, each with its own copy of the prefix KV."""
+        prefix = self.prefix
+        return [
+            {"input_ids": w[None].to(self.device), "past_key_values": prefix.cache_for_batch(1) if prefix else None,
+             "use_cache": prefix is not None}
+            for w in self.calibration
+        ]

@@ -1,0 +1,94 @@
+"""A recipe step is a component, in the spirit of llm-compressor's modifiers and torchao's config + handler:
+a typed config, a stage, declared needs and conflicts checked when the recipe is parsed, and a lifecycle the
+engine runs in the recipe's order:
+
+    check(scheme, steps, index)  parse time, before any model work: refuse what cannot work, naming the step
+    apply(session)               do the work on the session's model; return what was done (the step's record)
+    restore(session, record)     on loading an artifact, redo what the saved tensors alone do not hold
+
+Adding a step is one module with one `@register`ed subclass; nothing else in the engine changes."""
+
+from __future__ import annotations
+
+import enum
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict
+
+from sinkquant.errors import SinkquantError
+
+if TYPE_CHECKING:
+    from sinkquant.engine.session import Session
+    from sinkquant.quant.scheme import Scheme
+
+
+class Stage(enum.IntEnum):
+    """Where a step runs relative to the scheme's quantization (weights swapped, static scales calibrated)."""
+
+    TRANSFORM = 0  # before: changes the model or what it is fed (prefix, rotate, smooth, keep_sink)
+    REFINE = 1  # after: adjusts calibrated quantizers (exceptions, clip)
+
+
+class StepConfig(BaseModel):
+    """Base of every step's typed arguments: unknown keys and wrong types are errors."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# What a step may need from the scheme; each maps to the check that tells whether the scheme provides it.
+NEEDS: dict[str, tuple[str, Any]] = {
+    "weights": ("scheme.weights", lambda s: s.weights is not None),
+    "activations": ("scheme.activations", lambda s: s.activations is not None),
+    "static-activations": ("scheme.activations.mode: static",
+                           lambda s: s.activations is not None and s.activations.mode == "static"),
+    "kv": ("scheme.kv", lambda s: s.kv is not None),
+}
+
+
+class Step(ABC):
+    """One recipe step. Subclasses set the class attributes and implement `apply`."""
+
+    name: ClassVar[str]
+    Config: ClassVar[type[StepConfig]]
+    stage: ClassVar[Stage]
+    repeatable: ClassVar[bool] = False
+    needs: ClassVar[tuple[str, ...]] = ()
+    conflicts: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, config: StepConfig) -> None:
+        self.config = config
+
+    def check(self, scheme: Scheme, steps: Sequence[Step], index: int) -> None:
+        """Parse-time checks; the default enforces `needs` and `conflicts`. Raise SinkquantError with a message
+        that says what would be valid (the parser prefixes the file and the step's index)."""
+        for need in self.needs:
+            what, present = NEEDS[need]
+            if not present(scheme):
+                raise SinkquantError(f"{self.name} needs {what}")
+        for other in steps:
+            if other.name in self.conflicts:
+                raise SinkquantError(f"{self.name} conflicts with {other.name}; use one of them")
+
+    @abstractmethod
+    def apply(self, session: Session) -> dict[str, Any]:
+        """Do the step's work on `session.model`; the returned dict is saved as this step's record."""
+
+    def restore(self, session: Session, record: dict[str, Any]) -> None:
+        """Redo, on a freshly built model, what the saved tensors do not hold (default: nothing)."""
+
+    def resolved(self) -> dict[str, Any]:
+        """This step as a recipe entry, every default filled in."""
+        return {self.name: self.config.model_dump(mode="json")}
+
+
+STEPS: dict[str, type[Step]] = {}
+
+
+def register(cls: type[Step]) -> type[Step]:
+    """Class decorator: make a step available to recipes under `cls.name`."""
+    if cls.name in STEPS and STEPS[cls.name] is not cls:
+        raise ValueError(f"step name {cls.name!r} is registered twice")
+    STEPS[cls.name] = cls
+    return cls
