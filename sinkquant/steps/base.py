@@ -77,6 +77,7 @@ class Step(ABC):
 
     def restore(self, session: Session, record: dict[str, Any]) -> None:
         """Redo, on a freshly built model, what the saved tensors do not hold (default: nothing)."""
+        return None
 
     def resolved(self) -> dict[str, Any]:
         """This step as a recipe entry, every default filled in."""
