@@ -24,6 +24,7 @@ from sinkquant.models import LoadedModel
 from sinkquant.perplexity import PerplexityResult, Prefix, evaluate
 from sinkquant.quant.keep import attach_keep_state
 from sinkquant.quant.kv import enable_kv_quant
+from sinkquant.quant.scheme import KeepPolicy, Scheme
 from sinkquant.quant.simulate import calibrate, candidate_layers, check_group_size, swap_linears
 from sinkquant.recipes.schema import Recipe
 from sinkquant.steps import Stage
@@ -92,14 +93,17 @@ def quantize_structure(session: Session, kv: bool = True) -> list[str]:
     return excluded
 
 
-def quantize_session(session: Session, recipe: Recipe) -> dict[str, Any]:
+def quantize_session(session: Session, pipeline: str = "sequential") -> dict[str, Any]:
     """Quantize weights and calibrate static scales (one decoder layer at a time or with whole-model forwards),
     then switch KV quantization on: activation scales are calibrated on full-precision KV."""
     excluded = quantize_structure(session, kv=False)
     scheme = session.scheme
     record: dict[str, Any] = {"quantized_layers": len(session.quantized), "excluded": excluded,
-                              "pipeline": recipe.calibration.pipeline}
-    if recipe.calibration.pipeline == "sequential" and (scheme.needs_calibration or scheme.weights is not None):
+                              "pipeline": pipeline}
+    if scheme.needs_calibration and not len(session.calibration):
+        raise SinkquantError("static activations need calibration windows (token ids disjoint from evaluation)")
+    gptq = scheme.weights is not None and scheme.weights.gptq is not None
+    if pipeline == "sequential" and (scheme.needs_calibration or gptq):
         record.update(calibrate_sequential(session))
     else:
         for module in session.quantized.values():
@@ -110,6 +114,21 @@ def quantize_session(session: Session, recipe: Recipe) -> dict[str, Any]:
     if scheme.kv is not None:
         enable_kv_quant(session.model, session.loaded.adapter, scheme.kv, session.model._sinkquant_keep)
     return record
+
+
+def quantize_model(
+    loaded: LoadedModel, scheme: Scheme, calibration: torch.Tensor | None = None, keep: KeepPolicy | None = None,
+    pipeline: str = "sequential", progress: bool = False,
+) -> Session:
+    """The scheme alone, no recipe steps, in place: `calibration` is [windows, seq] token ids (needed for static
+    activations), `keep` the positions / ids left in full precision. Returns the session (its `quantized`
+    layers and `record`)."""
+    device = next(loaded.model.parameters()).device
+    windows = calibration if calibration is not None else torch.empty(0, 0, dtype=torch.long)
+    session = Session(loaded=_working_copy(loaded, copy=False), scheme=scheme, calibration=windows.to(device),
+                      keep=keep or KeepPolicy(), progress=progress)
+    session.record = quantize_session(session, pipeline)
+    return session
 
 
 def _working_copy(loaded: LoadedModel, copy: bool) -> LoadedModel:
@@ -144,7 +163,7 @@ def apply_recipe(
     steps: list[dict[str, Any]] = []
     for stage in (Stage.TRANSFORM, None, Stage.REFINE):
         if stage is None:
-            record["quantize"] = quantize_session(session, recipe)
+            record["quantize"] = quantize_session(session, recipe.calibration.pipeline)
             continue
         for step in (s for s in recipe.steps if s.stage == stage):
             clock = time.perf_counter()

@@ -40,6 +40,7 @@ META = "sinkquant.json"
 WEIGHTS = "model.safetensors"
 PREFIX = "prefix.safetensors"
 RECIPE = "recipe.yaml"
+QUANT_BUFFERS = ("weight_int", "weight_scale", "weight_zero_point", "act_scale", "act_zero_point")
 
 
 def _prefix_tensors(prefix: Prefix) -> dict[str, torch.Tensor]:
@@ -164,7 +165,7 @@ def _restore_weights(model: torch.nn.Module, session: Session, tensors: dict[str
         if module.activations is not None and module.activations.mode == "static" and module.act_scale is None:
             raise SinkquantError(f"{WEIGHTS}: the static activation scale of {name} is missing")
     missing, unexpected = model.load_state_dict(tensors, strict=False)
-    missing = [m for m in missing if not m.endswith(("weight_int", "weight_scale", "weight_zero_point"))]
+    missing = [m for m in missing if not m.endswith(QUANT_BUFFERS)]
     if model.config.tie_word_embeddings:
         missing = [m for m in missing if m != "lm_head.weight"]
     if missing or unexpected:
