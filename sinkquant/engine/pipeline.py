@@ -82,10 +82,7 @@ def layers_of(session: Session, index: int) -> dict[str, QuantLinear]:
     return {name: module for name, module in session.quantized.items() if name.startswith(prefix)}
 
 
-WeightQuantizer = Callable[[Session, int, dict[str, QuantLinear], Callable[[], None]], dict[str, Any]]
-
-
-def rtn_weights(session: Session, index: int, layers: dict[str, QuantLinear], run: Callable[[], None]
+def rtn_weights(session: Session, index: int, layers: dict[str, QuantLinear], run: Callable[[], list]
                 ) -> dict[str, Any]:
     """Round-to-nearest needs no data: quantize before the layer is run."""
     for layer in layers.values():
@@ -94,9 +91,40 @@ def rtn_weights(session: Session, index: int, layers: dict[str, QuantLinear], ru
     return {}
 
 
+def gptq_weights(session: Session, index: int, layers: dict[str, QuantLinear], run: Callable[[], list]
+                 ) -> dict[str, Any]:
+    """GPTQ: run the layer once with its floating-point weights to collect each Linear's Hessian from its real
+    inputs (kept positions left out), then quantize every Linear of the layer from it."""
+    from sinkquant.quant.gptq import HessianAccumulator, gptq_quantize
+
+    targets = {name: m for name, m in layers.items() if m.weights_spec is not None}
+    hessians = {name: HessianAccumulator(m.in_features, device=m.weight.device) for name, m in targets.items()}
+
+    def make_hook(name: str, module: QuantLinear):
+        def hook(_module, args):
+            hessians[name].add(args[0], module.keep.mask_for(args[0]))
+
+        return hook
+
+    handles = [m.register_forward_pre_hook(make_hook(n, m)) for n, m in targets.items()]
+    try:
+        run()
+    finally:
+        for handle in handles:
+            handle.remove()
+    for name, module in targets.items():
+        spec = module.weights_spec
+        options = spec.gptq
+        module.set_qweight(gptq_quantize(
+            module.weight, hessians[name].hessian(), spec.bits, spec.granularity, spec.group_size, spec.symmetric,
+            damp=options.damp, act_order=options.act_order, block_size=options.block_size,
+            mse_clip=options.mse_clip))
+    return {}
+
+
 @torch.no_grad()
-def calibrate_sequential(session: Session, quantize_weights: WeightQuantizer = rtn_weights) -> dict[str, Any]:
-    """Quantize and calibrate every decoder layer in turn; returns what the weight quantizer recorded."""
+def calibrate_sequential(session: Session) -> dict[str, Any]:
+    """Quantize (round-to-nearest or GPTQ, as the scheme says) and calibrate every decoder layer in turn."""
     calls = capture_calls(session)
     decoder = session.loaded.adapter.decoder_layers(session.model)
     keep = getattr(session.model, "_sinkquant_keep", None)
@@ -118,7 +146,9 @@ def calibrate_sequential(session: Session, quantize_weights: WeightQuantizer = r
                 outputs.append(layer(states, *args, **kwargs))
             return outputs
 
-        record.update(quantize_weights(session, index, quantized, run))
+        weights = next((m.weights_spec for m in quantized.values() if m.weights_spec is not None), None)
+        quantizer = gptq_weights if weights is not None and weights.gptq is not None else rtn_weights
+        record.update(quantizer(session, index, quantized, run))
         observed = [m for m in quantized.values() if m.activations is not None and m.activations.mode == "static"]
         for module in observed:
             module.start_calibration()

@@ -161,6 +161,10 @@ def parse_recipe(data: Any, source: str = "<recipe>") -> Recipe:
     elif raw.scheme.empty:
         raise SinkquantError(f"{source}: invalid recipe: scheme quantizes nothing; set scheme.weights, "
                              "scheme.activations or scheme.kv")
+    if raw.scheme.weights is not None and raw.scheme.weights.gptq is not None and \
+            raw.calibration.pipeline != "sequential":
+        raise SinkquantError(f"{source}: invalid recipe: scheme.weights.gptq collects Hessians layer by layer; "
+                             "set calibration.pipeline: sequential")
     try:
         steps = _parse_steps(raw.steps, raw.scheme)
     except SinkquantError as exc:
