@@ -219,7 +219,7 @@ def check_output_dir(path: str | os.PathLike, overwrite: bool) -> Path:
     if overwrite and (resolved == Path.cwd().resolve() or resolved in Path.cwd().resolve().parents):
         raise SinkquantError(f"output folder {target} is or contains the current directory; --overwrite would "
                              "replace it: pass a new folder, e.g. --out out/run1")
-    _check_writable(target)
+    check_writable_place(target)
     return target
 
 
@@ -228,22 +228,23 @@ def check_output_file(path: str | os.PathLike) -> Path:
     target = Path(path)
     if target.is_dir():
         raise SinkquantError(f"output path {target} is a folder; pass a file path, e.g. {target / 'result.json'}")
-    _check_writable(target)
+    check_writable_place(target)
     return target
 
 
-def _check_writable(target: Path) -> None:
-    """Create and remove a probe folder in the nearest existing ancestor: the only test that also holds for
-    root, read-only mounts and ACLs."""
-    place = target.parent.resolve()
+def check_writable_place(path: str | os.PathLike, what: str = "output path", inside: bool = False) -> None:
+    """Refuse, before any work, an output that could not be written: create and remove a probe folder where it
+    will be written (beside `path`, or in it when `inside`), or in the nearest existing ancestor of that place.
+    A probe is the only test that also holds for root, read-only mounts and ACLs."""
+    place = Path(path).resolve() if inside else Path(path).resolve().parent
     while not place.exists():
         place = place.parent
     if not place.is_dir():
-        raise SinkquantError(f"output path {target} is under {place}, which is a file, not a folder")
+        raise SinkquantError(f"{what} {path} is under {place}, which is a file, not a folder")
     try:
-        os.rmdir(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".probe", dir=place))
+        os.rmdir(tempfile.mkdtemp(prefix=".sinkquant.", suffix=".probe", dir=place))
     except OSError as exc:
-        raise SinkquantError(f"output path {target}: cannot write in {place} ({exc.strerror})") from None
+        raise SinkquantError(f"{what} {path}: cannot write in {place} ({exc.strerror})") from None
 
 
 @contextlib.contextmanager

@@ -22,6 +22,7 @@ from sinkquant.artifacts import (
     atomic_write_bytes,
     atomic_write_json,
     atomic_write_text,
+    check_writable_place,
     code_sha256,
     library_versions,
     sha256_bytes,
@@ -100,6 +101,8 @@ def compare(
     """Evaluate fp32 and every recipe on the same evaluation windows; returns the comparison as a dict."""
     from sinkquant.recipes import apply_recipe, load_recipe
 
+    if cache_dir is not None:  # refused now, not when the first row is stored minutes later
+        check_writable_place(cache_dir, "compare cache", inside=True)
     recipes = []
     for path in recipe_paths:
         try:

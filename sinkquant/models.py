@@ -183,7 +183,7 @@ def _unknown_model(spec: str) -> SinkquantError:
     close = difflib.get_close_matches(spec, list(ZOO), n=1)
     hint = f" Did you mean {close[0]!r}?" if close else ""
     return SinkquantError(
-        f"model {spec!r} is neither a zoo name ({', '.join(ZOO)}), a folder with config.json, a .gguf file, nor a "
+        f"model {spec!r} is neither a folder with config.json, a .gguf file, a zoo name ({', '.join(ZOO)}), nor a "
         f"hub id owner/name like 'HuggingFaceTB/SmolLM2-135M'.{hint}"
     )
 

@@ -22,6 +22,7 @@ from sinkquant.artifacts import (
     MAX_STRUCTURED_BYTES,
     atomic_dir,
     atomic_write_json,
+    check_output_file,
     code_sha256,
     file_digests,
     read_structured,
@@ -267,6 +268,35 @@ def test_unwritable_out_fails_before_any_work(command, case, message, tmp_path, 
     assert time.perf_counter() - start < 2.0  # refused before the (bad) model name is even looked at
     assert message in err
     assert left_behind(out) == ([out.name] if case == "file-exists" else [])
+
+
+@pytest.mark.parametrize("case", ["file-exists", "under-file", "read-only"])
+def test_unwritable_compare_out_fails_before_the_recipes_run(case, tmp_path, capsys, wikitext_path) -> None:
+    out = out_case(tmp_path, case)
+    start = time.perf_counter()
+    code = main(["compare", "--quiet", "--recipes", str(REPO / "recipes/w8a8-naive.yaml"), "--data",
+                 str(wikitext_path), "--ctx", "64", "--out", str(out)])
+    err = one_line_error(code, capsys)
+    assert time.perf_counter() - start < 30.0  # the model and text load (a few s), no recipe runs (minutes)
+    assert err.startswith("sinkquant compare: error: compare cache ") and str(out) in err
+    assert left_behind(out) == ([out.name] if case == "file-exists" else [])
+
+
+@pytest.mark.parametrize(("case", "message"), [
+    ("file-exists", None),
+    ("under-file", "notes.txt, which is a file, not a folder"),
+    ("read-only", "cannot write in"),
+])
+def test_output_file_place_is_checked(case, message, tmp_path) -> None:
+    """For `eval --out result.json`: a file path, so an existing file is fine (it is replaced), a folder is not."""
+    out = out_case(tmp_path, case)
+    if message is None:
+        assert check_output_file(out) == out
+        with pytest.raises(SinkquantError, match="is a folder; pass a file path"):
+            check_output_file(tmp_path)
+    else:
+        with pytest.raises(SinkquantError, match=message):
+            check_output_file(out)
 
 
 @pytest.mark.parametrize("out", [".", "..", "sub/.."])
