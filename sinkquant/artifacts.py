@@ -83,9 +83,12 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     a plain open() would give it (the target's own when it exists, else 0666 less the umask), not mkstemp's 0600,
     so teammates can read reports."""
     target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    mode = target.stat().st_mode & 0o7777 if target.is_file() else 0o666 & ~_umask()
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        mode = target.stat().st_mode & 0o7777 if target.is_file() else 0o666 & ~_umask()
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    except OSError as exc:  # a parent that is a file, a read-only place: callers check first, this is the backstop
+        raise SinkquantError(f"cannot write {target}: {exc.strerror} ({exc.filename})") from exc
     try:
         os.fchmod(fd, mode)
         with os.fdopen(fd, "wb") as handle:
@@ -93,9 +96,11 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, target)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if isinstance(exc, OSError):  # a full disk, a folder in the target's place
+            raise SinkquantError(f"cannot write {target}: {exc.strerror}") from exc
         raise
     return target
 

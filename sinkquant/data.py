@@ -94,7 +94,7 @@ def _load_local(path: Path, text_field: str) -> Text:
     except Exception as exc:
         cause = _innermost(exc)
         detail = str(cause).strip().splitlines()[0] if str(cause).strip() else ""
-        raise SinkquantError(f"could not read data file {path}: {type(cause).__name__}: {detail}") from None
+        raise SinkquantError(f"could not read data file {path}: {type(cause).__name__}: {detail}") from exc
     finally:
         builder_log.setLevel(level)
     return Text(text=text, source={"kind": "file", "path": str(path), "builder": builder, "join": "file as is"})
@@ -117,7 +117,7 @@ def _load_hub(name: str, config: str | None, split: str, text_field: str) -> Tex
         raise SinkquantError(
             f"could not load data set {name!r} (config {config!r}, split {split!r}) from the hub: "
             f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}. {offline}"
-        ) from None
+        ) from exc
     if text_field not in rows.column_names:
         raise SinkquantError(f"data set {name!r} has no field {text_field!r}; fields: {', '.join(rows.column_names)}")
     # GPTQ / SmoothQuant convention: rows joined with a blank line.
@@ -156,6 +156,8 @@ class TokenStream:
     source: dict[str, Any]
 
     def n_windows(self, ctx: int) -> int:
+        if ctx < 2:
+            raise SinkquantError(f"ctx={ctx} is too small; it must be at least 2 tokens")
         return self.ids.numel() // ctx
 
     def windows(self, ctx: int, indices: list[int]) -> torch.Tensor:
@@ -191,8 +193,10 @@ class WindowPlan:
 
 def plan_windows(stream: TokenStream, ctx: int, max_windows: int | None = None, calib_windows: int = 0) -> WindowPlan:
     """Evaluation windows from the start of the text, calibration windows from its end."""
-    if ctx < 2:
-        raise SinkquantError(f"ctx={ctx} is too small; it must be at least 2 tokens")
+    if max_windows is not None and max_windows < 1:
+        raise SinkquantError(f"max_windows={max_windows} must be at least 1 (or None for every window)")
+    if calib_windows < 0:
+        raise SinkquantError(f"calib_windows={calib_windows} must be 0 or more")
     total = stream.n_windows(ctx)
     if total < 1:
         raise SinkquantError(

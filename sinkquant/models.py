@@ -239,11 +239,11 @@ def _from_pretrained(
             raise SinkquantError(
                 f"could not load model {spec!r}: {hub}, and it is neither in the local hub cache nor a folder here; "
                 f"pass a local folder, a .gguf file or a zoo name ({', '.join(ZOO)})"
-            ) from None
+            ) from exc
         where = "local folder" if local else "hub id"
-        raise SinkquantError(f"could not load model {spec!r} as a {where}: {_first_line(exc)}") from None
+        raise SinkquantError(f"could not load model {spec!r} as a {where}: {_first_line(exc)}") from exc
     except ValueError as exc:
-        raise SinkquantError(f"could not load model {spec!r}: {_first_line(exc)}") from None
+        raise SinkquantError(f"could not load model {spec!r}: {_first_line(exc)}") from exc
     return model, tokenizer
 
 

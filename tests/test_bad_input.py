@@ -8,6 +8,7 @@ import importlib.util
 import json
 import logging
 import os
+import re
 import shutil
 import stat
 import subprocess
@@ -167,6 +168,15 @@ def test_bad_data_file(name, content, message, tmp_path, capsys) -> None:
     assert "An error occurred while generating the dataset" not in err
 
 
+def test_profile_ctx_zero_is_one_line(tmp_path, capsys, wikitext_path) -> None:
+    """Profiling plans its own windows; ctx 0 used to be a ZeroDivisionError in TokenStream.n_windows."""
+    out = tmp_path / "profile"
+    err = one_line_error(main(["profile", "--quiet", "--data", str(wikitext_path), "--ctx", "0", "--out", str(out)]),
+                         capsys)
+    assert "ctx=0 is too small; it must be at least 2 tokens" in err
+    assert left_behind(out) == []
+
+
 # --- recipes and baselines (read_structured) ----------------------------------------------------------------------
 
 
@@ -297,6 +307,20 @@ def test_output_file_place_is_checked(case, message, tmp_path) -> None:
     else:
         with pytest.raises(SinkquantError, match=message):
             check_output_file(out)
+
+
+@pytest.mark.parametrize(("case", "message"), [
+    ("under-file", "Not a directory"),
+    ("read-only", "(No such file or directory|Permission denied|Read-only file system)"),
+])
+def test_atomic_write_failure_is_one_error(case, message, tmp_path) -> None:
+    """The backstop when a caller did not check its output place first: an error line, no temp file left."""
+    out = out_case(tmp_path, case)
+    if case == "under-file":
+        out = out / "eval.json"  # notes.txt/report/eval.json
+    with pytest.raises(SinkquantError, match=rf"^cannot write {re.escape(str(out))}: {message}"):
+        atomic_write_json(out, {"ppl": 1.0})
+    assert left_behind(out) == []
 
 
 @pytest.mark.parametrize("out", [".", "..", "sub/.."])
