@@ -178,12 +178,16 @@ def read_structured(path: str | os.PathLike, what: str) -> Any:
     return data
 
 
-def read_manifest(folder: str | os.PathLike, name: str, missing_hint: str) -> Any:
-    """The JSON file `name` that marks `folder` as written by sinkquant; its absence says what to do instead."""
+def read_manifest(folder: str | os.PathLike, name: str, missing_hint: str) -> dict[str, Any]:
+    """The JSON object `name` that marks `folder` as written by sinkquant; its absence says what to do instead."""
     path = Path(folder) / name
     if not path.is_file():
         raise SinkquantError(f"{folder} has no {name}; {missing_hint}")
-    return read_structured(path, name)
+    manifest = read_structured(path, name)
+    if not isinstance(manifest, dict):
+        raise SinkquantError(f"{path} holds a JSON {type(manifest).__name__}; a sinkquant manifest is a JSON object "
+                             "(the folder was edited or damaged; write it again)")
+    return manifest
 
 
 def _stale_siblings(target: Path) -> list[Path]:

@@ -139,7 +139,14 @@ def _cache_problem(folder: Path) -> str | None:
 def empty_model(folder: str | os.PathLike) -> PreTrainedModel:
     """The architecture saved in `folder`'s config.json, fp32, randomly initialised: the skeleton that a
     quantized state dict is loaded into."""
-    config = AutoConfig.from_pretrained(folder)
+    if not (Path(folder) / "config.json").is_file():
+        raise SinkquantError(f"{folder} has no config.json, which holds the model's architecture; the folder is "
+                             "incomplete: write it again")
+    try:
+        config = AutoConfig.from_pretrained(folder)
+    except (OSError, ValueError) as exc:  # transformers raises either for a damaged config.json
+        raise SinkquantError(f"{Path(folder) / 'config.json'} is not a readable model config: {_first_line(exc)}") \
+            from exc
     return AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
 
 

@@ -26,13 +26,14 @@ from sinkquant.artifacts import (
     check_output_file,
     code_sha256,
     file_digests,
+    read_manifest,
     read_structured,
     verify_digests,
 )
 from sinkquant.cli import main
 from sinkquant.compare import compare
 from sinkquant.errors import SinkquantError
-from sinkquant.models import _cache_problem, cache_root, is_artifact, load_model
+from sinkquant.models import _cache_problem, cache_root, empty_model, is_artifact, load_model
 from tests.tiny import tiny_config
 
 REPO = Path(__file__).resolve().parent.parent
@@ -384,6 +385,30 @@ def test_digests_name_the_missing_or_changed_file(tmp_path) -> None:
             verify_digests(tmp_path, tampered, "artifact")
     with pytest.raises(SinkquantError, match="is outside"):
         verify_digests(tmp_path, {"../recipe.yaml": digests["recipe.yaml"]}, "artifact")
+
+
+@pytest.mark.parametrize(("manifest", "message"), [
+    ("[1, 2]", "holds a JSON list; a sinkquant manifest is a JSON object"),
+    ('"w8a8"', "holds a JSON str"),
+    ("{", "is not valid JSON"),
+])
+def test_tampered_manifest_is_one_error(manifest, message, tmp_path) -> None:
+    (tmp_path / "sinkquant.json").write_text(manifest)
+    with pytest.raises(SinkquantError, match=message):
+        read_manifest(tmp_path, "sinkquant.json", "not an artifact")
+
+
+@pytest.mark.parametrize(("config", "message"), [
+    (None, "has no config.json, which holds the model's architecture"),
+    ("{", "is not a readable model config"),
+    ('{"model_type": "no-such-architecture"}', "is not a readable model config"),
+])
+def test_damaged_config_is_one_error(config, message, tmp_path) -> None:
+    """An artifact's skeleton comes from its config.json (the tampered-artifact cases without one)."""
+    if config is not None:
+        (tmp_path / "config.json").write_text(config)
+    with pytest.raises(SinkquantError, match=message):
+        empty_model(tmp_path)
 
 
 # --- compare cache ------------------------------------------------------------------------------------------------
