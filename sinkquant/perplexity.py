@@ -106,6 +106,8 @@ def evaluate(
     conditions the model, so every BOS policy and recipe scores exactly the same tokens.
 
     `model` overrides `loaded.model` (e.g. a quantized copy); tokenizer and provenance come from `loaded`."""
+    if batch_size < 1:
+        raise SinkquantError(f"batch_size={batch_size} is not valid; valid: 1 or more windows per forward pass")
     model = model if model is not None else loaded.model
     add_bos = resolve_bos(bos, loaded)
     if prefix is not None and add_bos and (not prefix.ids or prefix.ids[0] != loaded.bos_id):

@@ -16,14 +16,16 @@ from transformers import AutoTokenizer, DynamicCache
 
 from sinkquant.adapters import adapter_for, normalize
 from sinkquant.artifacts import (
+    ARTIFACT_MANIFEST,
     atomic_dir,
     atomic_write_json,
     atomic_write_text,
+    file_digests,
     library_versions,
     read_manifest,
     sha256_bytes,
-    sha256_file,
     to_json,
+    verify_digests,
 )
 from sinkquant.engine.apply import QuantizedModel, quantize_structure
 from sinkquant.engine.backends import BACKENDS
@@ -36,7 +38,7 @@ from sinkquant.quant.scheme import KeepPolicy
 from sinkquant.recipes.schema import parse_recipe
 
 FORMAT_VERSION = 2
-META = "sinkquant.json"
+META = ARTIFACT_MANIFEST
 WEIGHTS = "model.safetensors"
 PREFIX = "prefix.safetensors"
 RECIPE = "recipe.yaml"
@@ -112,7 +114,7 @@ def _write_manifest(tmp: Path, quantized: QuantizedModel, extra: dict[str, Any] 
         "model": {"spec": base.spec, **base.source, "adapter": base.adapter.name},
         "recipe": resolved,
         "recipe_sha256": sha256_bytes(to_json(resolved).encode()),
-        "files": {name: sha256_file(tmp / name) for name in files},
+        "files": file_digests(tmp, [*files, RECIPE]),
         "record": quantized.record,
         "versions": library_versions(),
         **(extra or {}),
@@ -132,13 +134,7 @@ def _verify(folder: Path, meta: dict[str, Any], meta_path: Path) -> None:
     if meta.get("recipe_sha256") != recipe_digest:
         raise SinkquantError(f"{meta_path}: the recipe does not match its recorded sha256; the manifest was edited "
                              "(pass verify=False / --no-verify only if you know why)")
-    for name, digest in _field(meta, "files", dict, meta_path).items():
-        path = folder / name
-        if not path.is_file():
-            raise SinkquantError(f"{path} is missing; the artifact is incomplete")
-        if sha256_file(path) != digest:
-            raise SinkquantError(f"{path} does not match the sha256 recorded in {META}; the file is damaged "
-                                 "(pass verify=False / --no-verify only if you know why)")
+    verify_digests(folder, _field(meta, "files", dict, meta_path), str(folder))
 
 
 def _restore_weights(model: torch.nn.Module, session: Session, tensors: dict[str, torch.Tensor]) -> None:
@@ -179,8 +175,6 @@ def load(folder: str | Path, verify: bool = True) -> QuantizedModel:
     folder = Path(folder)
     meta_path = folder / META
     meta = read_manifest(folder, META, "it is not a sinkquant artifact; write one with `sinkquant quantize`")
-    if not isinstance(meta, dict):
-        raise SinkquantError(f"{meta_path}: the manifest must be a JSON object; the artifact is damaged")
     if meta.get("format_version") != FORMAT_VERSION:
         raise SinkquantError(f"{meta_path}: format_version {meta.get('format_version')!r}; this sinkquant reads "
                              f"{FORMAT_VERSION} (re-create the artifact with `sinkquant quantize`)")
