@@ -153,7 +153,10 @@ def calibrate_sequential(session: Session) -> dict[str, Any]:
         for module in observed:
             module.start_calibration()
         try:
-            hidden = run()
+            with contextlib.ExitStack() as stack:
+                for module in quantized.values():
+                    stack.enter_context(module.holding(hidden[0].dtype if hidden else torch.float32))
+                hidden = run()
         except BaseException:
             for module in observed:
                 module.observer = None

@@ -40,7 +40,9 @@ class QuantizedWeight:
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The weight the simulator multiplies with; bit-exact with `quantize_dequantize` on the same grid."""
         q = self.qweight.to(torch.float32)
-        return ((q - self._expand(self.zero_point)) * self._expand(self.scale)).to(dtype)
+        if not self.symmetric:  # symmetric grids have zero points of 0: skip a pass over the weight
+            q = q - self._expand(self.zero_point)
+        return (q * self._expand(self.scale)).to(dtype)
 
     def packed(self) -> torch.Tensor:
         """int4 values two per byte (low nibble first, offset to 0..15) for storage; int8 as is."""

@@ -4,8 +4,9 @@ during calibration. What is saved is the integers and the scales; the floating-p
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
@@ -55,6 +56,7 @@ class QuantLinear(nn.Module):
         self.activations = activations
         self.keep = keep
         self.observer: Observer | None = None
+        self.held: torch.Tensor | None = None  # a dequantized weight held while the pipeline runs this layer
         self.weight: nn.Parameter | None = nn.Parameter(linear.weight.detach(), requires_grad=False)
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach(), requires_grad=False)
         for name in ("weight_int", "weight_scale", "weight_zero_point", "act_scale", "act_zero_point"):
@@ -83,7 +85,18 @@ class QuantLinear(nn.Module):
         """The weight the simulator multiplies with: the dequantized integers, or the fp weight before that."""
         if self.weight_int is None:
             return self.weight.to(dtype)
+        if self.held is not None and self.held.dtype == dtype:
+            return self.held
         return self.qweight.dequantize(dtype)
+
+    @contextlib.contextmanager
+    def holding(self, dtype: torch.dtype) -> Iterator[None]:
+        """Dequantize once for a block that runs this layer many times (one layer's weights, transiently)."""
+        self.held = self.qweight.dequantize(dtype) if self.weight_int is not None else None
+        try:
+            yield
+        finally:
+            self.held = None
 
     def start_calibration(self) -> None:
         spec = self.activations
