@@ -1,17 +1,17 @@
 """The native backend: a Linear that stores integer weights (int8; int4 packed two per byte) and runs CPU
 integer kernels, computing the same numbers as the simulator up to float rounding.
 
-Kernels (chosen by eval/bench_kernels.py on SmolLM2's Linear shapes):
-- activations quantized, weights int8/int4 per tensor or per row: activations rounded onto their int8 grid
-  (static calibrated scale, or a dynamic one per token / per tensor), `torch._int_mm` (int8 x int8 -> int32,
-  oneDNN on CPU); zero points are corrected exactly in int32 with the weight's column sums and the
-  activation's row sums, then one float multiply by the two scales.
-- weight-only (W8A16, exceptions, kept rows): `aten._weight_int8pack_mm` for int8 per-row weights,
-  `aten._weight_int4pack_mm_for_cpu` for int4 with group scales (32/64/128/256 dividing the input width;
-  an asymmetric zero point becomes the kernel's additive zero), else the weight is dequantized for that
-  call only.
-- group-wise weights with quantized activations have no integer GEMM here: the activations are rounded onto
-  their grid in float and fed to the weight-only kernel (same numbers, no int8 activation GEMM).
+Kernels (measured by eval/bench_kernels.py on SmolLM2's Linear shapes), all integer where the grid allows:
+- quantized activations, weights per tensor or per row (int8, or int4 unpacked to int8 at load): activations
+  rounded onto their grid (static calibrated scale, or a dynamic one per token / per tensor), then
+  `torch._int_mm` (int8 x int8 -> int32, oneDNN on CPU). Zero points are corrected exactly in int32 with the
+  weight's column sums and the activation's row sums, then one float multiply by the two scales.
+- float activations (W8A16, exception layers, kept rows) against a per-row weight: the activations are split
+  into three int8 limbs (24 bits, float32's mantissa) and go through the same `torch._int_mm`. torch's own
+  weight-only kernels (`aten._weight_int8pack_mm`, `aten._weight_int4pack_mm_for_cpu`) were measured 30-70x
+  slower than fp32 F.linear with fp32 activations on this CPU build, so they are not used.
+- group-wise weights (W4A16 group 64): no integer kernel here; the weight is dequantized for each call only
+  (activations, when quantized, are rounded onto their grid in float first: same numbers, no int8 GEMM).
 
 Kept positions (sink tokens, prefix positions) skip activation quantization: their rows go through the
 weight-only path, exactly as the simulator's `torch.where(keep, x, fake_quant(x))` does."""
@@ -25,11 +25,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from sinkquant.errors import SinkquantError
-from sinkquant.quant.primitives import qrange, scale_zero_point
+from sinkquant.quant.primitives import MIN_SCALE, qrange, scale_zero_point
 from sinkquant.quant.qweight import QuantizedWeight
 
 ACTIVATION_MODES = ("static", "dynamic-token", "dynamic-tensor")
-INT4_KERNEL_GROUPS = (32, 64, 128, 256)
+# Float activations against an int8 weight: three int8 limbs, each the rounding residual of the one before,
+# carry 24 bits (float32's mantissa), so weight-only layers and kept rows still run integer GEMMs.
+LIMBS = 3
 # Offset that maps an unsigned 8-bit grid onto int8, which is what the int8 GEMM takes.
 UINT8_SHIFT = 128
 
@@ -38,18 +40,6 @@ class Keep(Protocol):
     """What the module needs from the keep state shared by every layer (sinkquant.quant.keep.KeepState)."""
 
     def mask_for(self, x: torch.Tensor) -> torch.Tensor | None: ...
-
-
-def _int4_kernel_group(qweight: QuantizedWeight) -> int | None:
-    """Group size the int4 CPU kernel runs this weight with (a per-row weight repeats its scale per group)."""
-    if qweight.bits > 4:
-        return None
-    in_features = qweight.shape[1]
-    if qweight.granularity == "group":
-        group = qweight.group_size
-        return group if group in INT4_KERNEL_GROUPS and in_features % group == 0 else None
-    fitting = [g for g in INT4_KERNEL_GROUPS if in_features % g == 0]
-    return fitting[-1] if fitting else None
 
 
 class NativeLinear(nn.Module):
@@ -84,9 +74,8 @@ class NativeLinear(nn.Module):
         static = self.act_mode == "static"
         self.register_buffer("act_scale", act_scale.detach().float().clone() if static else None)
         self.register_buffer("act_zero_point", act_zero_point.detach().float().clone() if static else None)
-        for name in ("_w_int8", "_w_colsum", "_w_rowscale", "_w_zero", "_int4_pack", "_int4_scale_zero"):
+        for name in ("_w_int8", "_w_colsum", "_w_rowscale", "_w_zero"):
             self.register_buffer(name, None, persistent=False)
-        self._int4_group: int | None = None
         self.register_load_state_dict_post_hook(lambda module, _keys: module.prepare())
         self.prepare()
 
@@ -114,9 +103,8 @@ class NativeLinear(nn.Module):
     def prepare(self) -> None:
         """Derive the kernel layouts from the stored integers."""
         qweight = self.quantized_weight()
-        per_row = self.granularity != "group"
         out_features = self.out_features
-        if per_row and (self.act_mode is not None or self.bits > 4):
+        if self.granularity != "group":
             # int8 values for the GEMMs; a symmetric int8 weight is used as stored (no copy).
             values = qweight.qweight
             if not self.symmetric:
@@ -126,23 +114,6 @@ class NativeLinear(nn.Module):
             self._w_rowscale = self.weight_scale.expand(out_features, 1).reshape(out_features).contiguous()
             zero = self.weight_zero_point.expand(out_features, 1).reshape(out_features)
             self._w_zero = None if self.symmetric else (zero - UINT8_SHIFT).round().to(torch.int32)
-        self._int4_group = _int4_kernel_group(qweight)
-        if self._int4_group is not None:
-            group = self._int4_group
-            offset = 0 if not self.symmetric else 2 ** (self.bits - 1)
-            nibbles = (qweight.qweight.to(torch.int32) + offset).contiguous()
-            self._int4_pack = torch.ops.aten._convert_weight_to_int4pack_for_cpu(nibbles, 1)
-            groups = self.in_features // group
-            if per_row:
-                scale = self.weight_scale.expand(out_features, 1).expand(out_features, groups)
-                zero_point = self.weight_zero_point.expand(out_features, 1).expand(out_features, groups)
-            else:
-                reps = groups // self.weight_scale.shape[1]
-                scale = self.weight_scale.repeat_interleave(reps, dim=1)
-                zero_point = self.weight_zero_point.repeat_interleave(reps, dim=1)
-            # the kernel computes (nibble - 8) * scale + zero; ours is (nibble - offset - zero_point) * scale
-            additive = (8 - offset - zero_point) * scale
-            self._int4_scale_zero = torch.stack([scale.t(), additive.t()], dim=-1).contiguous()
 
     def kernel(self) -> str:
         """Which kernel serves the quantized-activation rows (for reports)."""
@@ -153,23 +124,26 @@ class NativeLinear(nn.Module):
         return f"activations rounded in float + {self.weight_only_kernel()}"
 
     def weight_only_kernel(self) -> str:
-        if self._int4_group is not None:
-            return f"int4 packed (aten._weight_int4pack_mm_for_cpu, group {self._int4_group})"
         if self._w_int8 is not None:
-            return "int8 weight-only (aten._weight_int8pack_mm)"
-        return "dequantized per call"
+            return f"int8 GEMM on {LIMBS} int8 limbs of the float activations (torch._int_mm)"
+        return "weight dequantized per call (F.linear)"
 
     def _weight_only(self, x: torch.Tensor) -> torch.Tensor:
         """x [rows, in] in float -> [rows, out] with the integer weight and unquantized activations."""
-        if self._int4_group is not None:
-            return torch.ops.aten._weight_int4pack_mm_for_cpu(
-                x, self._int4_pack, self._int4_group, self._int4_scale_zero.to(x.dtype))
-        if self._w_int8 is not None:
-            out = torch.ops.aten._weight_int8pack_mm(x, self._w_int8, self._w_rowscale.to(x.dtype))
-            if self._w_zero is not None:
-                out = out - x.sum(dim=1, keepdim=True) * (self._w_zero * self._w_rowscale).to(x.dtype)
-            return out
-        return F.linear(x, self.quantized_weight().dequantize(x.dtype))
+        if self._w_int8 is None:
+            return F.linear(x, self.quantized_weight().dequantize(x.dtype))
+        out = torch.zeros(x.shape[0], self.out_features, dtype=x.dtype, device=x.device)
+        residual = x
+        scale = x.abs().amax(dim=1, keepdim=True).clamp(min=MIN_SCALE) / 127
+        for _ in range(LIMBS):
+            q = torch.round(residual / scale).clamp_(-127, 127)
+            out += torch._int_mm(q.to(torch.int8), self._w_int8.t()) * scale
+            residual = residual - q * scale
+            scale = scale / 254  # the residual is at most half a step: it fills the next limb's [-127, 127]
+        out *= self._w_rowscale.to(x.dtype)
+        if self._w_zero is not None:
+            out -= x.sum(dim=1, keepdim=True) * (self._w_zero * self._w_rowscale).to(x.dtype)
+        return out
 
     def _act_grid(self, x: torch.Tensor, keep: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """Scale and zero point of the activation grid, the simulator's rule for each mode."""
@@ -185,19 +159,19 @@ class NativeLinear(nn.Module):
         """x [rows, in] -> [rows, out] with quantized activations."""
         scale, zero_point = self._act_grid(x, keep)
         qmin, qmax = qrange(self.act_bits, self.act_symmetric)
-        q = torch.clamp(torch.round(x / scale) + zero_point, qmin, qmax)
+        q = torch.div(x, scale).round_().add_(zero_point).clamp_(qmin, qmax)  # the simulator's rounding, in place
         if self._w_int8 is None:
             return self._weight_only((q - zero_point) * scale)
         shift = 0 if self.act_symmetric else UINT8_SHIFT
-        q_int8 = (q - shift).to(torch.int8)
+        q_int8 = (q.sub_(shift) if shift else q).to(torch.int8)
         acc = torch._int_mm(q_int8, self._w_int8.t())
         act_zero = zero_point.round().to(torch.int32) - shift  # [] or [rows, 1]
         if not self.act_symmetric:
-            acc = acc - act_zero * self._w_colsum
+            acc -= act_zero * self._w_colsum
         if self._w_zero is not None:
             rowsum = q_int8.to(torch.int32).sum(dim=1, keepdim=True)
-            acc = acc - rowsum * self._w_zero + self.in_features * act_zero * self._w_zero
-        return acc.to(x.dtype) * (scale.to(x.dtype) * self._w_rowscale.to(x.dtype))
+            acc -= rowsum * self._w_zero - self.in_features * act_zero * self._w_zero
+        return acc * (scale.to(x.dtype) * self._w_rowscale.to(x.dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)
@@ -211,7 +185,7 @@ class NativeLinear(nn.Module):
                 kept = flat_keep.nonzero().squeeze(1)
                 out = out.index_copy(0, kept, self._weight_only(rows.index_select(0, kept)))
         if self.bias is not None:
-            out = out + self.bias.to(out.dtype)
+            out += self.bias.to(out.dtype)
         return out.reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
