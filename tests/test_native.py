@@ -102,6 +102,19 @@ def test_state_dict_stores_integers_and_round_trips() -> None:
         assert torch.equal(restored.quantized_weight().qweight, qweight.qweight)
 
 
+def test_bad_state_dict_names_the_tensor() -> None:
+    native = NativeLinear(quantize_rtn(torch.randn(64, 128), 4, "group", 64))
+    state = native.state_dict()
+    with pytest.raises(SinkquantError, match=r"tensor 0\.weight_scale is missing"):
+        torch.nn.Sequential(native).load_state_dict({"0.qweight": state["qweight"]})
+    bad = {**state, "qweight": state["qweight"].to(torch.int8)}
+    with pytest.raises(SinkquantError, match=r"tensor qweight is torch.int8 \(64, 64\), expected torch.uint8"):
+        native.load_state_dict(bad)
+    wider = {**state, "weight_scale": torch.ones(64, 4)}
+    with pytest.raises(SinkquantError, match=r"tensor weight_scale is .* \(64, 4\), expected .* \(64, 2\)"):
+        native.load_state_dict(wider)
+
+
 def test_from_quant_linear_and_bad_input() -> None:
     weight = torch.randn(32, 64)
     qweight = quantize_rtn(weight, 8, "channel")
