@@ -76,6 +76,25 @@ def build(variant: str, loaded, calib: list[torch.Tensor]) -> tuple[torch.nn.Mod
         return model, prefix, folder_bytes(Path(tmp))
 
 
+def tensor_bytes(tensor: torch.Tensor, seen: set[int]) -> int:
+    """Bytes behind a tensor, unwrapping tensor subclasses (torchao, quanto) into their inner tensors; shared
+    storages (tied embeddings) count once."""
+    if hasattr(tensor, "__tensor_flatten__") and type(tensor) not in (torch.Tensor, torch.nn.Parameter):
+        names, _ = tensor.__tensor_flatten__()
+        return sum(tensor_bytes(getattr(tensor, name), seen) for name in names)
+    storage = tensor.untyped_storage()
+    if storage.data_ptr() in seen:
+        return 0
+    seen.add(storage.data_ptr())
+    return storage.nbytes()
+
+
+def weight_bytes(model: torch.nn.Module) -> int:
+    """What the model's weights occupy in memory (parameters and buffers, kernel layouts included)."""
+    seen: set[int] = set()
+    return sum(tensor_bytes(t, seen) for t in [*model.parameters(), *model.buffers()])
+
+
 def cache_for(prefix: Prefix | None) -> DynamicCache | None:
     return None if prefix is None else prefix.cache_for_batch(1)
 
@@ -112,7 +131,7 @@ def child(args) -> None:
     build_seconds = time.perf_counter() - start
     window = stream.windows(args.ctx, [plan.eval_windows[0]])
     result = measure(model.eval(), prefix, window, args.new_tokens, args.repeats)
-    result.update(artifact_bytes=artifact, build_seconds=build_seconds,
+    result.update(artifact_bytes=artifact, build_seconds=build_seconds, weight_bytes=weight_bytes(model),
                   peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
                   prefix_ids=prefix.ids if prefix else [], data_sha256=stream.text_sha256,
                   eval_window=plan.eval_windows[0], calib_windows=list(plan.calib_windows))
@@ -169,19 +188,21 @@ def main() -> None:
         print(variant, rows[variant])
     measured = {n: r for n, r in rows.items() if "error" not in r}
     fp32 = measured.get("fp32")
-    lines = ["| variant | prefill tok/s | vs fp32 | decode tok/s | vs fp32 | peak RSS MiB | artifact MB |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| variant | prefill tok/s | vs fp32 | decode tok/s | vs fp32 | peak RSS MiB | weights in memory MB | "
+             "artifact MB |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for name, row in rows.items():
         if "error" in row:
-            lines.append(f"| {name} | failed: {row['error']} | | | | | |")
+            lines.append(f"| {name} | failed: {row['error']} | | | | | | |")
             continue
         lines.append(f"| {name} | {row['prefill_tokens_per_s']:.1f} | {vs_fp32(row, fp32, 'prefill_tokens_per_s')} | "
                      f"{row['decode_tokens_per_s']:.1f} | {vs_fp32(row, fp32, 'decode_tokens_per_s')} | "
-                     f"{row['peak_rss_bytes'] / 2**20:.0f} | {row['artifact_bytes'] / 1e6:.1f} |")
+                     f"{row['peak_rss_bytes'] / 2**20:.0f} | {row['weight_bytes'] / 1e6:.1f} | "
+                     f"{row['artifact_bytes'] / 1e6:.1f} |")
     body = "\n".join(lines) + (
         f"\n\nctx {args.ctx}, batch 1, decode {args.new_tokens} tokens after the ctx-token prompt, median of "
         f"{args.repeats}; each variant in its own process. Native models: RTN weights + absmax static scales on "
-        f"{args.calib_windows} calibration windows (no smoothing, no exceptions).")
+        f"{args.calib_windows} calibration windows (no smoothing, no exceptions). Peak RSS includes the fp32 model "
+        "every quantized variant is built from in the same process; 'weights in memory' is the model alone.")
     if measured:
         plot(measured, args.out)
     write_result(args.out, "Runtime of real quantized models (CPU)", body,
