@@ -21,8 +21,6 @@ from sinkquant.perplexity import Prefix, build_prefix, evaluate
 from sinkquant.quant.scheme import ActivationSpec, KeepPolicy, QuantScheme, WeightSpec
 from sinkquant.quant.simulate import quantize_model
 
-pytest.importorskip("compressed_tensors")
-
 
 def _native(smollm2, scheme: QuantScheme, calib) -> torch.nn.Module:
     model = copy.deepcopy(smollm2.model)

@@ -102,3 +102,45 @@ def test_bad_input_is_refused(smollm2, tiny_llama) -> None:
     tiny_prefix = build_prefix(tiny_llama.model, [1])
     with pytest.raises(SinkquantError, match="prefix KV has 2 layers"):
         Int8KVCache(smollm2.model.config, SPEC, prefix=tiny_prefix)
+
+
+@pytest.mark.parametrize("mode", ["static", "dynamic-token"])
+def test_native_w8a8_int8_kv_and_prefix_like_the_simulator(smollm2, wikitext_stream, eval_and_calib, mode) -> None:
+    """Everything real at once: integer Linear layers, int8 KV, BOS as an fp prefix, then generate. Every layer
+    is exact to float rounding (tests/test_native.py), but a rounded activation within float rounding of a grid
+    boundary may land one level apart and the model amplifies it: the logits must agree within the
+    simulator's own float32-vs-float64 spread (twice it, plus 1e-3)."""
+    from sinkquant.backends.native import native_from_simulated
+    from sinkquant.quant.scheme import ActivationSpec, QuantScheme, WeightSpec
+    from sinkquant.quant.simulate import quantize_model
+
+    _, calib, _ = eval_and_calib(128, 2, 1)
+    prefix = build_prefix(smollm2.model, [smollm2.bos_id])
+    batches = [{"input_ids": c, "past_key_values": prefix.cache_for_batch(1), "use_cache": True} for c in calib]
+    scheme = QuantScheme(weights=WeightSpec(8, "channel"), activations=ActivationSpec(8, mode), kv=SPEC,
+                         keep=KeepPolicy(positions=(0,)))
+    sim = copy.deepcopy(smollm2.model)
+    quantize_model(sim, adapter_for(sim), scheme, batches)
+    native = copy.deepcopy(sim)
+    native_from_simulated(native, smollm2.model)
+    native.set_attn_implementation("sdpa")  # the int8 cache now holds the quantized KV, not the attention
+    ids = wikitext_stream.ids[:32][None]
+
+    def relative(a: torch.Tensor, b: torch.Tensor) -> float:
+        return float((a.float() - b).abs().max() / b.abs().max())
+
+    with torch.no_grad():
+        expected = sim(input_ids=ids, past_key_values=prefix.cache_for_batch(1), use_cache=True).logits
+        spread = relative(copy.deepcopy(sim).double()(input_ids=ids, past_key_values=prefix.cache_for_batch(1),
+                                                      use_cache=True).logits, expected)
+        cache = Int8KVCache(native.config, SPEC, native._sinkquant_keep, prefix)
+        got = native(input_ids=ids, past_key_values=cache, use_cache=True).logits
+    assert relative(got, expected) < 2 * spread + 1e-3, (relative(got, expected), spread)
+    assert cache.layers[0].stored["q_keys"].dtype == torch.uint8
+    prompt = smollm2.tokenizer("The capital of France is", return_tensors="pt").input_ids
+    full = torch.cat([torch.tensor([prefix.ids]), prompt], dim=1)
+    with torch.no_grad():
+        cache = Int8KVCache(native.config, SPEC, native._sinkquant_keep, prefix)
+        out = native.generate(full, past_key_values=cache, max_new_tokens=8, min_new_tokens=8, do_sample=False)
+    assert out.shape == (1, full.shape[1] + 8) and torch.equal(out[:, : full.shape[1]], full)
+    assert cache.get_seq_length() == full.shape[1] + 7
