@@ -1,0 +1,211 @@
+"""Export a native-backend model to the compressed-tensors layout that llm-compressor writes and vLLM loads.
+
+The layout is produced by the `compressed-tensors` package itself (the path llm-compressor's save takes:
+`apply_quantization_config`, then `ModelCompressor.compress_model`, `save_pretrained` and `update_config`), fed
+with sinkquant's own integer grids: each quantized Linear's weight is the dequantized QuantizedWeight (which the
+compressor rounds back to the same integers), `weight_scale` / `weight_zero_point` and `input_scale` /
+`input_zero_point` are sinkquant's. Layers left in floating point (and lm_head) are `ignore`d; exception layers
+of a W8A8 model (weight-only) become a second, weight-only config group.
+
+The fp prefix KV has no place in the format: it is written beside the model as `prefix_kv.safetensors`
+(`layers.{i}.keys` / `layers.{i}.values`, [1, kv_heads, prefix_len, head_dim]) with its token ids in
+`prefix.json`; `load_prefix_cache` turns it back into a transformers DynamicCache to pass as `past_key_values`,
+with the prefix ids in front of the prompt (generate) or only the tokens after it (a plain forward)."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import DynamicCache
+
+from sinkquant.artifacts import atomic_dir, atomic_write_json, library_versions, sha256_file
+from sinkquant.backends.native import NativeLinear
+from sinkquant.errors import SinkquantError
+from sinkquant.perplexity import Prefix
+
+PREFIX_KV = "prefix_kv.safetensors"
+PREFIX_META = "prefix.json"
+MANIFEST = "sinkquant_export.json"
+# compressed-tensors stores 8-bit grids as signed int8; sinkquant's asymmetric grid is uint8 [0, 255].
+UINT8_SHIFT = 128
+
+
+def _weight_args(layer: NativeLinear) -> dict[str, Any]:
+    strategy = {"tensor": "tensor", "channel": "channel", "group": "group"}[layer.granularity]
+    args: dict[str, Any] = {"num_bits": layer.bits, "type": "int", "symmetric": layer.symmetric,
+                            "strategy": strategy, "dynamic": False}
+    if layer.granularity == "group":
+        args["group_size"] = layer.group_size
+    return args
+
+
+def _input_args(layer: NativeLinear) -> dict[str, Any] | None:
+    if layer.act_mode is None:
+        return None
+    strategy, dynamic = ("tensor", False) if layer.act_mode == "static" else ("token", True)
+    return {"num_bits": layer.act_bits, "type": "int", "symmetric": layer.act_symmetric, "strategy": strategy,
+            "dynamic": dynamic}
+
+
+def _check_expressible(name: str, layer: NativeLinear, prefix_length: int) -> None:
+    """Refuse what compressed-tensors (and vLLM's int kernels) cannot express, naming the part and why."""
+    if layer.act_mode == "dynamic-tensor":
+        raise SinkquantError(f"{name}: activations.mode='dynamic-tensor' cannot be exported to compressed-tensors "
+                             "(vLLM's int8 kernels take static per-tensor or dynamic per-token activation scales)")
+    if layer.act_mode is not None and (layer.act_bits != 8 or layer.bits != 8):
+        raise SinkquantError(f"{name}: W{layer.bits}A{layer.act_bits} cannot be exported to compressed-tensors "
+                             "(valid: W8A8 int8, W8A16, W4A16 group)")
+    if layer.act_mode is not None and (not layer.symmetric or layer.granularity == "group"):
+        raise SinkquantError(f"{name}: W8A8 with {'asymmetric' if not layer.symmetric else 'group-wise'} weights "
+                             "cannot be exported (vLLM's int8 W8A8 kernels take symmetric per-tensor or per-channel "
+                             "weights)")
+    if layer.act_mode is None and layer.bits not in (4, 8):
+        raise SinkquantError(f"{name}: {layer.bits}-bit weights cannot be exported (valid: 4 or 8 bits)")
+    if layer.act_mode is None and not layer.symmetric:
+        raise SinkquantError(f"{name}: asymmetric weight-only weights cannot be exported: pack-quantized packs their "
+                             "zero points along the output rows, which transformers 5 + compressed-tensors 0.20 then "
+                             "refuse to load (size mismatch); quantize weight-only layers symmetric")
+    policy = getattr(layer.keep, "policy", None)
+    if layer.act_mode is not None and policy is not None:
+        outside = [p for p in policy.positions if p >= prefix_length]
+        if outside or policy.token_ids:
+            raise SinkquantError(
+                f"{name}: keep (positions {outside or list(policy.positions)}, token ids {list(policy.token_ids)}) "
+                "cannot be exported: compressed-tensors has no per-token full precision; only positions inside "
+                f"the fp prefix ({prefix_length} tokens, written beside the model) are expressible")
+
+
+def _quantization_config(layers: dict[str, NativeLinear], ignore: list[str]):
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme
+
+    groups: dict[str, list[str]] = defaultdict(list)
+    schemes: dict[str, tuple[dict, dict | None]] = {}
+    for name, layer in layers.items():
+        weights, inputs = _weight_args(layer), _input_args(layer)
+        key = json.dumps([weights, inputs], sort_keys=True)
+        schemes[key] = (weights, inputs)
+        groups[key].append(name)
+    config_groups = {}
+    for index, (key, names) in enumerate(groups.items()):
+        weights, inputs = schemes[key]
+        config_groups[f"group_{index}"] = QuantizationScheme(
+            targets=[f"re:^{n.replace('.', '[.]')}$" for n in names],
+            weights=QuantizationArgs(**weights),
+            input_activations=None if inputs is None else QuantizationArgs(**inputs))
+    return QuantizationConfig(config_groups=config_groups, ignore=ignore)
+
+
+@torch.no_grad()
+def _fill_parameters(module: nn.Module, layer: NativeLinear) -> None:
+    """Put sinkquant's grids into the parameters compressed-tensors initialised on `module`."""
+    weight_scale = module.weight_scale
+    weight_scale.data.copy_(layer.weight_scale.reshape(weight_scale.shape))
+    shift = 0 if layer.symmetric else UINT8_SHIFT if layer.bits == 8 else 2 ** (layer.bits - 1)
+    if hasattr(module, "weight_zero_point"):
+        zero = (layer.weight_zero_point - shift).round().reshape(module.weight_zero_point.shape)
+        module.weight_zero_point.data.copy_(zero.to(module.weight_zero_point.dtype))
+    if layer.act_mode == "static":
+        module.input_scale.data.copy_(layer.act_scale.reshape(module.input_scale.shape))
+        if hasattr(module, "input_zero_point"):
+            zero = layer.act_zero_point - (0 if layer.act_symmetric else UINT8_SHIFT)
+            module.input_zero_point.data.copy_(zero.round().reshape(module.input_zero_point.shape)
+                                               .to(module.input_zero_point.dtype))
+
+
+def export_compressed_tensors(
+    model: nn.Module, tokenizer: Any, out: str | os.PathLike, prefix: Prefix | None = None,
+    overwrite: bool = False, provenance: dict[str, Any] | None = None,
+) -> Path:
+    """Write `model` (its quantized layers NativeLinear) as a compressed-tensors folder, atomically."""
+    from compressed_tensors.compressors import ModelCompressor
+    from compressed_tensors.quantization import apply_quantization_config
+
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, NativeLinear)}
+    if not layers:
+        raise SinkquantError("model has no native quantized layers to export; convert it with the native backend first")
+    prefix_length = len(prefix.ids) if prefix is not None and prefix.cache is not None else 0
+    for name, layer in layers.items():
+        _check_expressible(name, layer, prefix_length)
+    if len({layer.bits for layer in layers.values()}) > 1:
+        raise SinkquantError("mixed 4- and 8-bit weights cannot be exported in one compressed-tensors format "
+                             "(one format per model: int-quantized or pack-quantized)")
+    plain = copy.deepcopy(model)
+    for name, layer in layers.items():
+        linear = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None)
+        linear.weight.data.copy_(layer.quantized_weight().dequantize())
+        if layer.bias is not None:
+            linear.bias.data.copy_(layer.bias)
+        parent, _, child = name.rpartition(".")
+        setattr(plain.get_submodule(parent), child, linear)
+    for attribute in ("_sinkquant_keep",):
+        plain.__dict__.pop(attribute, None)
+    plain._forward_pre_hooks.clear()
+    ignore = [n for n, m in plain.named_modules() if isinstance(m, nn.Linear) and n not in layers]
+    config = _quantization_config(layers, ignore)
+    apply_quantization_config(plain, config, show_progress=False)
+    for name, layer in layers.items():
+        _fill_parameters(plain.get_submodule(name), layer)
+    compressor = ModelCompressor.from_pretrained_model(plain)
+    compressor.compress_model(plain)
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        plain.save_pretrained(tmp)
+        compressor.update_config(str(tmp))
+        tokenizer.save_pretrained(tmp)
+        files: dict[str, str] = {}
+        if prefix is not None and prefix.cache is not None:
+            _write_prefix(tmp, prefix)
+            files = {PREFIX_KV: sha256_file(tmp / PREFIX_KV)}
+        atomic_write_json(tmp / MANIFEST, {
+            "format": "compressed-tensors", "layers": {n: layer.extra_repr() for n, layer in layers.items()},
+            "ignored": ignore, "prefix_ids": list(prefix.ids) if prefix_length else [], "sha256": files,
+            "versions": library_versions(), **(provenance or {}),
+        })
+    return Path(out)
+
+
+def _write_prefix(folder: Path, prefix: Prefix) -> None:
+    tensors = {}
+    for index, layer in enumerate(prefix.cache.layers):
+        tensors[f"layers.{index}.keys"] = layer.keys.detach().contiguous()
+        tensors[f"layers.{index}.values"] = layer.values.detach().contiguous()
+    save_file(tensors, str(folder / PREFIX_KV))
+    atomic_write_json(folder / PREFIX_META, {
+        "token_ids": list(prefix.ids), "layers": len(prefix.cache.layers),
+        "usage": "cache = sinkquant.backends.export.load_prefix_cache(folder, model.config); "
+                 "model(input_ids=<tokens after the prefix>, past_key_values=cache) or "
+                 "model.generate(<prefix ids + prompt ids>, past_key_values=cache)",
+    })
+
+
+def load_prefix_cache(folder: str | os.PathLike, config: Any) -> tuple[list[int], DynamicCache]:
+    """The sidecar prefix as (token ids, DynamicCache); a missing, mis-shaped or foreign prefix is refused."""
+    folder = Path(folder)
+    meta_path, kv_path = folder / PREFIX_META, folder / PREFIX_KV
+    if not meta_path.is_file() or not kv_path.is_file():
+        raise SinkquantError(f"{folder} has no {PREFIX_META} + {PREFIX_KV}; it was exported without a prefix")
+    meta = json.loads(meta_path.read_text())
+    tensors = load_file(str(kv_path))
+    text = config.get_text_config(decoder=True)
+    heads = getattr(text, "num_key_value_heads", text.num_attention_heads)
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    expected = (1, heads, len(meta["token_ids"]), head_dim)
+    cache = DynamicCache(config=config)
+    for index in range(text.num_hidden_layers):
+        pair = []
+        for part in ("keys", "values"):
+            key = f"layers.{index}.{part}"
+            tensor = tensors.get(key)
+            if tensor is None or tuple(tensor.shape) != expected:
+                got = "missing" if tensor is None else tuple(tensor.shape)
+                raise SinkquantError(f"{kv_path}: tensor {key} is {got}, expected {expected} for this model")
+            pair.append(tensor)
+        cache.update(*pair, index)
+    return list(meta["token_ids"]), cache

@@ -1,0 +1,259 @@
+"""The native backend: a Linear that stores integer weights (int8; int4 packed two per byte) and runs CPU
+integer kernels, computing the same numbers as the simulator up to float rounding.
+
+Kernels (measured by eval/bench_kernels.py on SmolLM2's Linear shapes), all integer where the grid allows:
+- quantized activations, weights per tensor or per row (int8, or int4 unpacked to int8 at load): activations
+  rounded onto their grid (static calibrated scale, or a dynamic one per token / per tensor), then
+  `torch._int_mm` (int8 x int8 -> int32, oneDNN on CPU). Zero points are corrected exactly in int32 with the
+  weight's column sums and the activation's row sums, then one float multiply by the two scales.
+- float activations (W8A16, exception layers, kept rows) against a per-row weight: the activations are split
+  into three int8 limbs (24 bits, float32's mantissa) and go through the same `torch._int_mm`. torch's own
+  weight-only kernels (`aten._weight_int8pack_mm`, `aten._weight_int4pack_mm_for_cpu`) were measured 30-70x
+  slower than fp32 F.linear with fp32 activations on this CPU build, so they are not used.
+- group-wise weights (W4A16 group 64): no integer kernel here; the weight is dequantized for each call only
+  (activations, when quantized, are rounded onto their grid in float first: same numbers, no int8 GEMM).
+
+Kept positions (sink tokens, prefix positions) skip activation quantization: their rows go through the
+weight-only path, exactly as the simulator's `torch.where(keep, x, fake_quant(x))` does."""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sinkquant.errors import SinkquantError
+from sinkquant.quant.primitives import MIN_SCALE, qrange, scale_zero_point
+from sinkquant.quant.qweight import QuantizedWeight
+
+ACTIVATION_MODES = ("static", "dynamic-token", "dynamic-tensor")
+# Float activations against an int8 weight: three int8 limbs, each the rounding residual of the one before,
+# carry 24 bits (float32's mantissa), so weight-only layers and kept rows still run integer GEMMs.
+LIMBS = 3
+# Offset that maps an unsigned 8-bit grid onto int8, which is what the int8 GEMM takes.
+UINT8_SHIFT = 128
+
+
+class Keep(Protocol):
+    """What the module needs from the keep state shared by every layer (sinkquant.quant.keep.KeepState)."""
+
+    def mask_for(self, x: torch.Tensor) -> torch.Tensor | None: ...
+
+
+class NativeLinear(nn.Module):
+    """Drop-in for nn.Linear over a QuantizedWeight. The state dict holds the integers (`qweight`: int8 /
+    uint8, int4 packed two per byte), float32 `weight_scale` / `weight_zero_point`, the bias and, for static
+    activations, `act_scale` / `act_zero_point`; kernel layouts are derived from them after construction
+    and after every load_state_dict, never saved."""
+
+    def __init__(
+        self,
+        qweight: QuantizedWeight,
+        bias: torch.Tensor | None = None,
+        activations: Any | None = None,
+        act_scale: torch.Tensor | None = None,
+        act_zero_point: torch.Tensor | None = None,
+        keep: Keep | None = None,
+    ) -> None:
+        super().__init__()
+        self.out_features, self.in_features = qweight.shape
+        self.bits, self.granularity, self.group_size = qweight.bits, qweight.granularity, qweight.group_size
+        self.symmetric = qweight.symmetric
+        self.act_bits, self.act_mode, self.act_symmetric = _activation_fields(activations)
+        if self.act_mode == "static" and (act_scale is None or act_zero_point is None):
+            raise SinkquantError("activations.mode='static' needs act_scale and act_zero_point (run calibration first)")
+        if self.act_mode is not None and self.act_bits > 8:
+            raise SinkquantError(f"activations.bits={self.act_bits} has no integer kernel; valid: 2..8")
+        self.keep = keep
+        self.register_buffer("qweight", qweight.packed().contiguous())
+        self.register_buffer("weight_scale", qweight.scale.detach().float().clone())
+        self.register_buffer("weight_zero_point", qweight.zero_point.detach().float().clone())
+        self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
+        static = self.act_mode == "static"
+        self.register_buffer("act_scale", act_scale.detach().float().clone() if static else None)
+        self.register_buffer("act_zero_point", act_zero_point.detach().float().clone() if static else None)
+        for name in ("_w_int8", "_w_colsum", "_w_rowscale", "_w_zero", "_static_out_scale"):
+            self.register_buffer(name, None, persistent=False)
+        self.register_load_state_dict_post_hook(lambda module, _keys: module.prepare())
+        self.prepare()
+
+    def _load_from_state_dict(self, state_dict: dict[str, torch.Tensor], prefix: str, *args: Any) -> None:
+        """Refuse a missing, mis-shaped or mis-typed integer tensor or scale with one line naming it (an artifact
+        of another model or scheme), instead of torch's multi-line size-mismatch report."""
+        for name, expected in self._buffers.items():
+            if expected is None or name not in self._persistent_names():
+                continue
+            got = state_dict.get(prefix + name)
+            if got is None:
+                raise SinkquantError(f"tensor {prefix + name} is missing; expected {expected.dtype} "
+                                     f"{tuple(expected.shape)} (an artifact of this model and scheme)")
+            if got.shape != expected.shape or got.dtype != expected.dtype:
+                raise SinkquantError(f"tensor {prefix + name} is {got.dtype} {tuple(got.shape)}, expected "
+                                     f"{expected.dtype} {tuple(expected.shape)} (an artifact of another model or "
+                                     "scheme?)")
+        super()._load_from_state_dict(state_dict, prefix, *args)
+
+    def _persistent_names(self) -> set[str]:
+        return set(self._buffers) - self._non_persistent_buffers_set
+
+    @classmethod
+    def from_quant_linear(cls, module: nn.Module) -> NativeLinear:
+        """Convert the engine's quantized layer (duck-typed: `.qweight` QuantizedWeight, `.bias`, `.activations`,
+        `.act_scale` / `.act_zero_point` for static activations, `.keep`)."""
+        qweight = getattr(module, "qweight", None)
+        if not isinstance(qweight, QuantizedWeight):
+            raise SinkquantError(
+                f"{type(module).__name__} has no QuantizedWeight in .qweight; the native backend converts "
+                "quantized layers of the engine (sinkquant.quant.qweight.QuantizedWeight)"
+            )
+        return cls(qweight, getattr(module, "bias", None), getattr(module, "activations", None),
+                   getattr(module, "act_scale", None), getattr(module, "act_zero_point", None),
+                   getattr(module, "keep", None))
+
+    def quantized_weight(self) -> QuantizedWeight:
+        """The integer weight back (unpacked), e.g. for an export."""
+        values = QuantizedWeight.unpack(self.qweight, self.bits, self.symmetric)
+        return QuantizedWeight(values, self.weight_scale, self.weight_zero_point, self.bits, self.granularity,
+                               self.group_size, self.symmetric)
+
+    @torch.no_grad()
+    def prepare(self) -> None:
+        """Derive the kernel layouts from the stored integers."""
+        qweight = self.quantized_weight()
+        out_features = self.out_features
+        if self.granularity != "group":
+            # int8 values for the GEMMs; a symmetric int8 weight is used as stored (no copy).
+            values = qweight.qweight
+            if not self.symmetric:
+                values = (values.to(torch.int16) - UINT8_SHIFT).to(torch.int8)
+            self._w_int8 = values.contiguous()
+            self._w_colsum = values.to(torch.int32).sum(dim=1)
+            self._w_rowscale = self.weight_scale.expand(out_features, 1).reshape(out_features).contiguous()
+            zero = self.weight_zero_point.expand(out_features, 1).reshape(out_features)
+            self._w_zero = None if self.symmetric else (zero - UINT8_SHIFT).round().to(torch.int32)
+            if self.act_mode == "static":  # one multiply per output at run time (fewer ops per decode step)
+                self._static_out_scale = self.act_scale * self._w_rowscale
+
+    def kernel(self) -> str:
+        """Which kernel serves the quantized-activation rows (for reports)."""
+        if self.act_mode is None:
+            return self.weight_only_kernel()
+        if self._w_int8 is not None:
+            return "int8 GEMM (torch._int_mm)"
+        return f"activations rounded in float + {self.weight_only_kernel()}"
+
+    def weight_only_kernel(self) -> str:
+        if self._w_int8 is not None:
+            return f"int8 GEMM on {LIMBS} int8 limbs of the float activations (torch._int_mm)"
+        return "weight dequantized per call (F.linear)"
+
+    def _weight_only(self, x: torch.Tensor) -> torch.Tensor:
+        """x [rows, in] in float -> [rows, out] with the integer weight and unquantized activations."""
+        if self._w_int8 is None:
+            return F.linear(x, self.quantized_weight().dequantize(x.dtype))
+        out = torch.zeros(x.shape[0], self.out_features, dtype=x.dtype, device=x.device)
+        residual = x
+        scale = x.abs().amax(dim=1, keepdim=True).clamp(min=MIN_SCALE) / 127
+        for _ in range(LIMBS):
+            q = torch.round(residual / scale).clamp_(-127, 127)
+            out += torch._int_mm(q.to(torch.int8), self._w_int8.t()) * scale
+            residual = residual - q * scale
+            scale = scale / 254  # the residual is at most half a step: it fills the next limb's [-127, 127]
+        out *= self._w_rowscale.to(x.dtype)
+        if self._w_zero is not None:
+            out -= x.sum(dim=1, keepdim=True) * (self._w_zero * self._w_rowscale).to(x.dtype)
+        return out
+
+    def _act_grid(self, x: torch.Tensor, keep: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scale and zero point of the activation grid, the simulator's rule for each mode."""
+        if self.act_mode == "static":
+            return self.act_scale, self.act_zero_point
+        if self.act_mode == "dynamic-token":
+            return scale_zero_point(x.amin(dim=-1, keepdim=True), x.amax(dim=-1, keepdim=True),
+                                    self.act_bits, self.act_symmetric)
+        ranged = x if keep is None else x.masked_fill(keep.unsqueeze(-1), 0.0)
+        return scale_zero_point(ranged.amin(), ranged.amax(), self.act_bits, self.act_symmetric)
+
+    def _quantized_rows(self, x: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+        """x [rows, in] -> [rows, out] with quantized activations."""
+        scale, zero_point = self._act_grid(x, keep)
+        qmin, qmax = qrange(self.act_bits, self.act_symmetric)
+        q = torch.div(x, scale).round_().add_(zero_point).clamp_(qmin, qmax)  # the simulator's rounding, in place
+        if self._w_int8 is None:
+            return self._weight_only((q - zero_point) * scale)
+        shift = 0 if self.act_symmetric else UINT8_SHIFT
+        q_int8 = (q.sub_(shift) if shift else q).to(torch.int8)
+        acc = torch._int_mm(q_int8, self._w_int8.t())
+        act_zero = zero_point.round().to(torch.int32) - shift  # [] or [rows, 1]
+        if not self.act_symmetric:
+            acc -= act_zero * self._w_colsum
+        if self._w_zero is not None:
+            rowsum = q_int8.to(torch.int32).sum(dim=1, keepdim=True)
+            acc -= rowsum * self._w_zero - self.in_features * act_zero * self._w_zero
+        out_scale = self._static_out_scale if self.act_mode == "static" else scale * self._w_rowscale
+        return acc * out_scale.to(x.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, self.in_features)
+        if self.act_mode is None:
+            out = self._weight_only(rows)
+        else:
+            keep = None if self.keep is None else self.keep.mask_for(x)
+            flat_keep = None if keep is None else keep.reshape(-1)
+            out = self._quantized_rows(rows, flat_keep)
+            if flat_keep is not None and bool(flat_keep.any()):
+                kept = flat_keep.nonzero().squeeze(1)
+                out = out.index_copy(0, kept, self._weight_only(rows.index_select(0, kept)))
+        if self.bias is not None:
+            out += self.bias.to(out.dtype)
+        return out.reshape(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        weight = f"int{self.bits} {self.granularity}" + (f" {self.group_size}" if self.group_size else "")
+        act = "fp" if self.act_mode is None else f"int{self.act_bits} {self.act_mode}"
+        return f"in={self.in_features}, out={self.out_features}, weights={weight}, act={act}, kernel={self.kernel()}"
+
+
+def _activation_fields(activations: Any | None) -> tuple[int | None, str | None, bool | None]:
+    if activations is None:
+        return None, None, None
+    mode = getattr(activations, "mode", None)
+    if mode not in ACTIVATION_MODES:
+        raise SinkquantError(f"activations.mode={mode!r} is not valid; valid: {', '.join(ACTIVATION_MODES)}")
+    return int(activations.bits), mode, bool(activations.symmetric)
+
+
+def convert_to_native(model: nn.Module) -> list[str]:
+    """Replace every quantized layer (a module whose `.qweight` is a QuantizedWeight) by a NativeLinear, in
+    place; returns the converted names."""
+    names = [name for name, module in model.named_modules() if isinstance(getattr(module, "qweight", None),
+                                                                             QuantizedWeight)]
+    for name in names:
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, NativeLinear.from_quant_linear(model.get_submodule(name)))
+    return names
+
+
+def native_from_simulated(simulated: nn.Module, original: nn.Module) -> list[str]:
+    """Bridge from the current simulator (`quantize_model`): each QuantLinear of `simulated` becomes a
+    NativeLinear whose integer weight is round-to-nearest of the same layer's weight in `original` (the
+    unquantized model it was copied from; bit-exact with the simulator's fake-quantized weight), keeping the
+    calibrated activation scales and the shared keep state. In place; returns the converted names."""
+    from sinkquant.quant.qweight import quantize_rtn
+    from sinkquant.quant.simulate import QuantLinear
+
+    names = [name for name, module in simulated.named_modules() if isinstance(module, QuantLinear)]
+    for name in names:
+        layer = simulated.get_submodule(name)
+        spec = layer.weights_spec
+        if spec is None:
+            raise SinkquantError(f"{name}: the native backend needs quantized weights (scheme.weights is None)")
+        weight = original.get_submodule(name).weight
+        qweight = quantize_rtn(weight, spec.bits, spec.granularity, spec.group_size, spec.symmetric)
+        native = NativeLinear(qweight, layer.bias, layer.activations, layer.act_scale, layer.act_zero_point,
+                              layer.keep)
+        parent, _, child = name.rpartition(".")
+        setattr(simulated.get_submodule(parent), child, native)
+    return names

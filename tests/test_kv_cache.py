@@ -1,0 +1,146 @@
+"""The int8 KV cache stores integers, serves the simulator's dequantized states, and works with generate and a
+precomputed fp prefix."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+from sinkquant.adapters import adapter_for
+from sinkquant.backends.kv_cache import Int8KVCache
+from sinkquant.errors import SinkquantError
+from sinkquant.perplexity import build_prefix
+from sinkquant.quant.keep import attach_keep_state
+from sinkquant.quant.kv import enable_kv_quant
+from sinkquant.quant.scheme import KeepPolicy, KVSpec
+from tests.tiny import tiny_model
+
+SPEC = KVSpec(bits=8, granularity="token", symmetric=False)
+
+
+def _simulated(model: torch.nn.Module, policy: KeepPolicy) -> torch.nn.Module:
+    sim = copy.deepcopy(model)
+    state = attach_keep_state(sim, policy)
+    enable_kv_quant(sim, adapter_for(sim), SPEC, state)
+    return sim
+
+
+def _native(model: torch.nn.Module, policy: KeepPolicy):
+    native = copy.deepcopy(model)
+    return native, attach_keep_state(native, policy)
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(smollm2):
+    return tiny_model("llama", smollm2.tokenizer)
+
+
+def test_tiny_prefill_and_decode_match_simulated_kv(tiny_llama) -> None:
+    torch.manual_seed(0)
+    ids = torch.randint(3, 1000, (2, 24))
+    policy = KeepPolicy(positions=(0,), token_ids=(ids[1, 5].item(),))  # a per-row kept token too
+    sim = _simulated(tiny_llama.model, policy)
+    native, state = _native(tiny_llama.model, policy)
+    cache = Int8KVCache(native.config, SPEC, keep=state)
+    with torch.no_grad():
+        expected = sim(input_ids=ids, use_cache=False).logits
+        prefill = native(input_ids=ids[:, :16], past_key_values=cache, use_cache=True).logits
+        steps = [native(input_ids=ids[:, t : t + 1], past_key_values=cache, use_cache=True).logits
+                 for t in range(16, 24)]
+    got = torch.cat([prefill, *steps], dim=1)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    layer = cache.layers[0]
+    assert layer.stored["q_keys"].dtype == torch.uint8 and layer.stored["q_keys"].shape[2] == 24
+    assert layer.kept_keys.shape[2] == 2 and bool(layer.kept_mask[1].all()) and not bool(layer.kept_mask[0, 1])
+    with torch.no_grad():  # the int8 states really are quantized: the fp cache differs
+        fp = tiny_llama.model(input_ids=ids, use_cache=False).logits
+    assert (fp - expected).abs().max() > 1e-4
+
+
+def test_memory_is_about_a_quarter_of_fp32(smollm2, wikitext_stream) -> None:
+    ids = wikitext_stream.ids[:64][None]
+    cache, fp_cache = Int8KVCache(smollm2.model.config, SPEC), DynamicCache()
+    with torch.no_grad():
+        smollm2.model(input_ids=ids, past_key_values=cache, use_cache=True)
+        smollm2.model(input_ids=ids, past_key_values=fp_cache, use_cache=True)
+    fp_bytes = sum(t.numel() * t.element_size() for layer in fp_cache.layers for t in (layer.keys, layer.values))
+    ratio = cache.nbytes() / fp_bytes
+    assert ratio == pytest.approx((64 + 4 + 1) / (64 * 4)), ratio  # per 64-wide head: int8s, fp32 scale, 8-bit zero
+
+
+def test_smollm2_with_fp_prefix_matches_simulated_kv_and_generates(smollm2, wikitext_stream) -> None:
+    """BOS as a precomputed fp prefix (position 0 kept), then int8 KV for everything after it."""
+    prefix = build_prefix(smollm2.model, [smollm2.bos_id])
+    policy = KeepPolicy(positions=(0,))
+    sim = _simulated(smollm2.model, policy)
+    native, state = _native(smollm2.model, policy)
+    ids = wikitext_stream.ids[:48][None]
+    with torch.no_grad():
+        expected = sim(input_ids=ids, past_key_values=prefix.cache_for_batch(1), use_cache=True).logits
+        got = native(input_ids=ids, past_key_values=Int8KVCache(native.config, SPEC, state, prefix),
+                     use_cache=True).logits
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-3)
+    prompt = smollm2.tokenizer("The capital of France is", return_tensors="pt").input_ids
+    full = torch.cat([torch.tensor([prefix.ids]), prompt], dim=1)  # generate slices off the cached prefix itself
+    with torch.no_grad():
+        reference = sim.generate(full, past_key_values=prefix.cache_for_batch(1), max_new_tokens=8, do_sample=False)
+        cache = Int8KVCache(native.config, SPEC, state, prefix)
+        out = native.generate(full, past_key_values=cache, max_new_tokens=8, do_sample=False)
+    assert out.shape == (1, full.shape[1] + 8)
+    assert torch.equal(out, reference)
+    assert cache.get_seq_length() == full.shape[1] + 7  # the last generated token is never fed back
+
+
+def test_bad_input_is_refused(smollm2, tiny_llama) -> None:
+    with pytest.raises(SinkquantError, match="granularity 'token', bits 8"):
+        Int8KVCache(tiny_llama.model.config, KVSpec(bits=8, granularity="head"))
+    with pytest.raises(SinkquantError, match="sliding-window"):
+        Int8KVCache(tiny_model("gemma3", smollm2.tokenizer).model.config, SPEC)
+    tiny_prefix = build_prefix(tiny_llama.model, [1])
+    with pytest.raises(SinkquantError, match="prefix KV has 2 layers"):
+        Int8KVCache(smollm2.model.config, SPEC, prefix=tiny_prefix)
+
+
+@pytest.mark.parametrize("mode", ["static", "dynamic-token"])
+def test_native_w8a8_int8_kv_and_prefix_like_the_simulator(smollm2, wikitext_stream, eval_and_calib, mode) -> None:
+    """Everything real at once: integer Linear layers, int8 KV, BOS as an fp prefix, then generate. Every layer
+    is exact to float rounding (tests/test_native.py), but a rounded activation within float rounding of a grid
+    boundary may land one level apart and the model amplifies it: the logits must agree within the
+    simulator's own float32-vs-float64 spread (twice it, plus 1e-3)."""
+    from sinkquant.backends.native import native_from_simulated
+    from sinkquant.quant.scheme import ActivationSpec, QuantScheme, WeightSpec
+    from sinkquant.quant.simulate import quantize_model
+
+    _, calib, _ = eval_and_calib(128, 2, 1)
+    prefix = build_prefix(smollm2.model, [smollm2.bos_id])
+    batches = [{"input_ids": c, "past_key_values": prefix.cache_for_batch(1), "use_cache": True} for c in calib]
+    scheme = QuantScheme(weights=WeightSpec(8, "channel"), activations=ActivationSpec(8, mode), kv=SPEC,
+                         keep=KeepPolicy(positions=(0,)))
+    sim = copy.deepcopy(smollm2.model)
+    quantize_model(sim, adapter_for(sim), scheme, batches)
+    native = copy.deepcopy(sim)
+    native_from_simulated(native, smollm2.model)
+    native.set_attn_implementation("sdpa")  # the int8 cache now holds the quantized KV, not the attention
+    ids = wikitext_stream.ids[:32][None]
+
+    def relative(a: torch.Tensor, b: torch.Tensor) -> float:
+        return float((a.float() - b).abs().max() / b.abs().max())
+
+    with torch.no_grad():
+        expected = sim(input_ids=ids, past_key_values=prefix.cache_for_batch(1), use_cache=True).logits
+        spread = relative(copy.deepcopy(sim).double()(input_ids=ids, past_key_values=prefix.cache_for_batch(1),
+                                                      use_cache=True).logits, expected)
+        cache = Int8KVCache(native.config, SPEC, native._sinkquant_keep, prefix)
+        got = native(input_ids=ids, past_key_values=cache, use_cache=True).logits
+    assert relative(got, expected) < 2 * spread + 1e-3, (relative(got, expected), spread)
+    assert cache.layers[0].stored["q_keys"].dtype == torch.uint8
+    prompt = smollm2.tokenizer("The capital of France is", return_tensors="pt").input_ids
+    full = torch.cat([torch.tensor([prefix.ids]), prompt], dim=1)
+    with torch.no_grad():
+        cache = Int8KVCache(native.config, SPEC, native._sinkquant_keep, prefix)
+        out = native.generate(full, past_key_values=cache, max_new_tokens=8, min_new_tokens=8, do_sample=False)
+    assert out.shape == (1, full.shape[1] + 8) and torch.equal(out[:, : full.shape[1]], full)
+    assert cache.get_seq_length() == full.shape[1] + 7
