@@ -22,6 +22,7 @@ ARTIFACT_MANIFEST = "sinkquant.json"  # the file that marks a folder as a sinkqu
 
 TRACKED_PACKAGES = (
     "sinkquant", "torch", "transformers", "datasets", "bitsandbytes", "optimum-quanto", "torchao", "gguf",
+    "compressed-tensors",
 )
 
 
