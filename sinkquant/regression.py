@@ -128,7 +128,8 @@ class Outcome:
     def message(self) -> str:
         what = "perplexity" if self.metric == "ppl" else "quantized/fp32 perplexity ratio"
         if self.baseline is None:
-            return f"{self.name}: {what} {self.value:.4f} on {self.kernel} (baseline written)"
+            return (f"{self.name}: {what} {self.value:.4f} on {self.kernel} (baseline written; {K_SPREAD:g} x kernel "
+                    f"spread = {100 * self.noise_tol:.2f}%, rel_tol {100 * self.rel_tol:.2f}%)")
         delta = 100 * (self.value / self.baseline - 1)
         verdict = "ok" if self.passed else "REGRESSION" if delta > 0 else "IMPROVED beyond tolerance"
         return (f"{self.name}: {verdict}: {what} {self.value:.4f} on {self.kernel} vs baseline "

@@ -158,14 +158,20 @@ def test_convert_honours_dtype(tmp_path: Path) -> None:
         assert str(handle.get_tensor(name).dtype) == "torch.bfloat16"
 
 
-def test_quantize_honours_calib_windows_and_says_the_prefix_overrides_bos(tmp_path, capsys, wikitext_path) -> None:
-    recipe = tmp_path / "prefix.yaml"
+def _prefix_recipe(folder: Path) -> Path:
+    """The cheapest prefix recipe: BOS alone as the prefix, dynamic per-token int8 (no calibration statistics)."""
+    recipe = folder / "prefix.yaml"
     recipe.write_text(yaml.safe_dump({
         "name": "bos-prefix-dynamic", "description": "test: a BOS-only prefix, dynamic per-token int8",
         "steps": [{"prefix": {"tokens": [], "max_tokens": 1, "bos": "always"}}],
         "scheme": {"weights": {"bits": 8, "granularity": "channel"},
                    "activations": {"bits": 8, "mode": "dynamic-token"}},
         "calibration": {"windows": 8}}))
+    return recipe
+
+
+def test_quantize_honours_calib_windows_and_says_the_prefix_overrides_bos(tmp_path, capsys, wikitext_path) -> None:
+    recipe = _prefix_recipe(tmp_path)
     out = tmp_path / "artifact"
     code = main(["quantize", "--quiet", "--recipe", str(recipe), "--data", str(wikitext_path), "--ctx", "32",
                  "--max-windows", "1", "--calib-windows", "2", "--bos", "per-window", "--out", str(out)])
@@ -177,3 +183,15 @@ def test_quantize_honours_calib_windows_and_says_the_prefix_overrides_bos(tmp_pa
     assert manifest["recipe"]["calibration"]["windows"] == 2
     assert manifest["overrides"][0]["flag"] == "--bos" and manifest["overrides"][0]["given"] == "per-window"
     assert manifest["run"] == {"device": "cpu", "dtype": "float32", "calib_windows": 2}
+
+
+def test_compare_says_and_records_the_prefix_overriding_bos(tmp_path, capsys, wikitext_path) -> None:
+    out = tmp_path / "compare"
+    code = main(["compare", "--quiet", "--recipes", str(_prefix_recipe(tmp_path)), "--data", str(wikitext_path),
+                 "--ctx", "32", "--max-windows", "1", "--bos", "auto", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    assert "sinkquant compare: note: recipe bos-prefix-dynamic puts its prefix" in err and "--bos auto" in err
+    result = json.loads((out / "compare.json").read_text())
+    assert [o["recipe"] for o in result["overrides"]] == ["bos-prefix-dynamic"]
+    assert result["run"] == {"device": "cpu", "dtype": "float32"}
