@@ -1,90 +1,84 @@
-"""Noise floor of the shipped regression baselines: each baseline's recipe on every CPU kernel path this machine
-can run (one subprocess each), at several ctx x windows, as the relative spread of perplexity between paths.
+"""Noise floor of the perplexity regression baselines: the spread of each recipe's perplexity between the CPU kernel
+paths this machine runs, against the number of scored tokens.
 
-    python eval/bench_regression_noise.py --ctx 128 256 512 --windows 32 16 8
+    python eval/bench_regression_noise.py                       # the shipped baselines, as last measured
+    python eval/bench_regression_noise.py --measure 256x8 512x4  # also measure these ctx x windows settings
 
-Quantized perplexity moves with kernel rounding (fp32 barely does); the spread shrinks as more tokens are scored.
-The shipped baselines' ctx/windows are chosen from this table so that K_SPREAD x spread stays below rel_tol."""
+Every baseline measured by `sinkquant check --update-baselines` records each kernel path's NLL per evaluation
+window (each path in its own process, `ATEN_CPU_CAPABILITY`), so the spread after the first n windows is read off
+it. Quantized perplexity moves with kernel rounding (fp32 barely does) and the spread shrinks as tokens add up;
+the shipped baselines' ctx/windows and rel_tol are chosen from this table so that K_SPREAD x spread < rel_tol."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import math
-import subprocess
-import sys
+import tempfile
 from pathlib import Path
 
 import benchlib
 
-from sinkquant.data import WindowPlan, plan_windows
-from sinkquant.perplexity import evaluate
-from sinkquant.recipes import apply_recipe, load_recipe
-from sinkquant.regression import K_SPREAD, cpu_kernel, kernel_env, lower_kernel_paths, read_baseline, recipe_path
+from sinkquant.regression import K_SPREAD, read_baseline, update_baseline
 from sinkquant.tables import markdown_table
 
 BASELINES = sorted((benchlib.REPO / "eval" / "baselines").glob("*.json"))
-FP32 = "fp32"
-SUBSETS = (2, 4, 8, 16, 32)
 
 
-def worker(args: argparse.Namespace) -> None:
-    """Per-window NLL sums of fp32 and every baseline recipe at each ctx, on this process's kernel path."""
-    loaded, stream = benchlib.setup(args)
-    recipes = {p.stem: load_recipe(recipe_path(p, read_baseline(p))) for p in BASELINES}
-    rows = []
-    for ctx, windows in zip(args.ctx, args.windows, strict=True):
-        plan = plan_windows(stream, ctx, windows, calib_windows=max(r.calibration.windows for r in recipes.values()))
-        singles = [WindowPlan(ctx=ctx, eval_windows=(w,), calib_windows=plan.calib_windows) for w in plan.eval_windows]
-        models = {FP32: None, **{name: apply_recipe(loaded, r, stream, ctx=ctx) for name, r in recipes.items()}}
-        for name, quantized in models.items():
-            results = [evaluate(loaded, stream, p, bos="never", progress=False) if quantized is None
-                       else quantized.evaluate(stream, p, bos="never", progress=False) for p in singles]
-            rows.append({"recipe": name, "ctx": ctx, "nll": [r.nll_sum for r in results],
-                         "tokens": [r.tokens for r in results]})
-            print(f"{cpu_kernel()} ctx {ctx} {name} done", file=sys.stderr, flush=True)
-    print(json.dumps({"kernel": cpu_kernel(), "rows": rows}))
+def measured_copies(settings: list[str], folder: Path) -> list[Path]:
+    """Each shipped baseline at each ctx x windows setting, measured on every kernel path."""
+    paths = []
+    for setting in settings:
+        ctx, windows = (int(v) for v in setting.split("x"))
+        for source in BASELINES:
+            spec = json.loads(source.read_text())
+            spec.update(ctx=ctx, windows=windows, recipe=str((source.parent / spec["recipe"]).resolve()), kernels={})
+            path = folder / f"{source.stem}@{setting}.json"
+            path.write_text(json.dumps(spec))
+            print(update_baseline(path).message, flush=True)
+            paths.append(path)
+    return paths
 
 
-def run_worker(args: argparse.Namespace, kernel: str | None) -> dict:
-    argv = [sys.executable, __file__, "--worker", "--model", args.model, "--data", args.data, "--threads",
-            str(args.threads), "--ctx", *map(str, args.ctx), "--windows", *map(str, args.windows)]
-    proc = subprocess.run(argv, env=kernel_env(kernel), stdout=subprocess.PIPE, text=True, check=True)
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+def rows(path: Path) -> list[dict]:
+    """Spread between kernel paths after the first 1, 2, 4, ... windows of one measured baseline."""
+    spec = read_baseline(path)
+    kernels = sorted(spec.kernels)
+    out = []
+    counts = [n for n in (1, 2, 4, 8, 16, 32, 64, 128) if n < spec.windows] + [spec.windows]
+    for n in counts:
+        ppls = {k: math.exp(sum(spec.kernels[k].nll[:n]) / (n * (spec.ctx - 1))) for k in kernels}
+        mean = sum(ppls.values()) / len(ppls)
+        out.append({"recipe": path.stem.split("@")[0], "ctx": spec.ctx, "windows": n, "tokens": n * (spec.ctx - 1),
+                    "ppl": ppls, "spread": (max(ppls.values()) - min(ppls.values())) / mean, "rel_tol": spec.rel_tol,
+                    "shipped": n == spec.windows and "@" not in path.stem})
+    return out
 
 
-def main(args: argparse.Namespace) -> None:
-    runs = [run_worker(args, None)]
-    runs += [run_worker(args, k) for k in lower_kernel_paths(runs[0]["kernel"])]
-    kernels = [r["kernel"] for r in runs]
-    table, results = [], []
-    for i, row in enumerate(runs[0]["rows"]):
-        for n in (s for s in SUBSETS if s <= len(row["nll"])):
-            ppls = [math.exp(sum(r["rows"][i]["nll"][:n]) / sum(r["rows"][i]["tokens"][:n])) for r in runs]
-            spread = (max(ppls) - min(ppls)) / (sum(ppls) / len(ppls))
-            tokens = sum(row["tokens"][:n])
-            results.append({"recipe": row["recipe"], "ctx": row["ctx"], "windows": n, "tokens": tokens,
-                            "ppl": dict(zip(kernels, ppls, strict=True)), "spread": spread})
-            table.append([row["recipe"], row["ctx"], n, tokens, *(f"{p:.3f}" for p in ppls), f"{100 * spread:.2f}%",
-                          f"{100 * K_SPREAD * spread:.2f}%"])
-    body = (f"Model {args.model}, BOS never, calibration 8 windows from the end of the text, evaluation windows from "
-            f"its start; every kernel path in its own process (`ATEN_CPU_CAPABILITY`), "
-            f"{args.threads} thread(s). Spread = (max - min) / mean over kernel paths; a baseline's noise "
-            f"tolerance is K_SPREAD = {K_SPREAD:g} x spread.\n\n"
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--measure", nargs="*", default=[], metavar="CTXxWINDOWS",
+                        help="also measure the shipped recipes at these settings (each kernel path, one process each)")
+    parser.add_argument("--out", type=Path, default=benchlib.REPO / "eval/results/regression_noise")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as folder:
+        results = [r for path in [*BASELINES, *measured_copies(args.measure, Path(folder))] for r in rows(path)]
+    if any(len(r["ppl"]) < 2 for r in results):
+        raise SystemExit("a baseline has fewer than two kernel paths: measure it on a CPU with AVX512 "
+                         "(`sinkquant check --update-baselines eval/baselines/*.json`)")
+    kernels = sorted(results[0]["ppl"])
+    table = [[r["recipe"], r["ctx"], r["windows"], r["tokens"], *(f"{r['ppl'][k]:.3f}" for k in kernels),
+              f"{100 * r['spread']:.2f}%", f"{100 * K_SPREAD * r['spread']:.2f}%",
+              f"{100 * r['rel_tol']:.0f}%" + (" (shipped)" if r["shipped"] else "")] for r in results]
+    body = ("Model smollm2-135m, WikiText-2 test, BOS never, calibration windows from the end of the text, evaluation "
+            "windows from its start; each kernel path in its own process. Spread = (max - min) / mean over kernel "
+            f"paths after the first n windows; a baseline's tolerance is max(rel_tol, {K_SPREAD:g} x spread of all "
+            "its windows). 'shipped' marks the setting a shipped baseline checks.\n\n"
             + markdown_table(["recipe", "ctx", "windows", "scored tokens", *(f"ppl {k}" for k in kernels), "spread",
-                              f"{K_SPREAD:g} x spread"], table))
+                              f"{K_SPREAD:g} x spread", "rel_tol"], table))
     benchlib.write_result(args.out, "Regression noise floor: perplexity spread between CPU kernel paths", body,
-                          {"kernels": kernels, "rows": results, "raw": runs})
+                          {"kernels": kernels, "rows": results})
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--data", default="wikitext2")
-    parser.add_argument("--ctx", type=int, nargs="+", default=[128, 256, 512])
-    parser.add_argument("--windows", type=int, nargs="+", default=[32, 16, 8], help="evaluation windows per ctx")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads in each kernel path's process")
-    parser.add_argument("--out", type=Path, default=benchlib.REPO / "eval/results/regression_noise")
-    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    worker(args) if args.worker else main(args)
+    main()

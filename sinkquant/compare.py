@@ -61,7 +61,8 @@ def compare(
     progress: bool = True,
 ) -> dict[str, Any]:
     """Evaluate fp32 and every recipe on the same evaluation windows; returns the comparison as a dict."""
-    from sinkquant.recipes import apply_recipe, load_recipe
+    from sinkquant.engine import apply_recipe
+    from sinkquant.recipes import load_recipe
 
     recipes = []
     for path in recipe_paths:
@@ -103,10 +104,10 @@ def compare(
         if row is None:
             try:
                 start = time.perf_counter()
-                quantized = apply_recipe(loaded, recipe, stream, ctx=ctx)
+                quantized = apply_recipe(loaded, recipe, stream, ctx=ctx, copy=True)
                 quantize_seconds = time.perf_counter() - start
                 result = quantized.evaluate(stream, plan, bos=bos, progress=progress)
-                prefix = quantized.record.get("prefix", {}).get("tokens")
+                prefix = quantized.prefix_tokens
                 row = Row(recipe=recipe.name, description=recipe.description, status="ok", ppl=result.ppl,
                           delta_pct=100 * (result.ppl / base.ppl - 1), quantize_seconds=quantize_seconds,
                           eval_seconds=result.seconds, prefix=prefix)

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 import subprocess
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from statistics import fmean
 from typing import TYPE_CHECKING, Literal
@@ -45,6 +46,8 @@ class KernelValue(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
     ppl: float = Field(gt=0)
     fp32_ppl: float = Field(gt=0)
+    nll: list[float] = Field(default_factory=list, description="the recipe's NLL sum per evaluation window, "
+                             "in order (eval/bench_regression_noise.py reads the spread against tokens off it)")
 
     def metric(self, metric: str) -> float:
         return self.ppl if metric == "ppl" else self.ppl / self.fp32_ppl
@@ -101,6 +104,7 @@ class Measurement:
     kernel: str
     ppl: float
     fp32_ppl: float | None
+    nll: list[float]
     model_sha256: str | None
     data_sha256: str
     recipe_sha256: str
@@ -204,9 +208,12 @@ def _stream(spec: str, data: str) -> TokenStream:
 
 def measure(path: str | Path, fp32: bool, progress: bool = False) -> Measurement:
     """Run the baseline's recipe (and fp32 when asked) on its windows in this process, on its kernel path."""
+    from tqdm.auto import tqdm
+
     from sinkquant.data import plan_windows
+    from sinkquant.engine import apply_recipe
     from sinkquant.perplexity import evaluate
-    from sinkquant.recipes import apply_recipe, load_recipe
+    from sinkquant.recipes import load_recipe
 
     path = Path(path)
     spec = read_baseline(path)
@@ -215,11 +222,15 @@ def measure(path: str | Path, fp32: bool, progress: bool = False) -> Measurement
     loaded = _model(spec.model)
     stream = _stream(spec.model, spec.data)
     plan = plan_windows(stream, spec.ctx, spec.windows, calib_windows=recipe.calibration.windows)
-    quantized = apply_recipe(loaded, recipe, stream, ctx=spec.ctx)
-    ppl = quantized.evaluate(stream, plan, bos=spec.bos, progress=progress).ppl
+    quantized = apply_recipe(loaded, recipe, stream, ctx=spec.ctx, copy=True)  # the model is cached
+    # One window at a time (what evaluate does anyway) so the record shows how the noise averages out.
+    windows = [quantized.evaluate(stream, replace(plan, eval_windows=(w,)), bos=spec.bos, progress=False)
+               for w in tqdm(plan.eval_windows, desc=recipe.name, disable=not progress)]
+    ppl = math.exp(sum(r.nll_sum for r in windows) / sum(r.tokens for r in windows))
     fp32_ppl = evaluate(loaded, stream, plan, bos=spec.bos, progress=progress).ppl if fp32 else None
-    return Measurement(kernel=cpu_kernel(), ppl=ppl, fp32_ppl=fp32_ppl, model_sha256=loaded.source.get("sha256"),
-                       data_sha256=stream.text_sha256, recipe_sha256=sha256_file(recipe_file))
+    return Measurement(kernel=cpu_kernel(), ppl=ppl, fp32_ppl=fp32_ppl, nll=[r.nll_sum for r in windows],
+                       model_sha256=loaded.source.get("sha256"), data_sha256=stream.text_sha256,
+                       recipe_sha256=sha256_file(recipe_file))
 
 
 def kernel_env(kernel: str | None) -> dict[str, str]:
@@ -264,7 +275,7 @@ def update_baseline(path: str | Path, progress: bool = False) -> Outcome:
     path = Path(path)
     spec = read_baseline(path)
     runs = measure_kernel_paths(path, progress)
-    kernels = {r.kernel: KernelValue(ppl=r.ppl, fp32_ppl=r.fp32_ppl) for r in runs}
+    kernels = {r.kernel: KernelValue(ppl=r.ppl, fp32_ppl=r.fp32_ppl, nll=r.nll) for r in runs}
     first = runs[0]
     updated = spec.model_copy(update={
         "ppl": fmean(r.ppl for r in runs), "kernels": kernels, "model_sha256": first.model_sha256,

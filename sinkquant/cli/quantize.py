@@ -19,8 +19,8 @@ from sinkquant.cli.args import (
 def run(args: argparse.Namespace) -> None:
     from sinkquant.artifacts import check_output_dir
     from sinkquant.data import plan_windows
-    from sinkquant.recipes import apply_recipe, load_recipe
-    from sinkquant.recipes.artifact import save
+    from sinkquant.engine import apply_recipe, save
+    from sinkquant.recipes import load_recipe
     from sinkquant.tables import print_table
 
     recipe = with_calib_windows(load_recipe(args.recipe), args.calib_windows)  # a bad recipe fails before loading
@@ -28,9 +28,9 @@ def run(args: argparse.Namespace) -> None:
     loaded, stream = load_inputs(args)
     plan = plan_windows(stream, args.ctx, max_windows(args), calib_windows=recipe.calibration.windows)
     quantized = apply_recipe(loaded, recipe, stream, ctx=args.ctx)
-    prefix = quantized.record.get("prefix", {})
     overrides = []
-    if quantized.prefix is not None and (bos := bos_override("quantize", recipe.name, prefix.get("tokens"), args.bos)):
+    if quantized.prefix is not None and (bos := bos_override("quantize", recipe.name, quantized.prefix_tokens,
+                                                             args.bos)):
         overrides.append(bos)
     result = quantized.evaluate(stream, plan, bos=args.bos, progress=not args.quiet)
     save(quantized, args.out, overwrite=args.overwrite,
@@ -39,7 +39,7 @@ def run(args: argparse.Namespace) -> None:
     print_table(
         f"{recipe.name} on {loaded.spec}",
         ["recipe", "backend", "prefix", "ctx", "windows", "perplexity", "quantize s", "eval s"],
-        [[recipe.name, recipe.backend, prefix.get("tokens", "-"), result.ctx, result.windows, f"{result.ppl:.4f}",
+        [[recipe.name, recipe.backend, quantized.prefix_tokens or "-", result.ctx, result.windows, f"{result.ppl:.4f}",
           f"{quantized.record['seconds']:.1f}", f"{result.seconds:.1f}"]],
     )
     print(f"wrote {args.out}")
