@@ -9,7 +9,7 @@ from sinkquant.cli.args import add_data_args, add_model_args, add_output_args, b
 
 
 def run(args: argparse.Namespace) -> None:
-    from sinkquant.compare import HEADERS, compare, table_rows, write_comparison
+    from sinkquant.comparison import HEADERS, compare, table_rows, write_comparison
     from sinkquant.tables import print_table
 
     loaded, stream = load_inputs(args)
