@@ -44,16 +44,22 @@ class AttentionObserver(Protocol):
 _ACTIVE: list[AttentionObserver] = []
 
 
-def _probe_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                     attention_mask: torch.Tensor | None, **kwargs: Any) -> tuple[torch.Tensor, None]:
-    """Run the module's own eager attention, hand the probabilities to the active collector, drop them."""
+def eager_attention(module: nn.Module) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
+    """The architecture's own eager attention (in the attention module's modeling file): the one implementation
+    that returns the probabilities, with every model's own scaling, soft-capping and masking."""
     eager = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
     if eager is None:
         raise SinkquantError(
             f"{type(module).__name__} has no eager_attention_forward in {type(module).__module__}; "
             "the attention probe supports models whose attention follows transformers' AttentionInterface"
         )
-    output, weights = eager(module, query, key, value, attention_mask, **kwargs)
+    return eager
+
+
+def _probe_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                     attention_mask: torch.Tensor | None, **kwargs: Any) -> tuple[torch.Tensor, None]:
+    """Run the module's own eager attention, hand the probabilities to the active collector, drop them."""
+    output, weights = eager_attention(module)(module, query, key, value, attention_mask, **kwargs)
     if _ACTIVE:
         _ACTIVE[-1].observe(module, weights, value)
     return output, None

@@ -97,7 +97,8 @@ def origin_probe(loaded: LoadedModel, base: list[int], candidates: list[int],
         result["bos_test"] = {"bos_id": None, "note": "the tokenizer defines no BOS token"}
         return result
     ratio0, sink0 = peaks.at(base, 0)
-    ratio_with, massive_with = peaks([bos, *base[:-1]])
+    ratio_with, layers_with = peaks([bos, *base[:-1]])
+    massive_with = layers_with.any(dim=0)
     result["bos_test"] = {
         "bos_id": bos, "bos_token": decode(bos),
         "without_bos": {"first_token_peak_ratio": ratio0, "first_token_sink": sink0},
