@@ -18,7 +18,7 @@ from sinkquant.data import TokenStream
 from sinkquant.errors import SinkquantError
 from sinkquant.models import LoadedModel
 from sinkquant.perplexity import Prefix, evaluate
-from sinkquant.steps.act import ACT_ATTENTION, ActConfig, ActState, ActStep, calibrate
+from sinkquant.steps.act import ACT_ATTENTION, ActConfig, ActState, ActStep, calibrate, install
 from tests.tiny import ARCHS, tiny_model
 
 CTX = 64
@@ -106,6 +106,23 @@ def test_act_every_arch(arch: str, smollm2: LoadedModel, wikitext_stream: TokenS
     step.restore(CalibrationSession(fresh, session.calibration), applied)
     assert torch.equal(_logits(fresh, ids), calibrated)
     assert to_json(applied)  # the record is plain data
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "gemma3"])
+def test_layers_without_chosen_heads_call_the_base(arch: str, smollm2: LoadedModel,
+                                                   wikitext_stream: TokenStream) -> None:
+    """Layer 0 has no chosen head: it runs the model's own implementation (sdpa, with ACT's eager-style mask);
+    layer 1 runs eager + ACT; with beta = 1 the whole model computes what it computed before."""
+    loaded = tiny_model(arch, smollm2.tokenizer)
+    ids = wikitext_stream.ids[:CTX]
+    native = _logits(loaded, ids)
+    attention = loaded.adapter.attention_modules(loaded.model)
+    assert install(loaded.model, attention, [[], [0, 2]], ActConfig(beta=1.0)) == "sdpa"
+    assert attention[0]._sinkquant_act.heads == () and attention[1]._sinkquant_act.heads == (0, 2)
+    assert torch.allclose(_logits(loaded, ids), native, atol=1e-5)
+    install(loaded.model, attention, [[], [0, 2]], ActConfig(beta=0.2, threshold=0.05, min_queries=4))
+    assert not torch.allclose(_logits(loaded, ids), native, atol=1e-4)
+    assert attention[0]._sinkquant_act.base == "sdpa"  # re-installing keeps the original base
 
 
 def test_act_bad_config_and_record(smollm2: LoadedModel) -> None:
