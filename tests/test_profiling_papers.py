@@ -14,7 +14,7 @@ from sinkquant.data import TokenStream, tokenize
 from sinkquant.errors import SinkquantError
 from sinkquant.models import LoadedModel
 from sinkquant.profiling import profile
-from sinkquant.profiling.context import context_sweep
+from sinkquant.profiling.context import context_sweep, uniform_share
 from sinkquant.profiling.domains import domain_heads, numbers_text
 from sinkquant.profiling.interventions import _Intervention, massive_interventions
 from tests.tiny import ARCHS, tiny_model
@@ -33,7 +33,8 @@ def test_paper_sections_every_arch(arch: str, smollm2: LoadedModel, wikitext_str
                                    numbers_stream: TokenStream, tmp_path: Path) -> None:
     loaded = tiny_model(arch, smollm2.tokenizer)
     report = profile(loaded, {"wikitext": wikitext_stream, "numbers": numbers_stream}, ctx=CTX, windows=2,
-                     bos="per-window", out=tmp_path / "r", progress=False, context_lengths=(4, 16, 64))
+                     bos="per-window", out=tmp_path / "r", progress=False, context_lengths=(4, 16, 64),
+                     interventions=True)
     n_layers = len(loaded.adapter.decoder_layers(loaded.model))
     heads = loaded.model.config.num_attention_heads
     domains = report["domains"]
@@ -131,6 +132,14 @@ def test_domain_heads_lists_a_head_that_switches() -> None:
     (switch,) = result["switching_heads"]
     assert (switch["layer"], switch["head"], switch["dormant_on"], switch["active_on"]) == (1, 0, ["a"], ["b"])
     assert switch["alpha0_gap"] == pytest.approx(0.7)
+
+
+def test_uniform_share_is_the_chance_level_of_token_0() -> None:
+    assert uniform_share(1) == 1.0 and uniform_share(2) == 0.75
+    assert uniform_share(4) == pytest.approx((1 + 1 / 2 + 1 / 3 + 1 / 4) / 4)
+    t = 2048
+    causal = torch.ones(t, t).tril()
+    assert uniform_share(t) == pytest.approx(float((causal / causal.sum(-1, keepdim=True))[:, 0].mean()), rel=1e-5)
 
 
 def test_numbers_text_is_deterministic() -> None:

@@ -3,7 +3,10 @@ measure it as a function of length and depth, with and without BOS. For each len
 prefix of the longest, so only the length changes), per layer: the share of heads whose column mean on token 0
 exceeds eps (Gu et al.'s sink rate), the mean attention to token 0 over heads, and token 0's residual peak
 max_c|h[0,c]| / median|h| (Sun et al.). The sink has formed at a length when token 0 carries a massive activation
-in some layer and is the largest residual peak of the sequence there."""
+in some layer and is the largest residual peak of the sequence there, and the heads give token 0 more attention
+than uniform causal attention would (mean over queries of 1/(t+1) = H_T / T; at T = 4 that is already 0.52, which
+is why eps = 0.3 alone says nothing about short contexts). In a causal model token 0's own residual state does not
+depend on the length; what the length changes is whether the rest of the sequence defers to it."""
 
 from __future__ import annotations
 
@@ -19,7 +22,12 @@ from sinkquant.models import LoadedModel
 from sinkquant.profiling import metrics
 from sinkquant.profiling.collectors import _tensor_output, _tokens, attention_probe
 
-CONTEXT_LENGTHS = (16, 64, 256, 1024, 2048)
+CONTEXT_LENGTHS = (2, 4, 16, 64, 256, 1024, 2048)  # the short ones cost nothing and show where the sink starts
+
+
+def uniform_share(length: int) -> float:
+    """alpha_0 under uniform causal attention: query t spreads 1/(t+1) on each key, so mean_t 1/(t+1) = H_T / T."""
+    return sum(1.0 / (t + 1) for t in range(length)) / length
 
 
 class _Depth:
@@ -64,13 +72,16 @@ def _measure(loaded: LoadedModel, ids: list[int]) -> dict[str, Any]:
             handle.remove()
     alpha0 = torch.stack(depth.alpha0)  # (layers, heads)
     eps = metrics.SINK_EPS[0]
-    formed_layers = [m and top for m, top in zip(depth.massive0, depth.top_is_0, strict=True)]
+    peak_formed = any(m and top for m, top in zip(depth.massive0, depth.top_is_0, strict=True))
+    chance = uniform_share(len(ids))
+    mean_alpha0 = float(alpha0.mean())
     return {
         "tokens": len(ids), "sink_rate": metrics.sink_rate(alpha0, eps),
+        "mean_first_token_attention": mean_alpha0, "uniform_share": chance,
         "sink_rate_per_layer": [metrics.sink_rate(row, eps) for row in alpha0],
         "first_token_attention": alpha0.mean(dim=-1).tolist(), "residual_peak": depth.peak,
         "token0_massive_layers": [i for i, m in enumerate(depth.massive0) if m],
-        "formed": any(formed_layers),
+        "formed": peak_formed and mean_alpha0 > chance,
     }
 
 
