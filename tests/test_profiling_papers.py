@@ -17,6 +17,7 @@ from sinkquant.profiling import profile
 from sinkquant.profiling.context import context_sweep, uniform_share
 from sinkquant.profiling.domains import domain_heads, numbers_text
 from sinkquant.profiling.interventions import _Intervention, massive_interventions
+from sinkquant.profiling.report import _runs
 from tests.tiny import ARCHS, tiny_model
 
 CTX = 32
@@ -142,6 +143,12 @@ def test_uniform_share_is_the_chance_level_of_token_0() -> None:
     assert uniform_share(t) == pytest.approx(float((causal / causal.sum(-1, keepdim=True))[:, 0].mean()), rel=1e-5)
 
 
+def test_per_layer_answers_collapse_into_runs() -> None:
+    layers = ["none"] * 11 + ["position"] * 17 + ["none"] * 2
+    assert _runs(layers) == [["0..10", "none"], ["11..27", "position"], ["28..29", "none"]]
+    assert _runs(["content"]) == [["0", "content"]] and _runs([]) == []
+
+
 def test_numbers_text_is_deterministic() -> None:
     assert numbers_text(100).sha256 == numbers_text(100).sha256
     assert numbers_text(100).sha256 != numbers_text(100, seed=1).sha256
@@ -156,6 +163,9 @@ def test_bad_paper_inputs(smollm2: LoadedModel, wikitext_stream: TokenStream) ->
         profile(loaded, {"": wikitext_stream}, ctx=CTX, windows=1, progress=False)
     with pytest.raises(SinkquantError, match="'numbers' is a str"):
         profile(loaded, {"wikitext": wikitext_stream, "numbers": "1, 2, 3"}, ctx=CTX, windows=1, progress=False)
+    short = TokenStream(ids=wikitext_stream.ids[:CTX], text_sha256="x", source={"kind": "test"})
+    with pytest.raises(SinkquantError, match="text 'short': text has 1 windows of ctx=32, fewer than windows=2"):
+        profile(loaded, {"wikitext": wikitext_stream, "short": short}, ctx=CTX, windows=2, progress=False)
     with pytest.raises(SinkquantError, match="context_lengths=.* integers >= 2"):
         context_sweep(loaded, wikitext_stream, (1, 16))
     with pytest.raises(SinkquantError, match="all exceed"):

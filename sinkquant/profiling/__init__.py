@@ -162,7 +162,12 @@ def profile(
         raise SinkquantError(f"ctx={ctx} plus {int(add_bos)} BOS exceeds the model's {limit} positions; "
                              f"use --ctx {limit - add_bos} or less")
     plan = _plan(stream, ctx, windows)
-    plans = {name: _plan(text, ctx, windows) for name, text in texts.items()}
+    plans = {primary: plan}
+    for name, text in list(texts.items())[1:]:
+        try:
+            plans[name] = _plan(text, ctx, windows)
+        except SinkquantError as error:
+            raise SinkquantError(f"text {name!r}: {error}") from None
     decode = functools.lru_cache(maxsize=None)(lambda i: loaded.tokenizer.decode([i]))
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")
     clock = time.perf_counter()

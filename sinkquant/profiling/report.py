@@ -253,7 +253,7 @@ def tables(report: dict[str, Any]) -> list[tuple[str, list[str], list[list[Any]]
         per_layer = probe["per_layer"]
         result.append((f"Waiver element per layer (Yan et al.): by position from layer "
                        f"{per_layer['position_from_layer']}, by content from layer {per_layer['content_from_layer']}",
-                       ["layer", "sink chosen by"], [[i, by] for i, by in enumerate(per_layer["layers"])]))
+                       ["layers", "sink chosen by"], _runs(per_layer["layers"])))
     result += _paper_tables(report)
     provenance = [["schema", f"{report['schema']} v{report['schema_version']}"],
                   ["model", f"{report['model']['spec']} ({report['model'].get('sha256', '')})"],
@@ -265,6 +265,17 @@ def tables(report: dict[str, Any]) -> list[tuple[str, list[str], list[list[Any]]
                   *[[f"convention: {k}", val] for k, val in sorted(report["conventions"].items())]]
     result.append(("Provenance and metric sources", ["what", "value"], provenance))
     return result
+
+
+def _runs(values: list[str]) -> list[list[str]]:
+    """Consecutive layers with the same answer as one row: [['0..10', 'none'], ['11..27', 'position'], ...]."""
+    rows: list[list[str]] = []
+    start = 0
+    for i in range(1, len(values) + 1):
+        if i == len(values) or values[i] != values[start]:
+            rows.append([f"{start}..{i - 1}" if i - 1 > start else str(start), values[start]])
+            start = i
+    return rows
 
 
 def _paper_tables(report: dict[str, Any]) -> list[tuple[str, list[str], list[list[Any]]]]:
