@@ -1,16 +1,20 @@
 """Side-by-side perplexity of several recipes on the same windows with one shared fp32 baseline.
 
-Each finished row is cached under (model hash, recipe hash, data hash, settings), so a re-run skips finished
-work and an interrupted run resumes; a recipe that fails is a row with its error, the others still run."""
+Each finished row is cached under (model hash, recipe hash, data hash, settings, sinkquant's version and the
+hash of its code), so a re-run skips finished work, an interrupted run resumes, and rows of older code are never
+reused; a recipe that fails is a row with its error, the others still run. A cache row that cannot be read is
+recomputed, with one warning line."""
 
 from __future__ import annotations
 
 import csv
 import io
+import json
+import logging
 import math
 import time
 import traceback
-from dataclasses import asdict, dataclass
+from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +22,8 @@ from sinkquant.artifacts import (
     atomic_write_bytes,
     atomic_write_json,
     atomic_write_text,
+    check_writable_place,
+    code_sha256,
     library_versions,
     sha256_bytes,
     to_json,
@@ -28,6 +34,7 @@ from sinkquant.models import LoadedModel
 from sinkquant.perplexity import evaluate
 from sinkquant.tables import markdown_table
 
+log = logging.getLogger(__name__)
 FP32 = "fp32"
 
 
@@ -45,9 +52,40 @@ class Row:
     cached: bool = False
 
 
+# The type each cached field must have: a row edited or truncated on disk is recomputed, not shown.
+_ROW_TYPES: dict[str, tuple[type, ...]] = {
+    "recipe": (str,), "description": (str,), "status": (str,), "ppl": (float, int), "delta_pct": (float, int),
+    "quantize_seconds": (float, int), "eval_seconds": (float, int), "prefix": (list,), "error": (str,),
+    "cached": (bool,),
+}
+_REQUIRED = {f.name for f in fields(Row) if f.default is MISSING}
+
+
 def _cache_key(loaded: LoadedModel, recipe_payload: Any, stream: TokenStream, settings: dict[str, Any]) -> str:
     return sha256_bytes(to_json({"model": loaded.source.get("sha256"), "recipe": recipe_payload,
-                                 "data": stream.text_sha256, "settings": settings}).encode())[:24]
+                                 "data": stream.text_sha256, "settings": settings,
+                                 "sinkquant": library_versions()["sinkquant"], "code": code_sha256()}).encode())[:24]
+
+
+def _row_from_cache(path: Path) -> Row:
+    """A cached row, checked field by field; ValueError says what is wrong with it."""
+    try:
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"unreadable: {exc}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"holds a JSON {type(data).__name__}, not an object")
+    unknown = sorted(set(data) - set(_ROW_TYPES))
+    missing = sorted(_REQUIRED - set(data))
+    if unknown or missing:
+        raise ValueError(f"unknown fields {unknown}, missing fields {missing}")
+    for name, value in data.items():
+        wrong_bool = isinstance(value, bool) and bool not in _ROW_TYPES[name]
+        if value is not None and (wrong_bool or not isinstance(value, _ROW_TYPES[name])):
+            raise ValueError(f"field {name!r} is {value!r}")
+    if data["status"] not in ("ok", "failed") or (data["status"] == "ok" and data.get("ppl") is None):
+        raise ValueError(f"status {data['status']!r} with ppl {data.get('ppl')!r}")
+    return Row(**{**data, "cached": True})
 
 
 def compare(
@@ -61,8 +99,11 @@ def compare(
     progress: bool = True,
 ) -> dict[str, Any]:
     """Evaluate fp32 and every recipe on the same evaluation windows; returns the comparison as a dict."""
-    from sinkquant.recipes import apply_recipe, load_recipe
+    from sinkquant.engine import apply_recipe
+    from sinkquant.recipes import load_recipe
 
+    if cache_dir is not None:  # refused now, not when the first row is stored minutes later
+        check_writable_place(cache_dir, "compare cache", inside=True)
     recipes = []
     for path in recipe_paths:
         try:
@@ -77,9 +118,12 @@ def compare(
     def cached_row(key: str) -> Row | None:
         if cache is None or not (cache / f"{key}.json").is_file():
             return None
-        import json
-
-        return Row(**{**json.loads((cache / f"{key}.json").read_text()), "cached": True})
+        try:
+            return _row_from_cache(cache / f"{key}.json")
+        except ValueError as exc:
+            log.warning("sinkquant compare: ignoring the cache row %s (%s); recomputing it", cache / f"{key}.json",
+                        str(exc).splitlines()[0])
+            return None
 
     def store(key: str, row: Row) -> None:
         if cache is not None and row.status == "ok":
@@ -103,10 +147,10 @@ def compare(
         if row is None:
             try:
                 start = time.perf_counter()
-                quantized = apply_recipe(loaded, recipe, stream, ctx=ctx)
+                quantized = apply_recipe(loaded, recipe, stream, ctx=ctx, copy=True)
                 quantize_seconds = time.perf_counter() - start
                 result = quantized.evaluate(stream, plan, bos=bos, progress=progress)
-                prefix = quantized.record.get("prefix", {}).get("tokens")
+                prefix = quantized.prefix_tokens
                 row = Row(recipe=recipe.name, description=recipe.description, status="ok", ppl=result.ppl,
                           delta_pct=100 * (result.ppl / base.ppl - 1), quantize_seconds=quantize_seconds,
                           eval_seconds=result.seconds, prefix=prefix)
@@ -121,6 +165,7 @@ def compare(
         "data": {"sha256": stream.text_sha256, **stream.source, **plan.describe()},
         "settings": settings,
         "versions": library_versions(),
+        "code_sha256": code_sha256(),
         "rows": [asdict(r) for r in rows],
     }
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import codecs
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,6 +13,7 @@ import torch
 
 from sinkquant.artifacts import sha256_bytes
 from sinkquant.errors import SinkquantError
+from sinkquant.hub import declared_offline, unreachable
 
 DEFAULT_DATA = "wikitext2"
 WIKITEXT2_ENV = "SINKQUANT_WIKITEXT2"
@@ -30,15 +33,49 @@ class Text:
         return sha256_bytes(self.text.encode("utf-8"))
 
 
+def _check_utf8(path: Path) -> None:
+    """Name the first undecodable byte and its offset; `datasets` only says that generation failed."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset = 0  # bytes of the file before the current block
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            pending = len(decoder.getstate()[0])  # an unfinished character carried over from the last block
+            try:
+                decoder.decode(block)
+            except UnicodeDecodeError as exc:
+                raise SinkquantError(f"data file {path} is not valid UTF-8: byte 0x{exc.object[exc.start]:02x} at "
+                                     f"byte offset {offset - pending + exc.start}") from None
+            offset += len(block)
+    pending = len(decoder.getstate()[0])
+    if pending:
+        raise SinkquantError(f"data file {path} is not valid UTF-8: it ends inside a character that starts at "
+                             f"byte offset {offset - pending}")
+
+
+def _innermost(exc: BaseException) -> BaseException:
+    """`datasets` wraps the real cause ("An error occurred while generating the dataset"); report that."""
+    while exc.__cause__ is not None or (exc.__context__ is not None and not exc.__suppress_context__):
+        exc = exc.__cause__ or exc.__context__
+    return exc
+
+
 def _load_local(path: Path, text_field: str) -> Text:
+    if path.is_dir():
+        raise SinkquantError(f"data path {path} is a folder; pass a file ({', '.join(_BUILDERS)})")
     if not path.is_file():
         raise SinkquantError(f"data file {path} does not exist or is not a file")
     builder = _BUILDERS.get(path.suffix.lower())
     if builder is None:
         raise SinkquantError(f"data file {path}: unsupported suffix {path.suffix!r}; valid: {', '.join(_BUILDERS)}")
+    if builder in ("text", "json"):
+        _check_utf8(path)
     import datasets
 
     datasets.disable_progress_bars()
+    # A failure is raised below as one line with its cause; the builder's own ERROR log would repeat it.
+    builder_log = logging.getLogger(f"datasets.packaged_modules.{builder}")
+    level = builder_log.level
+    builder_log.setLevel(logging.CRITICAL)
     try:
         if builder == "text":
             # sample_by="document" keeps the file byte-exact (one row = the whole file).
@@ -55,11 +92,22 @@ def _load_local(path: Path, text_field: str) -> Text:
     except SinkquantError:
         raise
     except Exception as exc:
-        raise SinkquantError(f"could not read data file {path}: {str(exc).splitlines()[0]}") from exc
+        cause = _innermost(exc)
+        detail = str(cause).strip().splitlines()[0] if str(cause).strip() else ""
+        raise SinkquantError(f"could not read data file {path}: {type(cause).__name__}: {detail}") from exc
+    finally:
+        builder_log.setLevel(level)
     return Text(text=text, source={"kind": "file", "path": str(path), "builder": builder, "join": "file as is"})
 
 
 def _load_hub(name: str, config: str | None, split: str, text_field: str) -> Text:
+    offline = "Offline, pass a local file (--data path/to/file.txt), or for WikiText-2 set " \
+              f"{WIKITEXT2_ENV}=path/to/wiki.test.raw"
+    reason = None if declared_offline() else unreachable()
+    if reason is not None:
+        # Declared offline, `datasets` reads its cache at once; merely unreachable, it would retry for ~40 s.
+        raise SinkquantError(f"could not load data set {name!r}: {reason}. {offline}, or set HF_HUB_OFFLINE=1 "
+                             "to use a copy in the local hub cache")
     import datasets
 
     datasets.disable_progress_bars()
@@ -68,8 +116,7 @@ def _load_hub(name: str, config: str | None, split: str, text_field: str) -> Tex
     except Exception as exc:
         raise SinkquantError(
             f"could not load data set {name!r} (config {config!r}, split {split!r}) from the hub: "
-            f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}. Offline, pass a local file "
-            f"(--data path/to/file.txt), or for WikiText-2 set {WIKITEXT2_ENV}=path/to/wiki.test.raw"
+            f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}. {offline}"
         ) from exc
     if text_field not in rows.column_names:
         raise SinkquantError(f"data set {name!r} has no field {text_field!r}; fields: {', '.join(rows.column_names)}")
@@ -109,6 +156,8 @@ class TokenStream:
     source: dict[str, Any]
 
     def n_windows(self, ctx: int) -> int:
+        if ctx < 2:
+            raise SinkquantError(f"ctx={ctx} is too small; it must be at least 2 tokens")
         return self.ids.numel() // ctx
 
     def windows(self, ctx: int, indices: list[int]) -> torch.Tensor:
@@ -144,8 +193,10 @@ class WindowPlan:
 
 def plan_windows(stream: TokenStream, ctx: int, max_windows: int | None = None, calib_windows: int = 0) -> WindowPlan:
     """Evaluation windows from the start of the text, calibration windows from its end."""
-    if ctx < 2:
-        raise SinkquantError(f"ctx={ctx} is too small; it must be at least 2 tokens")
+    if max_windows is not None and max_windows < 1:
+        raise SinkquantError(f"max_windows={max_windows} must be at least 1 (or None for every window)")
+    if calib_windows < 0:
+        raise SinkquantError(f"calib_windows={calib_windows} must be 0 or more")
     total = stream.n_windows(ctx)
     if total < 1:
         raise SinkquantError(

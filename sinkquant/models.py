@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import difflib
 import logging
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,9 +21,25 @@ from transformers import (
 )
 
 from sinkquant.adapters import Adapter, adapter_for, normalize
-from sinkquant.artifacts import atomic_dir, sha256_file
+from sinkquant.artifacts import (
+    ARTIFACT_MANIFEST,
+    atomic_dir,
+    atomic_write_json,
+    check_output_dir,
+    file_digests,
+    library_versions,
+    read_structured,
+    sha256_file,
+    verify_digests,
+)
 from sinkquant.errors import SinkquantError
+from sinkquant.hub import declared_offline, unreachable
 from sinkquant.zoo import ZOO, EmbeddedModel, embedded
+
+log = logging.getLogger(__name__)
+CACHE_RECORD = "sinkquant-cache.json"  # sha256 of each file of a dequantized cache folder, written with it
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
+PICKLE_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
 
 
 @dataclass
@@ -77,6 +95,7 @@ def _load_gguf(path: Path, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrai
 
 def convert(spec: str, out: str | os.PathLike, overwrite: bool = False) -> Path:
     """Write any loadable model (GGUF included) as a safetensors folder that from_pretrained reads."""
+    check_output_dir(out, overwrite)
     loaded = load_model(spec)
     with atomic_dir(out, overwrite=overwrite) as tmp:
         loaded.model.save_pretrained(tmp, safe_serialization=True)
@@ -85,22 +104,49 @@ def convert(spec: str, out: str | os.PathLike, overwrite: bool = False) -> Path:
 
 
 def _embedded_folder(entry: EmbeddedModel, dtype: torch.dtype) -> tuple[Path, str]:
-    """Dequantizing a GGUF takes ~30 s; do it once and keep a safetensors copy in the cache."""
+    """Dequantizing a GGUF takes ~30 s; do it once and keep a safetensors copy in the cache, with the sha256 of
+    each file. A copy that fails that check (corrupted, truncated, or written before hashes were recorded) is
+    rebuilt, with one warning line."""
     gguf = entry.path()
     digest = sha256_file(gguf)
     folder = cache_root() / "models" / f"{entry.name}-{digest[:16]}"
-    if not (folder / "model.safetensors").is_file():
+    problem = _cache_problem(folder)
+    if problem is not None:
+        if folder.exists():
+            log.warning("sinkquant: rebuilding the model cache %s: %s", folder, problem)
         model, tokenizer = _load_gguf(gguf, dtype)
         with atomic_dir(folder, overwrite=True) as tmp:
             model.save_pretrained(tmp, safe_serialization=True)
             tokenizer.save_pretrained(tmp)
+            files = file_digests(tmp, sorted(p.name for p in tmp.iterdir() if p.is_file()))
+            atomic_write_json(tmp / CACHE_RECORD, {"gguf_sha256": digest, "files": files,
+                                                   "versions": library_versions()})
     return folder, digest
+
+
+def _cache_problem(folder: Path) -> str | None:
+    """What is wrong with a dequantized cache folder, or None when every file matches its recorded sha256."""
+    if not (folder / CACHE_RECORD).is_file():
+        return "it has no recorded hashes" if folder.exists() else "absent"
+    try:
+        record = read_structured(folder / CACHE_RECORD, "model cache record")
+        verify_digests(folder, record.get("files") if isinstance(record, dict) else None, "model cache")
+    except SinkquantError as exc:
+        return str(exc)
+    return None
 
 
 def empty_model(folder: str | os.PathLike) -> PreTrainedModel:
     """The architecture saved in `folder`'s config.json, fp32, randomly initialised: the skeleton that a
     quantized state dict is loaded into."""
-    config = AutoConfig.from_pretrained(folder)
+    if not (Path(folder) / "config.json").is_file():
+        raise SinkquantError(f"{folder} has no config.json, which holds the model's architecture; the folder is "
+                             "incomplete: write it again")
+    try:
+        config = AutoConfig.from_pretrained(folder)
+    except (OSError, ValueError) as exc:  # transformers raises either for a damaged config.json
+        raise SinkquantError(f"{Path(folder) / 'config.json'} is not a readable model config: {_first_line(exc)}") \
+            from exc
     return AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
 
 
@@ -113,8 +159,40 @@ def random_model(config: PretrainedConfig, tokenizer: PreTrainedTokenizerBase, s
 
 
 def _folder_digest(folder: Path) -> str:
-    files = sorted(folder.glob("*.safetensors")) or sorted(folder.glob("*.bin"))
-    return "+".join(sha256_file(f)[:16] for f in files)
+    return "+".join(sha256_file(f)[:16] for f in sorted(folder.glob("*.safetensors")))
+
+
+def is_artifact(path: str | os.PathLike) -> bool:
+    """A folder written by `sinkquant quantize` (it holds sinkquant.json): loading only its weights as a plain
+    model would silently drop its activation quantizers and prefix."""
+    return (Path(path) / ARTIFACT_MANIFEST).is_file()
+
+
+def _check_model_folder(path: Path) -> None:
+    """Refuse a folder that is not a plain safetensors model, before transformers reads anything from it."""
+    if is_artifact(path):
+        raise SinkquantError(
+            f"model folder {path} is a sinkquant artifact ({ARTIFACT_MANIFEST}), not a plain model; load it with "
+            f"sinkquant.load({str(path)!r}) (its weights alone would drop its activation scales and prefix)"
+        )
+    if not (path / "config.json").is_file():
+        raise SinkquantError(f"model folder {path} has no config.json (expected a save_pretrained folder)")
+    if not any(path.glob("*.safetensors")):
+        pickles = sorted(p.name for pattern in PICKLE_WEIGHTS for p in path.glob(pattern))
+        found = f"only pickle weights ({', '.join(pickles)})" if pickles else "no weights"
+        raise SinkquantError(
+            f"model folder {path} has {found}; sinkquant reads safetensors only, since a pickle can run code "
+            "when loaded: use the model's safetensors release, or convert it where you trust its source"
+        )
+
+
+def _unknown_model(spec: str) -> SinkquantError:
+    close = difflib.get_close_matches(spec, list(ZOO), n=1)
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    return SinkquantError(
+        f"model {spec!r} is neither a folder with config.json, a .gguf file, a zoo name ({', '.join(ZOO)}), nor a "
+        f"hub id owner/name like 'HuggingFaceTB/SmolLM2-135M'.{hint}"
+    )
 
 
 def load_model(
@@ -123,7 +201,8 @@ def load_model(
     trust_remote_code: bool = False,
     device: str | torch.device = "cpu",
 ) -> LoadedModel:
-    """`spec` is a zoo name ('smollm2-135m' by default), a .gguf file, a local folder, or a hub id (needs internet)."""
+    """`spec` is a zoo name ('smollm2-135m' by default), a .gguf file, a local folder, or a hub id owner/name
+    (needs internet, or HF_HUB_OFFLINE=1 and a copy in the hub cache). Anything else fails at once."""
     path = Path(spec).expanduser()
     entry = embedded(spec)
     if entry is not None:
@@ -136,17 +215,14 @@ def load_model(
         model, tokenizer = _load_gguf(path, dtype)
         source = {"kind": "gguf", "path": str(path), "sha256": sha256_file(path)}
     elif path.is_dir():
-        if not (path / "config.json").is_file():
-            raise SinkquantError(f"model folder {path} has no config.json (expected a save_pretrained folder)")
+        _check_model_folder(path)
         model, tokenizer = _from_pretrained(str(path), dtype, trust_remote_code, local=True)
         source = {"kind": "folder", "path": str(path), "sha256": _folder_digest(path)}
-    elif path.exists() or spec.startswith((".", "/", "~")) or spec.count("/") > 1:
-        raise SinkquantError(
-            f"model {spec!r} is neither a folder with config.json, a .gguf file, one of {', '.join(ZOO)}, "
-            "nor a hub id like 'HuggingFaceTB/SmolLM2-135M'"
-        )
+    elif path.exists() or not HUB_ID.fullmatch(spec):
+        raise _unknown_model(spec)
     else:
-        model, tokenizer = _from_pretrained(spec, dtype, trust_remote_code, local=False)
+        reason = declared_offline() or unreachable()
+        model, tokenizer = _from_pretrained(spec, dtype, trust_remote_code, local=reason is not None, hub=reason)
         source = {"kind": "hub", "id": spec, "sha256": getattr(model.config, "_commit_hash", None) or "unknown"}
     adapter = adapter_for(model)
     normalize(model)
@@ -156,16 +232,27 @@ def load_model(
 
 
 def _from_pretrained(
-    spec: str, dtype: torch.dtype, trust_remote_code: bool, local: bool
+    spec: str, dtype: torch.dtype, trust_remote_code: bool, local: bool, hub: str | None = None
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """safetensors only (a pickle is never opened); `hub` says why the hub is out of reach when `spec` is a hub
+    id that must come from the local hub cache."""
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            spec, dtype=dtype, trust_remote_code=trust_remote_code, local_files_only=local
+            spec, dtype=dtype, trust_remote_code=trust_remote_code, local_files_only=local, use_safetensors=True
         )
         tokenizer = AutoTokenizer.from_pretrained(spec, trust_remote_code=trust_remote_code, local_files_only=local)
     except OSError as exc:
-        where = "local folder" if local else "hub id (needs internet; pass a local folder or .gguf when offline)"
-        raise SinkquantError(f"could not load model {spec!r} as a {where}: {str(exc).splitlines()[0]}") from exc
+        if hub is not None:
+            raise SinkquantError(
+                f"could not load model {spec!r}: {hub}, and it is neither in the local hub cache nor a folder here; "
+                f"pass a local folder, a .gguf file or a zoo name ({', '.join(ZOO)})"
+            ) from exc
+        where = "local folder" if local else "hub id"
+        raise SinkquantError(f"could not load model {spec!r} as a {where}: {_first_line(exc)}") from exc
     except ValueError as exc:
-        raise SinkquantError(f"could not load model {spec!r}: {str(exc).splitlines()[0]}") from exc
+        raise SinkquantError(f"could not load model {spec!r}: {_first_line(exc)}") from exc
     return model, tokenizer
+
+
+def _first_line(exc: BaseException) -> str:
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

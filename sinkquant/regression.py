@@ -56,7 +56,8 @@ def read_baseline(path: Path) -> dict[str, Any]:
 
 def check_baseline(path: str | Path, update: bool = False, progress: bool = False) -> Outcome:
     """Re-evaluate the recipe a baseline names; a missing `ppl` (or `update`) writes the measured one."""
-    from sinkquant.recipes import apply_recipe, load_recipe
+    from sinkquant.engine import apply_recipe
+    from sinkquant.recipes import load_recipe
 
     path = Path(path)
     spec = read_baseline(path)
@@ -76,7 +77,7 @@ def check_baseline(path: str | Path, update: bool = False, progress: bool = Fals
                     f"baseline {path} was made with {field} {want}, but this run has {got}; it is not comparable. "
                     "Re-create it deliberately with --update-baselines (pytest: --sinkquant-update-baselines)"
                 )
-    quantized = apply_recipe(loaded, recipe, stream, ctx=spec["ctx"])
+    quantized = apply_recipe(loaded, recipe, stream, ctx=spec["ctx"], copy=True)
     plan = plan_windows(stream, spec["ctx"], spec["windows"], calib_windows=recipe.calibration.windows)
     ppl = quantized.evaluate(stream, plan, bos=spec.get("bos", "auto"), progress=progress).ppl
     if update:

@@ -75,3 +75,20 @@ def test_window_plan_is_disjoint() -> None:
         plan_windows(stream, ctx=2000)
     with pytest.raises(SinkquantError, match="too few for 10 calibration windows"):
         plan_windows(stream, ctx=100, calib_windows=10)
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"ctx": 0}, "ctx=0 is too small; it must be at least 2 tokens"),
+    ({"ctx": -5}, "ctx=-5 is too small"),
+    ({"ctx": 100, "max_windows": -1}, "max_windows=-1 must be at least 1"),
+    ({"ctx": 100, "max_windows": 0}, "max_windows=0 must be at least 1"),
+    ({"ctx": 100, "calib_windows": -2}, "calib_windows=-2 must be 0 or more"),
+])
+def test_window_plan_refuses_nonsense(kwargs, message) -> None:
+    """Refused when planned, not after calibration ("no tokens were scored") or as a ZeroDivisionError."""
+    stream = TokenStream(ids=torch.arange(1000), text_sha256="x", source={})
+    with pytest.raises(SinkquantError, match=message):
+        plan_windows(stream, **kwargs)
+    if "max_windows" not in kwargs and "calib_windows" not in kwargs:
+        with pytest.raises(SinkquantError, match=message):
+            stream.n_windows(kwargs["ctx"])  # profiling plans its own windows from n_windows

@@ -6,8 +6,9 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from sinkquant.quant import KeepPolicy, KVSpec, QuantScheme, quantize_model
-from sinkquant.quant.kv import ATTENTION_NAME
+from sinkquant.engine.apply import quantize_model
+from sinkquant.quant import KeepPolicy, KVScheme, Scheme
+from sinkquant.quant.attention import ATTENTION_NAME
 from tests.tiny import ARCHS, tiny_model
 
 
@@ -26,9 +27,8 @@ def test_kv_quant_runs_and_cache_matches_full_forward(arch: str, tokenizer) -> N
     loaded = tiny_model(arch, tokenizer)
     ids = _ids()
     reference = loaded.model(input_ids=ids).logits
-    scheme = QuantScheme(weights=None, kv=KVSpec(4, "token"), keep=KeepPolicy(positions=(0,)))
-    summary = quantize_model(loaded.model, loaded.adapter, scheme)
-    assert summary.kv and loaded.model.config._attn_implementation == ATTENTION_NAME
+    quantize_model(loaded, Scheme(kv=KVScheme(bits=4, granularity="token")), keep=KeepPolicy(positions=(0,)))
+    assert loaded.model.config._attn_implementation == ATTENTION_NAME
     full = loaded.model(input_ids=ids).logits
     assert not torch.allclose(full, reference)
     assert torch.equal(full[:, 0], reference[:, 0])  # token 0 sees only its own kept key/value
@@ -56,6 +56,6 @@ def test_kv_per_head_keep_reduces_error(tokenizer) -> None:
         attention.k_proj.weight[:, 0] *= 100.0
         attention.v_proj.weight[:, 0] *= 100.0
         reference = loaded.model(input_ids=ids).logits
-        quantize_model(loaded.model, loaded.adapter, QuantScheme(weights=None, kv=KVSpec(4, "head"), keep=keep))
+        quantize_model(loaded, Scheme(kv=KVScheme(bits=4, granularity="head")), keep=keep)
         errors[label] = float((loaded.model(input_ids=ids).logits - reference)[:, 1:].abs().mean())
     assert errors["keep0"] < errors["plain"] / 2

@@ -4,23 +4,24 @@ from __future__ import annotations
 
 import pytest
 import torch
+from pydantic import ValidationError
 
 from sinkquant.errors import SinkquantError
-from sinkquant.quant import (
-    ActivationSpec,
-    KeepPolicy,
-    KVSpec,
-    QuantScheme,
-    WeightSpec,
+from sinkquant.quant import ActivationScheme, KeepPolicy, KVScheme, Scheme, WeightScheme, quantize_rtn
+from sinkquant.quant.kv import fake_quant_kv
+from sinkquant.quant.observers import make_observer
+from sinkquant.quant.primitives import (
     fake_quant_dynamic,
-    fake_quant_kv,
     fake_quant_range,
-    make_observer,
     qrange,
     quantize_dequantize,
-    quantize_weight,
     scale_zero_point,
 )
+from sinkquant.quant.qweight import QuantizedWeight
+
+
+def quantize_weight(w: torch.Tensor, bits: int, granularity: str, group_size: int | None = None) -> torch.Tensor:
+    return quantize_rtn(w, bits, granularity, group_size).dequantize()
 
 
 def test_qrange_int8_int4() -> None:
@@ -136,7 +137,7 @@ def test_kv_fake_quant_keeps_positions_bit_exact() -> None:
     keep = torch.zeros(2, 10, dtype=torch.bool)
     keep[:, 0] = True
     for granularity in ("head", "token"):
-        out = fake_quant_kv(k, KVSpec(4, granularity), keep)
+        out = fake_quant_kv(k, KVScheme(bits=4, granularity=granularity), keep)
         assert torch.equal(out[:, :, 0], k[:, :, 0])
         assert not torch.equal(out[:, :, 1:], k[:, :, 1:])
         assert float((out - k)[:, :, 1:].abs().max()) < 0.5  # the huge kept token did not set the range
@@ -145,19 +146,38 @@ def test_kv_fake_quant_keeps_positions_bit_exact() -> None:
 @pytest.mark.parametrize(
     ("build", "message"),
     [
-        (lambda: WeightSpec(bits=9), "weights.bits=9"),
-        (lambda: WeightSpec(granularity="row"), "weights.granularity='row' is not valid; valid: tensor, channel"),
-        (lambda: WeightSpec(granularity="group", group_size=48), "weights.group_size=48 .* valid: 32, 64, 128"),
-        (lambda: WeightSpec(granularity="channel", group_size=32), "only applies to granularity 'group'"),
-        (lambda: ActivationSpec(mode="per-row"), "activations.mode='per-row'"),
-        (lambda: ActivationSpec(mode="dynamic-token", observer="mse"), "needs mode 'static'"),
-        (lambda: KVSpec(bits=2), "kv.bits=2"),
-        (lambda: KVSpec(granularity="channel"), "kv.granularity='channel' is not valid; valid: head, token"),
-        (lambda: KeepPolicy(positions=(-1,)), "keep.positions"),
-        (lambda: QuantScheme(weights=None), "quantizes nothing"),
-        (lambda: QuantScheme(exclude="lm_head"), "exclude='lm_head'"),
+        (lambda: WeightScheme(bits=9), "bits=9 is not valid"),
+        (lambda: WeightScheme(granularity="row"), "Input should be 'tensor', 'channel' or 'group'"),
+        (lambda: WeightScheme(granularity="group"), "granularity 'group' needs group_size"),
+        (lambda: WeightScheme(granularity="channel", group_size=32), "only applies to granularity 'group'"),
+        (lambda: ActivationScheme(mode="per-row"), "Input should be 'static', 'dynamic-tensor' or 'dynamic-token'"),
+        (lambda: ActivationScheme(mode="dynamic-token", observer="mse"), "needs mode 'static'"),
+        (lambda: KVScheme(bits=2), "bits=2 is not valid"),
+        (lambda: KVScheme(granularity="channel"), "Input should be 'head' or 'token'"),
+        (lambda: Scheme(exclude="lm_head"), "valid tuple"),
     ],
 )
 def test_scheme_validation(build, message: str) -> None:
-    with pytest.raises(SinkquantError, match=message):
+    with pytest.raises(ValidationError, match=message):
         build()
+
+
+def test_keep_policy_validation() -> None:
+    with pytest.raises(SinkquantError, match="keep.positions"):
+        KeepPolicy(positions=(-1,))
+
+
+@pytest.mark.parametrize(("bits", "granularity", "group_size", "symmetric"),
+                         [(8, "channel", None, True), (4, "group", 32, False), (4, "group", 64, True),
+                          (8, "tensor", None, False), (3, "channel", None, True)])
+def test_integer_weight_round_trips_and_packs(bits, granularity, group_size, symmetric) -> None:
+    torch.manual_seed(0)
+    w = torch.randn(16, 128)
+    q = quantize_rtn(w, bits, granularity, group_size, symmetric)
+    lo, hi = qrange(bits, symmetric)
+    assert int(q.qweight.min()) >= lo and int(q.qweight.max()) <= hi
+    assert q.qweight.element_size() == 1
+    packed = q.packed()
+    assert packed.numel() == (q.qweight.numel() // 2 if bits <= 4 else q.qweight.numel())
+    assert torch.equal(QuantizedWeight.unpack(packed, bits, symmetric), q.qweight)
+    torch.testing.assert_close(q.dequantize(), w, atol=float(q.scale.max()) * 0.51, rtol=0)

@@ -37,16 +37,31 @@ def test_at_least_the_promised_recipes() -> None:
          "scheme.weights.granularity: Input should be 'tensor', 'channel' or 'group' (got 'row')"),
         ({"scheme": {"weights": {"bits": "eight"}}}, "scheme.weights.bits: Input should be a valid integer"),
         ({"steps": [{"clip": {"grid": 1}}], "scheme": W8},
-         "steps.0.clip.grid: Input should be greater than or equal to 2"),
+         "steps[0].clip.grid: Input should be greater than or equal to 2"),
         ({"steps": [{"clip": {"gird": 3}}], "scheme": W8},
-         "steps.0.clip.gird: unknown key; valid keys here: grid, min_ratio, samples"),
-        ({"steps": [{"clip": {}, "prefix": {}}], "scheme": W8}, "each step names exactly one of keep_sink, clip"),
+         "steps[0].clip.gird: unknown key; valid keys here: grid, min_ratio, samples, seed"),
+        ({"steps": [{"clip": {}, "prefix": {}}], "scheme": W8}, "steps[0]: each step is a mapping with one key"),
+        ({"steps": [{"cilp": {}}], "scheme": W8}, "steps[0]: unknown step 'cilp'; valid steps: clip, exceptions"),
         ({"stepz": [], "scheme": W8}, "stepz: unknown key; valid keys here: name, description, backend"),
-        ({"scheme": {"weights": {"granularity": "group", "group_size": 48}}},
-         "scheme.weights.group_size=48 is not valid; valid: 32, 64, 128"),
+        ({"scheme": {"weights": {"granularity": "group"}}}, "granularity 'group' needs group_size"),
         ({"backend": "tensorrt"}, "unknown backend 'tensorrt'; valid: simulated, bnb-int8"),
-        ({"backend": "bnb-nf4", "steps": [{"clip": {}}]}, "leave steps and scheme empty"),
+        ({"backend": "bnb-nf4", "steps": [{"clip": {}}]}, "leave steps and scheme out"),
         ({"scheme": {}}, "scheme quantizes nothing"),
+        # steps as components: needs, duplicates, order, conflicts, all at parse time
+        ({"steps": [{"exceptions": {"top": 2}}], "scheme": {"weights": {"bits": 8},
+                                                            "activations": {"mode": "dynamic-token"}}},
+         "steps[0] (exceptions): exceptions needs scheme.activations.mode: static"),
+        ({"steps": [{"clip": {}}], "scheme": {"weights": {"bits": 8}, "activations": {"mode": "dynamic-token"}}},
+         "steps[0] (clip): clip needs scheme.activations.mode: static"),
+        ({"steps": [{"smooth": {"alpha": 0.5}}, {"smooth": {"alpha": 0.8}}], "scheme": W8},
+         "steps[1] (smooth): duplicate step; smooth may appear once"),
+        ({"steps": [{"exceptions": {"top": 2}}, {"smooth": {}}], "scheme": W8},
+         "steps[1] (smooth): changes the model before quantization, so it cannot follow steps[0] (exceptions)"),
+        ({"steps": [{"exceptions": {}}], "scheme": W8}, "give exactly one of top (a count) or layers"),
+        ({"steps": [{"keep_sink": {"positions": [-1]}}], "scheme": W8},
+         "steps[0].keep_sink.positions.0: Input should be greater than or equal to 0"),
+        ({"steps": [{"keep_sink": {}}], "scheme": {"weights": {"bits": 8}}},
+         "keep_sink needs scheme.activations or scheme.kv"),
     ],
 )
 def test_bad_recipes(tmp_path: Path, data: dict, message: str) -> None:
@@ -56,6 +71,17 @@ def test_bad_recipes(tmp_path: Path, data: dict, message: str) -> None:
         load_recipe(path)
     assert str(info.value).startswith(str(path))
     assert message in str(info.value)
+
+
+def test_steps_run_in_the_listed_order_and_resolve_to_what_was_given() -> None:
+    recipe = parse_recipe({"name": "order", "description": "keep_sink then smooth then clip",
+                           "steps": [{"keep_sink": {}}, {"smooth": {"alpha": 0.3}}, {"clip": {"grid": 4}}],
+                           "scheme": W8})
+    assert [s.name for s in recipe.steps] == ["keep_sink", "smooth", "clip"]
+    resolved = recipe.resolved()
+    assert resolved["steps"] == [{"keep_sink": {"positions": [0], "token_ids": []}}, {"smooth": {"alpha": 0.3}},
+                                 {"clip": {"grid": 4, "min_ratio": 0.3, "samples": 512, "seed": 0}}]
+    assert "gptq" not in resolved["scheme"]["weights"] and "kv" not in resolved["scheme"]
 
 
 def test_not_yaml_and_missing(tmp_path: Path) -> None:

@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import json
+import shutil
+from pathlib import Path
+
 import pytest
 import torch
+from pydantic import Field
 
 from sinkquant.data import TokenStream, plan_windows
+from sinkquant.engine import apply_recipe, load, save
 from sinkquant.errors import SinkquantError
 from sinkquant.perplexity import evaluate
-from sinkquant.recipes import apply_recipe, load_recipe, parse_recipe
-from sinkquant.recipes.artifact import load, save
+from sinkquant.recipes import load_recipe, parse_recipe
 from sinkquant.recipes.prefix import greedy_prefix, max_linear_input, token_id, with_bos
+from sinkquant.steps import STEPS, Stage, Step, StepConfig, register
 from tests.tiny import ARCHS, tiny_model
 
 CTX = 128
@@ -28,7 +34,7 @@ def fp32_ppl(smollm2, wikitext_stream, plan) -> float:
 
 
 def _ppl(smollm2, stream, plan, name: str):
-    quantized = apply_recipe(smollm2, load_recipe(f"recipes/{name}.yaml"), stream, ctx=CTX)
+    quantized = apply_recipe(smollm2, load_recipe(f"recipes/{name}.yaml"), stream, ctx=CTX, copy=True)
     return quantized, quantized.evaluate(stream, plan, bos="never", progress=False)
 
 
@@ -46,16 +52,20 @@ def test_mitigations_beat_naive_static(smollm2, wikitext_stream, plan, fp32_ppl)
 
 def test_artifact_round_trip(smollm2, wikitext_stream, plan, tmp_path) -> None:
     quantized, before = _ppl(smollm2, wikitext_stream, plan, "w8a8-prefix-smooth-except")
-    assert len(quantized.record["exceptions"]) == 8
+    exceptions = quantized.step_record("exceptions")["layers"]
+    assert len(exceptions) == 8
     folder = save(quantized, tmp_path / "artifact")
     names = {p.name for p in folder.iterdir()}
     assert {"model.safetensors", "prefix.safetensors", "recipe.yaml", "sinkquant.json", "config.json"} <= names
+    # integers on disk: the int8 weights, not an fp32 copy (embeddings stay fp32)
+    assert (folder / "model.safetensors").stat().st_size < 0.5 * 4 * sum(
+        p.numel() for p in smollm2.model.parameters())
     reloaded = load(folder)
     after = reloaded.evaluate(wikitext_stream, plan, bos="never", progress=False)
     assert after.ppl == pytest.approx(before.ppl, rel=1e-6)
     assert reloaded.prefix.ids == quantized.prefix.ids
     assert reloaded.recipe == quantized.recipe
-    for name in quantized.record["exceptions"]:  # per-layer exceptions survive the reload
+    for name in exceptions:  # per-layer exceptions survive the reload
         assert reloaded.model.get_submodule(name).activations is None
     text = reloaded.generate("The capital of France is", max_new_tokens=5)
     assert isinstance(text, str) and text.strip()
@@ -66,6 +76,52 @@ def test_artifact_round_trip(smollm2, wikitext_stream, plan, tmp_path) -> None:
 def test_load_refuses_a_non_artifact(tmp_path) -> None:
     with pytest.raises(SinkquantError, match="not a sinkquant artifact"):
         load(tmp_path)
+
+
+@pytest.fixture(scope="module")
+def tiny_artifact(smollm2, tmp_path_factory):
+    """A saved W8A8 artifact of a tiny model: cheap to tamper with."""
+    loaded = tiny_model("llama", smollm2.tokenizer)
+    stream = TokenStream(ids=torch.randint(3, 5000, (64 * 12,), generator=torch.Generator().manual_seed(0)),
+                         text_sha256="random", source={})
+    recipe = parse_recipe({"name": "tiny", "description": "tiny W8A8 with a prefix",
+                           "steps": [{"prefix": {"tokens": ["\n"]}}, {"exceptions": {"top": 2}}],
+                           "scheme": W8A8, "calibration": {"windows": 2}})
+    return save(apply_recipe(loaded, recipe, stream, ctx=64), tmp_path_factory.mktemp("tiny") / "artifact")
+
+
+@pytest.mark.parametrize(("tamper", "message"), [
+    (lambda f: (f / "model.safetensors").write_bytes((f / "model.safetensors").read_bytes()[:-4096] + b"\xff" * 4096),
+     "model.safetensors does not match the sha256"),
+    (lambda f: (f / "model.safetensors").unlink(), "model.safetensors is missing"),
+    (lambda f: (f / "prefix.safetensors").unlink(), "prefix.safetensors is missing"),
+    (lambda f: (f / "config.json").unlink(), "config.json is missing"),
+    (lambda f: (f / "sinkquant.json").write_text("[1, 2]"), "the manifest must be a JSON object"),
+    (lambda f: _edit(f, lambda m: m.pop("record")), "field 'record' is missing"),
+    (lambda f: _edit(f, lambda m: m["recipe"]["scheme"]["weights"].update(bits=4)), "recipe does not match"),
+])
+def test_tampered_artifacts_are_refused(tiny_artifact, tmp_path, tamper, message) -> None:
+
+
+    folder = Path(shutil.copytree(tiny_artifact, tmp_path / "copy"))
+    tamper(folder)
+    with pytest.raises(SinkquantError, match=message):
+        load(folder)
+
+
+def _edit(folder, change) -> None:
+    meta = json.loads((folder / "sinkquant.json").read_text())
+    change(meta)
+    (folder / "sinkquant.json").write_text(json.dumps(meta))
+
+
+def test_unverified_load_still_checks_names_and_shapes(tiny_artifact, tmp_path) -> None:
+
+
+    folder = Path(shutil.copytree(tiny_artifact, tmp_path / "copy"))
+    _edit(folder, lambda m: m["record"]["steps"][1].update(layers=["model.layers.9.mlp.down_proj"]))
+    with pytest.raises(SinkquantError, match="'model.layers.9.mlp.down_proj' is not a quantized layer"):
+        load(folder, verify=False)
 
 
 def test_greedy_prefix_lowers_the_peak(smollm2, wikitext_stream) -> None:
@@ -124,12 +180,80 @@ def test_every_step_runs_on_every_architecture(arch, smollm2) -> None:
                   {"exceptions": {"top": 2}}, {"clip": {"grid": 4, "samples": 32}}],
         "scheme": {**W8A8, "kv": {"bits": 8}}, "calibration": {"windows": 2},
     })
+    n_linears = len(loaded.adapter.linear_layers(loaded.model))
     quantized = apply_recipe(loaded, recipe, stream, ctx=64)
     plan = plan_windows(stream, 64, max_windows=2, calib_windows=2)
     result = quantized.evaluate(stream, plan, bos="never", progress=False)
     assert torch.isfinite(torch.tensor(result.ppl))
-    assert quantized.record["quantized_layers"] == len(loaded.adapter.linear_layers(loaded.model))
-    assert 0.0 < quantized.record["clip"]["mean_ratio"] <= 1.0
-    assert len(quantized.record["exceptions"]) == 2
-    assert all(quantized.model.get_submodule(n).activations is None for n in quantized.record["exceptions"])
-    assert not set(quantized.record["exceptions"]) & set(quantized.record["clip"]["ratios"])
+    assert quantized.record["quantize"]["quantized_layers"] == n_linears
+    assert [r["step"] for r in quantized.record["steps"]] == ["prefix", "smooth", "keep_sink", "exceptions", "clip"]
+    clip, exceptions = quantized.step_record("clip"), quantized.step_record("exceptions")["layers"]
+    assert 0.0 < clip["mean_ratio"] <= 1.0
+    assert len(exceptions) == 2
+    assert all(quantized.model.get_submodule(n).activations is None for n in exceptions)
+    assert not set(exceptions) & set(clip["ratios"])
+
+
+class CountTokens(StepConfig):
+    """A test-only step: proves that adding a step is one class plus its registration."""
+
+    scale: float = Field(default=1.0, gt=0)
+
+
+def test_a_new_step_is_one_registered_class(smollm2) -> None:
+    @register
+    class CountStep(Step):
+        name = "count_calibration_tokens"
+        Config = CountTokens
+        stage = Stage.TRANSFORM
+
+        def apply(self, session):
+            return {"tokens": int(session.calibration.numel() * self.config.scale)}
+
+    try:
+        recipe = parse_recipe({"name": "t", "description": "test-only step",
+                               "steps": [{"count_calibration_tokens": {"scale": 2}}], "scheme": W8A8,
+                               "calibration": {"windows": 2}})
+        loaded = tiny_model("llama", smollm2.tokenizer)
+        stream = TokenStream(ids=torch.randint(3, 5000, (64 * 6,)), text_sha256="random", source={})
+        quantized = apply_recipe(loaded, recipe, stream, ctx=64)
+        assert quantized.step_record("count_calibration_tokens")["tokens"] == 2 * 2 * 64
+        with pytest.raises(SinkquantError, match="count_calibration_tokens.scale: Input should be greater than 0"):
+            parse_recipe({"name": "t", "description": "d", "steps": [{"count_calibration_tokens": {"scale": 0}}],
+                          "scheme": W8A8})
+    finally:
+        STEPS.pop("count_calibration_tokens")
+
+
+def test_exceptions_refuse_most_layers(smollm2) -> None:
+    loaded = tiny_model("llama", smollm2.tokenizer)
+    stream = TokenStream(ids=torch.randint(3, 5000, (64 * 6,)), text_sha256="random", source={})
+    recipe = parse_recipe({"name": "t", "description": "too many exceptions", "steps": [{"exceptions": {"top": 100}}],
+                           "scheme": W8A8, "calibration": {"windows": 2}})
+    with pytest.raises(SinkquantError, match=r"exceptions: 14 layers would keep full-precision inputs, more than 25% "
+                                             r"of the 14 quantized layers \(at most 3\)"):
+        apply_recipe(loaded, recipe, stream, ctx=64)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_gptq_through_the_pipeline_beats_round_to_nearest(arch, smollm2) -> None:
+    """GPTQ's Hessians come from each layer's real inputs in the layer-by-layer pipeline; on the same grid the
+    model's logits move less than with round-to-nearest."""
+    stream = TokenStream(ids=torch.randint(3, 5000, (64 * 8,), generator=torch.Generator().manual_seed(0)),
+                         text_sha256="random", source={})
+    ids = stream.windows(64, [0, 1])
+    errors = {}
+    for method, weights in (("rtn", {}), ("gptq", {"gptq": {"damp": 0.01}})):
+        loaded = tiny_model(arch, smollm2.tokenizer)
+        with torch.no_grad():
+            reference = loaded.model(input_ids=ids).logits
+        recipe = parse_recipe({"name": method, "description": "int4 weights",
+                               "scheme": {"weights": {"bits": 4, "granularity": "group", "group_size": 16,
+                                                      **weights}}, "calibration": {"windows": 4}})
+        quantized = apply_recipe(loaded, recipe, stream, ctx=64)
+        with torch.no_grad():
+            errors[method] = float((quantized.model(input_ids=ids).logits - reference).pow(2).mean())
+    assert errors["gptq"] < errors["rtn"], errors
+    with pytest.raises(SinkquantError, match="set calibration.pipeline: sequential"):
+        parse_recipe({"name": "g", "description": "d", "calibration": {"pipeline": "whole"},
+                      "scheme": {"weights": {"bits": 4, "granularity": "channel", "gptq": {}}}})

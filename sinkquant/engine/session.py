@@ -26,6 +26,7 @@ class Session:
     quantized: dict[str, nn.Module] = field(default_factory=dict)  # filled by the engine before REFINE steps
     profile_report: dict[str, Any] | None = None  # a profile the caller already has (the prefix step reuses it)
     progress: bool = True
+    record: dict[str, Any] = field(default_factory=dict)  # what quantization did (layers, pipeline, seconds)
 
     @property
     def model(self) -> nn.Module:

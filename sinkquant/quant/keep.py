@@ -1,45 +1,63 @@
-"""Which positions stay in full precision, resolved once per forward pass and shared by every quantizer.
+"""Which positions stay in full precision, resolved once per decoder layer call from the position ids that every
+architecture passes to its layers, so the same masks hold in a whole-model forward, in the layer-by-layer
+calibration pipeline and in `generate` (where a KV cache offsets the positions).
 
-A forward pre-hook on the top-level model reads input_ids (and, when a KV cache or cache_position is
-passed, the offset of the current tokens) and fills a `KeepState`; QuantLinear layers and the KV-cache
-attention function then read the same boolean masks instead of each recomputing them."""
+Kept token ids (as opposed to positions) need the ids themselves: a pre-hook on the top-level model records
+them, and the layer-by-layer pipeline sets them per batch."""
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 from torch import nn
+from transformers import Cache
 
+from sinkquant.adapters import Adapter
 from sinkquant.errors import SinkquantError
 from sinkquant.quant.scheme import KeepPolicy
 
 
+def _positions(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[torch.Tensor, int]:
+    """Absolute positions [batch, seq] of the tokens a decoder layer is about to process, and the cache length."""
+    hidden = args[0] if args else kwargs["hidden_states"]
+    batch, seq = hidden.shape[0], hidden.shape[1]
+    position_ids = kwargs.get("position_ids")
+    if position_ids is not None:
+        return position_ids.expand(batch, -1), int(position_ids[0, 0])
+    cache = next((a for a in (*args, *kwargs.values()) if isinstance(a, Cache)), None)
+    start = cache.get_seq_length() if cache is not None else 0
+    return torch.arange(start, start + seq, device=hidden.device).expand(batch, -1), start
+
+
 class KeepState:
     """Masks for the forward pass in flight: `mask` [batch, seq] over the current tokens and `kv_mask`
-    [batch, past + seq] over every absolute position the attention sees. Past tokens held only in a cache
-    are judged by position (their ids were never seen here)."""
+    [batch, past + seq] over every absolute position the attention sees. Past tokens held only in a cache are
+    judged by position (their ids were never seen here)."""
 
     def __init__(self, policy: KeepPolicy) -> None:
         self.policy = policy
         self.mask: torch.Tensor | None = None
         self.kv_mask: torch.Tensor | None = None
-        self.tokens_kept = 0
+        self.input_ids: torch.Tensor | None = None
 
-    def resolve(self, input_ids: torch.Tensor | None, shape: tuple[int, int], start: int, device: torch.device) -> None:
+    def resolve(self, positions: torch.Tensor, start: int) -> None:
+        """positions: absolute positions [batch, seq] of the current tokens, the first one being `start`."""
         if not self.policy:
             self.mask = self.kv_mask = None
             return
-        batch, seq = shape
+        batch, seq = positions.shape
+        device = positions.device
         absolute = torch.arange(start + seq, device=device)
-        by_position = torch.isin(absolute, torch.tensor(self.policy.positions, dtype=torch.long, device=device))
-        kv_mask = by_position.expand(batch, -1).clone()
-        if self.policy.token_ids and input_ids is not None:
-            ids = torch.tensor(self.policy.token_ids, dtype=input_ids.dtype, device=device)
-            kv_mask[:, start:] |= torch.isin(input_ids, ids)
+        kept = torch.tensor(self.policy.positions, dtype=torch.long, device=device)
+        kv_mask = torch.isin(absolute, kept).expand(batch, -1).clone()
+        ids = self.input_ids
+        if self.policy.token_ids and ids is not None and ids.shape == positions.shape:
+            kv_mask[:, start:] |= torch.isin(ids.to(device), torch.tensor(self.policy.token_ids, device=device))
         self.kv_mask = kv_mask
         self.mask = kv_mask[:, start:]
-        self.tokens_kept += int(self.mask.sum())
 
     def mask_for(self, x: torch.Tensor) -> torch.Tensor | None:
         """The current mask, checked against an activation [batch, seq, hidden]."""
@@ -51,31 +69,38 @@ class KeepState:
             return self.mask.reshape(x.shape[:-1])
         raise SinkquantError(
             f"keep mask {tuple(self.mask.shape)} does not match activation {tuple(x.shape[:-1])}; "
-            "call the model through its top-level forward with [batch, seq] inputs"
+            "quantized layers must be called inside a decoder layer of the model they were built for"
         )
 
-    def hook(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        """forward_pre_hook(with_kwargs=True) for the CausalLM."""
-        input_ids = kwargs.get("input_ids", args[0] if args else None)
-        embeds = kwargs.get("inputs_embeds")
-        reference = input_ids if input_ids is not None else embeds
-        if reference is None:
-            raise SinkquantError("position-aware quantization needs input_ids or inputs_embeds")
-        shape = (reference.shape[0], reference.shape[1])
-        cache_position = kwargs.get("cache_position")
-        past = kwargs.get("past_key_values")
-        if cache_position is not None:
-            start = int(cache_position[0])
-        elif past is not None:
-            start = int(past.get_seq_length())
-        else:
-            start = 0
-        self.resolve(input_ids, shape, start, reference.device)
+    def layer_hook(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        """forward_pre_hook(with_kwargs=True) for each decoder layer."""
+        positions, start = _positions(args, kwargs)
+        self.resolve(positions, start)
+
+    def model_hook(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        """forward_pre_hook(with_kwargs=True) for the CausalLM: remembers the ids for kept token ids."""
+        self.input_ids = kwargs.get("input_ids", args[0] if args else None)
 
 
-def attach_keep_state(model: nn.Module, policy: KeepPolicy) -> KeepState:
-    """Install the pre-hook once; the state is an attribute of the model so deepcopy keeps it consistent."""
+def attach_keep_state(model: nn.Module, adapter: Adapter, policy: KeepPolicy) -> KeepState:
+    """Install the hooks once; the state is an attribute of the model so a copy keeps it consistent."""
     state = KeepState(policy)
     model._sinkquant_keep = state
-    model.register_forward_pre_hook(state.hook, with_kwargs=True)
+    if policy:
+        model.register_forward_pre_hook(state.model_hook, with_kwargs=True)
+        for layer in adapter.decoder_layers(model):
+            layer.register_forward_pre_hook(state.layer_hook, with_kwargs=True)
     return state
+
+
+@contextlib.contextmanager
+def keep_hooks(model: nn.Module, adapter: Adapter, state: KeepState) -> Iterator[KeepState]:
+    """The hooks of `attach_keep_state` for the duration of a block (statistics gathered before quantization)."""
+    handles = [model.register_forward_pre_hook(state.model_hook, with_kwargs=True)]
+    handles += [layer.register_forward_pre_hook(state.layer_hook, with_kwargs=True)
+                for layer in adapter.decoder_layers(model)]
+    try:
+        yield state
+    finally:
+        for handle in handles:
+            handle.remove()

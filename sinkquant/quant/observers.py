@@ -32,16 +32,18 @@ class Observer:
         self.bits = bits
         self.symmetric = symmetric
         self.count = 0
-        self.xmin = torch.tensor(float("inf"))
-        self.xmax = torch.tensor(float("-inf"))
+        self.xmin: torch.Tensor | None = None
+        self.xmax: torch.Tensor | None = None
 
     def update(self, x: torch.Tensor, keep: torch.Tensor | None = None) -> None:
+        """Statistics stay on the activations' device (no host copy per batch)."""
         rows = _unkept_rows(x, keep)
         if rows.numel() == 0:
             return
         self.count += rows.numel()
-        self.xmin = torch.minimum(self.xmin, rows.amin().cpu())
-        self.xmax = torch.maximum(self.xmax, rows.amax().cpu())
+        low, high = rows.amin(), rows.amax()
+        self.xmin = low if self.xmin is None else torch.minimum(self.xmin, low)
+        self.xmax = high if self.xmax is None else torch.maximum(self.xmax, high)
         self._collect(rows)
 
     def _collect(self, rows: torch.Tensor) -> None:
@@ -71,9 +73,10 @@ class _SampledObserver(Observer):
         self._generator = torch.Generator().manual_seed(0)
 
     def _collect(self, rows: torch.Tensor) -> None:
-        flat = rows.reshape(-1).cpu()
+        flat = rows.reshape(-1)
         if flat.numel() > SAMPLES_PER_BATCH:
-            flat = flat[torch.randint(flat.numel(), (SAMPLES_PER_BATCH,), generator=self._generator)]
+            pick = torch.randint(flat.numel(), (SAMPLES_PER_BATCH,), generator=self._generator)
+            flat = flat[pick.to(flat.device)]
         self._samples.append(flat)
 
     def sample(self) -> torch.Tensor:

@@ -61,27 +61,6 @@ def _minmax(x: torch.Tensor, dim: int | tuple[int, ...] | None) -> tuple[torch.T
     return x.amin(dim=dim, keepdim=True), x.amax(dim=dim, keepdim=True)
 
 
-def quantize_weight(
-    weight: torch.Tensor, bits: int, granularity: str, group_size: int | None = None, symmetric: bool = True
-) -> torch.Tensor:
-    """Fake-quantize a Linear weight [out, in]: one range per tensor, per output row ("channel"), or per
-    contiguous run of `group_size` input columns within a row ("group", the GPTQ/AWQ layout)."""
-    if granularity == "tensor":
-        return fake_quant_range(weight, *_minmax(weight, None), bits, symmetric)
-    if granularity == "channel":
-        return fake_quant_range(weight, *_minmax(weight, 1), bits, symmetric)
-    if granularity == "group":
-        out_features, in_features = weight.shape
-        if not group_size or in_features % group_size:
-            raise SinkquantError(
-                f"group_size={group_size} does not divide the input width {in_features}; "
-                f"valid: a divisor of {in_features}"
-            )
-        grouped = weight.reshape(out_features, in_features // group_size, group_size)
-        return fake_quant_range(grouped, *_minmax(grouped, 2), bits, symmetric).reshape(weight.shape)
-    raise SinkquantError(f"weight granularity={granularity!r} is not valid; valid: tensor, channel, group")
-
-
 def fake_quant_dynamic(x: torch.Tensor, bits: int, per_token: bool, symmetric: bool = True) -> torch.Tensor:
     """Activation fake-quant with a range taken from `x` itself: one per token (last dim reduced) or one
     for the whole tensor."""

@@ -1,11 +1,11 @@
-"""Simulated (quantize-dequantize) model: decoder nn.Linear layers become QuantLinear, static activation
-ranges are calibrated with kept positions left out, and kept positions bypass activation quantization."""
+"""The simulated backend: decoder nn.Linear layers become QuantLinear, which hold the integer weight and
+dequantize it on the fly, quantize-dequantize their input (kept positions bypass it), and observe their input
+during calibration. What is saved is the integers and the scales; the floating-point copy is transient."""
 
 from __future__ import annotations
 
 import fnmatch
 from collections.abc import Iterable
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -14,21 +14,16 @@ from torch import nn
 
 from sinkquant.adapters import Adapter
 from sinkquant.errors import SinkquantError
-from sinkquant.quant.keep import KeepState, attach_keep_state
+from sinkquant.quant.keep import KeepState
 from sinkquant.quant.observers import Observer, make_observer
-from sinkquant.quant.primitives import (
-    fake_quant_dynamic,
-    fake_quant_range,
-    quantize_dequantize,
-    quantize_weight,
-    scale_zero_point,
-)
-from sinkquant.quant.scheme import GROUP_SIZES, ActivationSpec, QuantScheme, WeightSpec
+from sinkquant.quant.primitives import fake_quant_dynamic, fake_quant_range, quantize_dequantize, scale_zero_point
+from sinkquant.quant.qweight import QuantizedWeight, quantize_rtn
+from sinkquant.quant.scheme import ActivationScheme, Scheme, WeightScheme
 
 
 def fake_quant_activation(
     x: torch.Tensor,
-    spec: ActivationSpec,
+    spec: ActivationScheme,
     keep: torch.Tensor | None,
     scale: torch.Tensor | None = None,
     zero_point: torch.Tensor | None = None,
@@ -48,25 +43,47 @@ def fake_quant_activation(
 
 
 class QuantLinear(nn.Module):
-    """Drop-in for nn.Linear: holds the fake-quantized weight and quantizes its input on the fly. With
-    static activations, `act_scale` / `act_zero_point` are buffers (saved in the state dict)."""
+    """Drop-in for nn.Linear. Until `set_qweight` the weight is the original floating-point one (GPTQ needs it to
+    collect Hessians); afterwards only the integers (`weight_int`), `weight_scale` and `weight_zero_point` are
+    held. With static activations, `act_scale` / `act_zero_point` are buffers."""
 
-    def __init__(
-        self, linear: nn.Linear, weights: WeightSpec | None, activations: ActivationSpec | None, keep: KeepState
-    ) -> None:
+    def __init__(self, linear: nn.Linear, weights: WeightScheme | None, activations: ActivationScheme | None,
+                 keep: KeepState) -> None:
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        weight = linear.weight.detach()
-        if weights is not None:
-            weight = quantize_weight(weight, weights.bits, weights.granularity, weights.group_size, weights.symmetric)
-        self.weight = nn.Parameter(weight.clone(), requires_grad=False)
-        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
         self.weights_spec = weights
         self.activations = activations
         self.keep = keep
         self.observer: Observer | None = None
-        self.register_buffer("act_scale", None)
-        self.register_buffer("act_zero_point", None)
+        self.weight: nn.Parameter | None = nn.Parameter(linear.weight.detach(), requires_grad=False)
+        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach(), requires_grad=False)
+        for name in ("weight_int", "weight_scale", "weight_zero_point", "act_scale", "act_zero_point"):
+            self.register_buffer(name, None)
+
+    @property
+    def qweight(self) -> QuantizedWeight | None:
+        """The integer weight with its grid, as every backend and the export read it."""
+        if self.weight_int is None:
+            return None
+        spec = self.weights_spec
+        return QuantizedWeight(self.weight_int, self.weight_scale, self.weight_zero_point, spec.bits,
+                               spec.granularity, spec.group_size, spec.symmetric)
+
+    def set_qweight(self, qweight: QuantizedWeight) -> None:
+        """Replace the floating-point weight by its integer form (the fp copy is dropped)."""
+        self.weight_int, self.weight_scale, self.weight_zero_point = qweight.qweight, qweight.scale, \
+            qweight.zero_point
+        self.weight = None
+
+    def quantize_rtn(self) -> None:
+        spec = self.weights_spec
+        self.set_qweight(quantize_rtn(self.weight, spec.bits, spec.granularity, spec.group_size, spec.symmetric))
+
+    def dense_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        """The weight the simulator multiplies with: the dequantized integers, or the fp weight before that."""
+        if self.weight_int is None:
+            return self.weight.to(dtype)
+        return self.qweight.dequantize(dtype)
 
     def start_calibration(self) -> None:
         spec = self.activations
@@ -75,9 +92,13 @@ class QuantLinear(nn.Module):
     def finish_calibration(self) -> None:
         xmin, xmax = self.observer.range()
         scale, zero_point = scale_zero_point(xmin, xmax, self.activations.bits, self.activations.symmetric)
-        self.act_scale = scale.to(self.weight.device)
-        self.act_zero_point = zero_point.to(self.weight.device)
+        self.act_scale = scale.to(self.weight_device)
+        self.act_zero_point = zero_point.to(self.weight_device)
         self.observer = None
+
+    @property
+    def weight_device(self) -> torch.device:
+        return (self.weight if self.weight is not None else self.weight_int).device
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.activations is not None:
@@ -86,39 +107,54 @@ class QuantLinear(nn.Module):
                 self.observer.update(x, keep)
             else:
                 x = fake_quant_activation(x, self.activations, keep, self.act_scale, self.act_zero_point)
-        return F.linear(x, self.weight, self.bias)
+        return F.linear(x, self.dense_weight(x.dtype), self.bias)
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, weights={self.weights_spec}, act={self.activations}"
 
 
-@dataclass
-class QuantSummary:
-    """What quantize_model did, for reports."""
+def candidate_layers(model: nn.Module, adapter: Adapter, scheme: Scheme) -> tuple[dict[str, nn.Linear], list[str]]:
+    """Decoder Linear layers the scheme quantizes (not matched by `exclude`), and the excluded names."""
+    layers = adapter.linear_layers(model)
+    for pattern in scheme.exclude:
+        if not any(fnmatch.fnmatchcase(n, pattern) for n in layers):
+            raise SinkquantError(f"scheme.exclude: pattern {pattern!r} matches no layer; names look like "
+                                 f"{next(iter(layers))}")
+    selected = {n: m for n, m in layers.items() if not any(fnmatch.fnmatchcase(n, p) for p in scheme.exclude)}
+    return selected, sorted(set(layers) - set(selected))
 
-    quantized: list[str]
-    excluded: list[str]
-    calibration_tokens: int = 0
-    calibration_kept_tokens: int = 0
-    kv: bool = False
 
-
-def _check_group_sizes(layers: dict[str, nn.Linear], weights: WeightSpec | None) -> None:
+def check_group_size(layers: dict[str, nn.Linear], weights: WeightScheme | None) -> None:
+    """A group must divide every quantized layer's input width; the valid sizes come from the model itself."""
     if weights is None or weights.granularity != "group":
         return
+    widths = sorted({linear.in_features for linear in layers.values()})
+    if any(width % weights.group_size for width in widths):
+        from math import gcd
+
+        common = 0
+        for width in widths:
+            common = gcd(common, width)
+        valid = [g for g in range(2, common + 1) if common % g == 0]
+        raise SinkquantError(
+            f"scheme.weights.group_size={weights.group_size} does not divide the input widths {widths} of this "
+            f"model's quantized layers; valid group sizes: {', '.join(map(str, valid))} (or exclude layers)"
+        )
+
+
+def swap_linears(model: nn.Module, layers: dict[str, nn.Linear], scheme: Scheme, keep: KeepState
+                 ) -> dict[str, QuantLinear]:
+    """Put a QuantLinear in place of each selected nn.Linear (weights still floating point)."""
+    swapped: dict[str, QuantLinear] = {}
     for name, linear in layers.items():
-        if linear.in_features % weights.group_size:
-            valid = [g for g in GROUP_SIZES if linear.in_features % g == 0] or ["none of " + str(GROUP_SIZES)]
-            raise SinkquantError(
-                f"{name}: group_size={weights.group_size} does not divide its input width {linear.in_features}; "
-                f"valid group sizes for this layer: {', '.join(map(str, valid))} (or exclude it)"
-            )
+        parent_name, _, child = name.rpartition(".")
+        quant = QuantLinear(linear, scheme.weights, scheme.activations, keep)
+        setattr(model.get_submodule(parent_name), child, quant)
+        swapped[name] = quant
+    return swapped
 
 
-Batch = torch.Tensor | dict[str, Any]
-
-
-def _forward_kwargs(batch: Batch, device: torch.device) -> dict[str, Any]:
+def forward_kwargs(batch: torch.Tensor | dict[str, Any], device: torch.device) -> dict[str, Any]:
     """A batch is input ids [batch, seq] (or [seq]), or forward kwargs, e.g. with a prefix KV cache."""
     if isinstance(batch, dict):
         return {**batch, "input_ids": batch["input_ids"].to(device)}
@@ -127,15 +163,18 @@ def _forward_kwargs(batch: Batch, device: torch.device) -> dict[str, Any]:
 
 
 @torch.no_grad()
-def calibrate(model: nn.Module, layers: list[QuantLinear], batches: Iterable[Batch]) -> int:
-    """Run `batches` through the model with observers on (inputs left in fp); returns tokens seen."""
+def calibrate(model: nn.Module, layers: Iterable[QuantLinear], batches: Iterable[torch.Tensor | dict[str, Any]]
+              ) -> int:
+    """Whole-model calibration: run `batches` through the model with observers on (inputs left in floating point);
+    returns the number of tokens seen."""
+    layers = [layer for layer in layers if layer.activations is not None]
     device = next(model.parameters()).device
     for layer in layers:
         layer.start_calibration()
     tokens = 0
     try:
         for batch in batches:
-            kwargs = _forward_kwargs(batch, device)
+            kwargs = forward_kwargs(batch, device)
             model(**kwargs)
             tokens += kwargs["input_ids"].numel()
     except BaseException:
@@ -148,48 +187,3 @@ def calibrate(model: nn.Module, layers: list[QuantLinear], batches: Iterable[Bat
     for layer in layers:
         layer.finish_calibration()
     return tokens
-
-
-def quantize_model(
-    model: nn.Module, adapter: Adapter, scheme: QuantScheme, calib_batches: Iterable[Batch] | None = None,
-    restore: bool = False,
-) -> QuantSummary:
-    """Quantize `model` in place (pass a copy to keep the original): swap decoder Linear layers not matched
-    by `scheme.exclude`, calibrate static activation ranges on `calib_batches`, and enable KV-cache
-    fake-quant. lm_head and embeddings are never candidates, so tied weights stay tied.
-
-    `restore=True` builds the same structure without calibrating, with placeholder static scales, so that a
-    saved state dict (weights and calibrated scales) can be loaded into it."""
-    if getattr(model, "_sinkquant_keep", None) is not None:
-        raise SinkquantError("model already carries sinkquant quantization; pass a fresh copy of the model")
-    if scheme.needs_calibration and calib_batches is None and not restore:
-        raise SinkquantError("activations.mode='static' needs calib_batches (input ids disjoint from evaluation)")
-    layers = adapter.linear_layers(model)
-    selected = {n: m for n, m in layers.items() if not any(fnmatch.fnmatchcase(n, p) for p in scheme.exclude)}
-    for pattern in scheme.exclude:
-        if not any(fnmatch.fnmatchcase(n, pattern) for n in layers):
-            raise SinkquantError(f"exclude pattern {pattern!r} matches no layer; names look like {next(iter(layers))}")
-    _check_group_sizes(selected, scheme.weights)
-    state = attach_keep_state(model, scheme.keep)
-    swapped: list[QuantLinear] = []
-    if scheme.weights is not None or scheme.activations is not None:
-        for name, linear in selected.items():
-            parent_name, _, child = name.rpartition(".")
-            quant = QuantLinear(linear, scheme.weights, scheme.activations, state)
-            setattr(model.get_submodule(parent_name), child, quant)
-            swapped.append(quant)
-    summary = QuantSummary(quantized=list(selected) if swapped else [], excluded=sorted(set(layers) - set(selected)))
-    if scheme.needs_calibration and restore:
-        for layer in swapped:
-            layer.act_scale = torch.ones((), device=layer.weight.device)
-            layer.act_zero_point = torch.zeros((), device=layer.weight.device)
-    elif scheme.needs_calibration:
-        kept_before = state.tokens_kept
-        summary.calibration_tokens = calibrate(model, swapped, calib_batches)
-        summary.calibration_kept_tokens = state.tokens_kept - kept_before
-    if scheme.kv is not None:
-        from sinkquant.quant.kv import enable_kv_quant
-
-        enable_kv_quant(model, adapter, scheme.kv, state)
-        summary.kv = True
-    return summary

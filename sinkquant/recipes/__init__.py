@@ -1,6 +1,5 @@
-"""Recipes: YAML files of mitigation steps plus a quantization scheme, applied before int8/int4 quantization."""
+"""Recipes: YAML files of steps plus a quantization scheme (schema.py), and prefix selection helpers."""
 
-from sinkquant.recipes.apply import QuantizedModel, apply_recipe
 from sinkquant.recipes.schema import Recipe, load_recipe, parse_recipe
 
-__all__ = ["QuantizedModel", "Recipe", "apply_recipe", "load_recipe", "parse_recipe"]
+__all__ = ["Recipe", "load_recipe", "parse_recipe"]

@@ -11,8 +11,8 @@ from sinkquant.cli import add_data_args, add_model_args, add_output_args, load_i
 
 def cmd_quantize(args: argparse.Namespace) -> None:
     from sinkquant.data import plan_windows
-    from sinkquant.recipes import apply_recipe, load_recipe
-    from sinkquant.recipes.artifact import save
+    from sinkquant.engine import apply_recipe, save
+    from sinkquant.recipes import load_recipe
     from sinkquant.tables import print_table
 
     recipe = load_recipe(args.recipe)  # a bad recipe fails before the model loads
@@ -22,11 +22,11 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     plan = plan_windows(stream, args.ctx, max_windows(args), calib_windows=recipe.calibration.windows)
     result = quantized.evaluate(stream, plan, bos=args.bos, progress=not args.quiet)
     save(quantized, args.out, extra={"perplexity": result.to_dict()}, overwrite=args.overwrite)
-    prefix = quantized.record.get("prefix", {})
+    prefix = {"tokens": quantized.prefix_tokens}
     print_table(
         f"{recipe.name} on {loaded.spec}",
         ["recipe", "backend", "prefix", "ctx", "windows", "perplexity", "quantize s", "eval s"],
-        [[recipe.name, recipe.backend, prefix.get("tokens", "-"), result.ctx, result.windows, f"{result.ppl:.4f}",
+        [[recipe.name, recipe.backend, prefix["tokens"] or "-", result.ctx, result.windows, f"{result.ppl:.4f}",
           f"{quantized.record['seconds']:.1f}", f"{result.seconds:.1f}"]],
     )
     print(f"wrote {args.out}")

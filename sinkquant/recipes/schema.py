@@ -1,166 +1,81 @@
-"""Typed recipe files: YAML in the spirit of llm-compressor (a list of mitigation steps, then the scheme).
+"""Typed recipe files: YAML in the spirit of llm-compressor, a list of steps (run in the listed order) and the
+quantization scheme they prepare for.
 
-Validation happens before any model work; an unknown key, a wrong type or a bad value is reported with the
-file, the field path and what is valid."""
+Validation happens before any model work: an unknown key, a wrong type, a bad value, a step that needs what
+the scheme lacks, a duplicate or a step out of stage order is one error naming the file, the field path (or the
+step's index and name) and what would be valid."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from sinkquant.artifacts import read_structured
+from sinkquant.engine.backends import BACKENDS
 from sinkquant.errors import SinkquantError
-from sinkquant.quant import ActivationSpec, KeepPolicy, KVSpec, QuantScheme, WeightSpec
-from sinkquant.quant.backends import BACKENDS as REAL_BACKENDS
-
-BACKENDS = ("simulated", *REAL_BACKENDS)
+from sinkquant.quant.scheme import Scheme
+from sinkquant.steps import STEPS, Stage, Step
 
 
-class _Strict(BaseModel):
+class CalibrationConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-
-class WeightsConfig(_Strict):
-    bits: int = 8
-    granularity: Literal["tensor", "channel", "group"] = "channel"
-    group_size: int | None = None
-    symmetric: bool = True
-
-
-class ActivationsConfig(_Strict):
-    bits: int = 8
-    mode: Literal["static", "dynamic-tensor", "dynamic-token"] = "static"
-    observer: Literal["absmax", "percentile", "mse"] = "absmax"
-    percentile: float = 99.99
-    symmetric: bool = True
-
-
-class KVConfig(_Strict):
-    bits: int = 8
-    granularity: Literal["head", "token"] = "token"
-    symmetric: bool = False
-
-
-class SchemeConfig(_Strict):
-    weights: WeightsConfig | None = None
-    activations: ActivationsConfig | None = None
-    kv: KVConfig | None = None
-    exclude: list[str] = Field(default_factory=list)
-
-
-class KeepSinkStep(_Strict):
-    """Sink tokens keep full-precision activations and KV (IntactKV: their KV from the fp model)."""
-
-    positions: list[int] = Field(default_factory=lambda: [0])
-    token_ids: list[int] = Field(default_factory=list)
-
-
-class ClipStep(_Strict):
-    """Per-layer activation clipping ratio that minimises the layer's output error on calibration tokens
-    (sinks left out)."""
-
-    grid: int = Field(default=20, ge=2, le=200)
-    min_ratio: float = Field(default=0.3, gt=0.0, lt=1.0)
-    samples: int = Field(default=512, ge=16)
-
-
-class PrefixStep(_Strict):
-    """A fixed prefix whose KV is computed once in full precision, so quantized layers never see the peaks."""
-
-    tokens: Literal["profile", "greedy"] | list[int | str] = "profile"
-    max_tokens: int = Field(default=4, ge=1, le=32)
-    bos: Literal["auto", "always", "never"] = "auto"
-
-
-class SmoothStep(_Strict):
-    """SmoothQuant migration s_j = max|X_j|^alpha / max|W_j|^(1-alpha) into the preceding norm."""
-
-    alpha: float = Field(default=0.5, ge=0.0, le=1.0)
-
-
-class ExceptionsStep(_Strict):
-    """Per-layer exceptions: the `top` Linear inputs whose calibrated static range is widest keep
-    full-precision activations (their weights stay quantized). On SmolLM2 these are a few down_proj inputs."""
-
-    top: int = Field(default=8, ge=1)
-
-
-class Step(_Strict):
-    keep_sink: KeepSinkStep | None = None
-    clip: ClipStep | None = None
-    prefix: PrefixStep | None = None
-    smooth: SmoothStep | None = None
-    exceptions: ExceptionsStep | None = None
-
-    @model_validator(mode="after")
-    def _exactly_one(self) -> Step:
-        set_fields = [name for name in type(self).model_fields if getattr(self, name) is not None]
-        if len(set_fields) != 1:
-            raise ValueError(f"each step names exactly one of {', '.join(type(self).model_fields)}")
-        return self
-
-    @property
-    def kind(self) -> str:
-        return next(name for name in type(self).model_fields if getattr(self, name) is not None)
-
-    @property
-    def args(self) -> BaseModel:
-        return getattr(self, self.kind)
-
-
-class CalibrationConfig(_Strict):
     windows: int = Field(default=8, ge=1)
     ctx: int | None = Field(default=None, ge=2, description="defaults to the evaluation ctx")
+    pipeline: Literal["sequential", "whole"] = Field(
+        default="sequential", description="sequential: one decoder layer at a time (weights plus one layer's "
+                                          "activations in memory); whole: full-model forwards")
 
 
-class Recipe(_Strict):
+class RecipeFile(BaseModel):
+    """The file as written; `steps` entries are checked against the step registry afterwards."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
     name: str
     description: str
     backend: str = "simulated"
-    steps: list[Step] = Field(default_factory=list)
-    scheme: SchemeConfig = Field(default_factory=SchemeConfig)
+    steps: list[dict[str, Any]] = Field(default_factory=list)
+    scheme: Scheme = Field(default_factory=Scheme)
     calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
 
-    @field_validator("backend")
-    @classmethod
-    def _known_backend(cls, value: str) -> str:
-        if value not in BACKENDS:
-            raise ValueError(f"unknown backend {value!r}; valid: {', '.join(BACKENDS)}")
-        return value
 
-    @model_validator(mode="after")
-    def _real_backends_take_no_steps(self) -> Recipe:
-        if self.backend != "simulated" and (self.steps or self.scheme != SchemeConfig()):
-            raise ValueError(f"backend {self.backend!r} quantizes by its own rules: leave steps and scheme empty")
-        return self
+class Recipe(BaseModel):
+    """A parsed recipe: the steps are components (sinkquant.steps), in execution order."""
 
-    def step(self, kind: str) -> BaseModel | None:
-        return next((s.args for s in self.steps if s.kind == kind), None)
+    model_config = ConfigDict(frozen=True, arbitrary_types_allowed=True)
 
-    def quant_scheme(self, keep: KeepPolicy | None = None) -> QuantScheme:
-        """The engine's scheme; its dataclasses add the semantic checks (e.g. group_size only with 'group')."""
-        s = self.scheme
-        try:
-            return QuantScheme(
-                weights=WeightSpec(**s.weights.model_dump()) if s.weights else None,
-                activations=ActivationSpec(**s.activations.model_dump()) if s.activations else None,
-                kv=KVSpec(**s.kv.model_dump()) if s.kv else None,
-                exclude=tuple(s.exclude),
-                keep=keep or KeepPolicy(),
-            )
-        except SinkquantError as exc:
-            raise SinkquantError(f"scheme.{exc}") from exc
+    name: str
+    description: str
+    backend: str
+    steps: tuple[Step, ...]
+    scheme: Scheme
+    calibration: CalibrationConfig
+
+    def step(self, name: str) -> Step | None:
+        return next((s for s in self.steps if s.name == name), None)
 
     def resolved(self) -> dict[str, Any]:
-        """Every default filled in: what a saved artifact records."""
-        return self.model_dump(mode="json")
+        """The recipe as run: only the steps given, every default filled in (what an artifact records)."""
+        return {
+            "name": self.name, "description": self.description, "backend": self.backend,
+            "steps": [s.resolved() for s in self.steps],
+            "scheme": self.scheme.model_dump(mode="json", exclude_none=True),
+            "calibration": self.calibration.model_dump(mode="json", exclude_none=True),
+        }
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Recipe) and self.resolved() == other.resolved()
+
+    def __hash__(self) -> int:
+        return hash(repr(self.resolved()))
 
 
-def _model_at(loc: tuple) -> type[BaseModel] | None:
+def _model_at(root: type[BaseModel], loc: tuple) -> type[BaseModel] | None:
     """The schema class that holds the field at `loc`, to list the keys that would be valid there."""
-    cls: type[BaseModel] | None = Recipe
+    cls: type[BaseModel] | None = root
     for part in loc:
         if isinstance(part, int) or cls is None:
             continue
@@ -177,44 +92,87 @@ def _first_model(annotation: Any) -> type[BaseModel] | None:
     return next((m for a in get_args(annotation) if (m := _first_model(a)) is not None), None)
 
 
-def _format_error(source: str, exc: ValidationError) -> str:
+def format_validation(exc: ValidationError, root: type[BaseModel], prefix: str = "") -> str:
+    """One line for every problem pydantic found: the field path, what was wrong, what is valid."""
     parts = []
     for err in exc.errors():
-        path = ".".join(str(p) for p in err["loc"])
+        path = ".".join(str(p) for p in (prefix, *err["loc"]) if p != "")
         if err["type"] == "extra_forbidden":
-            holder = _model_at(err["loc"][:-1])
-            valid = ", ".join(holder.model_fields) if holder else "see recipes/README"
+            holder = _model_at(root, err["loc"][:-1])
+            valid = ", ".join(holder.model_fields) if holder else "see the README's recipe section"
             parts.append(f"{path}: unknown key; valid keys here: {valid}")
             continue
         got = err.get("input")
         got_text = f" (got {got!r})" if not isinstance(got, dict | list) else ""
-        parts.append(f"{path or '<top>'}: {err['msg']}{got_text}")
-    return f"{source}: invalid recipe: " + "; ".join(parts)
+        message = err["msg"].removeprefix("Value error, ")
+        parts.append(f"{path or '<top>'}: {message}{got_text}")
+    return "; ".join(parts)
+
+
+def _parse_steps(entries: list[dict[str, Any]], scheme: Scheme) -> tuple[Step, ...]:
+    steps: list[Step] = []
+    for index, entry in enumerate(entries):
+        where = f"steps[{index}]"
+        if not isinstance(entry, dict) or len(entry) != 1:
+            raise SinkquantError(f"{where}: each step is a mapping with one key, the step's name; valid names: "
+                                 f"{', '.join(sorted(STEPS))}")
+        (name, args), = entry.items()
+        cls = STEPS.get(name)
+        if cls is None:
+            raise SinkquantError(f"{where}: unknown step {name!r}; valid steps: {', '.join(sorted(STEPS))}")
+        try:
+            config = cls.Config.model_validate(args or {})
+        except ValidationError as exc:
+            raise SinkquantError(format_validation(exc, cls.Config, f"{where}.{name}")) from None
+        steps.append(cls(config))
+    for index, step in enumerate(steps):
+        where = f"steps[{index}] ({step.name})"
+        if not step.repeatable and any(s.name == step.name for s in steps[:index]):
+            raise SinkquantError(f"{where}: duplicate step; {step.name} may appear once")
+        later_refine = next((i for i, s in enumerate(steps[:index]) if s.stage == Stage.REFINE), None)
+        if step.stage == Stage.TRANSFORM and later_refine is not None:
+            raise SinkquantError(
+                f"{where}: changes the model before quantization, so it cannot follow steps[{later_refine}] "
+                f"({steps[later_refine].name}), which adjusts calibrated quantizers; move it earlier"
+            )
+        try:
+            step.check(scheme, [s for s in steps if s is not step], index)
+        except SinkquantError as exc:
+            raise SinkquantError(f"{where}: {exc}") from None
+    return tuple(steps)
 
 
 def parse_recipe(data: Any, source: str = "<recipe>") -> Recipe:
+    """Validate a recipe mapping (as read from YAML/JSON); errors start with `source`."""
     if not isinstance(data, dict):
         raise SinkquantError(f"{source}: a recipe must be a YAML mapping with name, description, steps, scheme")
     try:
-        recipe = Recipe.model_validate(data)
+        raw = RecipeFile.model_validate(data)
     except ValidationError as exc:
-        raise SinkquantError(_format_error(source, exc)) from None
-    if recipe.backend == "simulated" and recipe.scheme.weights is None and recipe.scheme.activations is None \
-            and recipe.scheme.kv is None:
-        raise SinkquantError(f"{source}: scheme quantizes nothing; set scheme.weights, scheme.activations or scheme.kv")
-    if recipe.backend == "simulated":
-        try:
-            recipe.quant_scheme()  # the engine's semantic checks, before any model work
-        except SinkquantError as exc:
-            raise SinkquantError(f"{source}: invalid recipe: {exc}") from None
-    return recipe
+        raise SinkquantError(f"{source}: invalid recipe: {format_validation(exc, RecipeFile)}") from None
+    backend = BACKENDS.get(raw.backend)
+    if backend is None:
+        raise SinkquantError(f"{source}: invalid recipe: backend: unknown backend {raw.backend!r}; valid: "
+                             f"{', '.join(BACKENDS)}")
+    if not backend.runs_recipes:
+        if raw.steps or raw.scheme != Scheme():
+            raise SinkquantError(f"{source}: invalid recipe: backend {raw.backend!r} quantizes by its own rules: "
+                                 "leave steps and scheme out")
+    elif raw.scheme.empty:
+        raise SinkquantError(f"{source}: invalid recipe: scheme quantizes nothing; set scheme.weights, "
+                             "scheme.activations or scheme.kv")
+    if raw.scheme.weights is not None and raw.scheme.weights.gptq is not None and \
+            raw.calibration.pipeline != "sequential":
+        raise SinkquantError(f"{source}: invalid recipe: scheme.weights.gptq collects Hessians layer by layer; "
+                             "set calibration.pipeline: sequential")
+    try:
+        steps = _parse_steps(raw.steps, raw.scheme)
+    except SinkquantError as exc:
+        raise SinkquantError(f"{source}: invalid recipe: {exc}") from None
+    return Recipe(name=raw.name, description=raw.description, backend=raw.backend, steps=steps, scheme=raw.scheme,
+                  calibration=raw.calibration)
 
 
 def load_recipe(path: str | Path) -> Recipe:
     path = Path(path)
-    data = read_structured(path, "recipe")
-    try:
-        return parse_recipe(data, str(path))
-    except SinkquantError as exc:
-        message = str(exc)
-        raise SinkquantError(message if message.startswith(str(path)) else f"{path}: {message}") from None
+    return parse_recipe(read_structured(path, "recipe"), str(path))

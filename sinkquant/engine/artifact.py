@@ -1,0 +1,223 @@
+"""A quantized model on disk: integer weights with their scales (safetensors), static activation scales, the
+prefix KV, the resolved recipe, what each step did, versions and data hashes, and the sha256 of every file, all
+written atomically. `load` verifies the files against the manifest, rebuilds the quantized structure and lets
+each step restore what the tensors alone do not hold."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from transformers import AutoTokenizer, DynamicCache
+
+from sinkquant.adapters import adapter_for, normalize
+from sinkquant.artifacts import (
+    atomic_dir,
+    atomic_write_json,
+    atomic_write_text,
+    library_versions,
+    read_manifest,
+    sha256_bytes,
+    sha256_file,
+    to_json,
+)
+from sinkquant.engine.apply import QuantizedModel, quantize_structure
+from sinkquant.engine.backends import BACKENDS
+from sinkquant.engine.session import Session
+from sinkquant.errors import SinkquantError
+from sinkquant.models import LoadedModel, empty_model
+from sinkquant.perplexity import Prefix
+from sinkquant.quant.qweight import QuantizedWeight
+from sinkquant.quant.scheme import KeepPolicy
+from sinkquant.recipes.schema import parse_recipe
+
+FORMAT_VERSION = 2
+META = "sinkquant.json"
+WEIGHTS = "model.safetensors"
+PREFIX = "prefix.safetensors"
+RECIPE = "recipe.yaml"
+QUANT_BUFFERS = ("weight_int", "weight_scale", "weight_zero_point", "act_scale", "act_zero_point")
+
+
+def _prefix_tensors(prefix: Prefix) -> dict[str, torch.Tensor]:
+    tensors = {"ids": torch.tensor(prefix.ids, dtype=torch.long)}
+    for index, layer in enumerate(prefix.cache.layers):
+        tensors[f"layers.{index}.keys"] = layer.keys.contiguous().cpu()
+        tensors[f"layers.{index}.values"] = layer.values.contiguous().cpu()
+    return tensors
+
+
+def _prefix_from(tensors: dict[str, torch.Tensor], config, device: torch.device) -> Prefix:
+    cache = DynamicCache(config=config)
+    index = 0
+    while f"layers.{index}.keys" in tensors:
+        cache.update(tensors[f"layers.{index}.keys"].to(device), tensors[f"layers.{index}.values"].to(device), index)
+        index += 1
+    if index != config.num_hidden_layers:
+        raise SinkquantError(f"{PREFIX} holds KV for {index} layers, the model has {config.num_hidden_layers}")
+    return Prefix(ids=tensors["ids"].tolist(), cache=cache)
+
+
+def _state(quantized: QuantizedModel) -> dict[str, torch.Tensor]:
+    """The model's tensors with every quantized weight as integers (int4 packed two per byte)."""
+    state: dict[str, torch.Tensor] = {}
+    seen: dict[int, str] = {}
+    for name, tensor in quantized.model.state_dict().items():
+        if tensor.data_ptr() in seen and tensor.numel():  # tied embeddings: stored once
+            continue
+        seen[tensor.data_ptr()] = name
+        if name.endswith(".weight_int") and tensor.element_size() == 1:
+            module = quantized.model.get_submodule(name.removesuffix(".weight_int"))
+            if module.weights_spec.bits <= 4:
+                state[name.removesuffix("_int") + "_packed"] = module.qweight.packed().contiguous().cpu()
+                continue
+        state[name] = tensor.contiguous().cpu()
+    return state
+
+
+def save(quantized: QuantizedModel, out: str | Path, extra: dict[str, Any] | None = None,
+         overwrite: bool = False) -> Path:
+    """Everything needed to reload and re-evaluate; nothing machine-specific in the recipe."""
+    base, recipe = quantized.base, quantized.recipe
+    if not BACKENDS[recipe.backend].runs_recipes:
+        from sinkquant.quant.backends import save_backend
+
+        with atomic_dir(out, overwrite=overwrite) as tmp:
+            base.tokenizer.save_pretrained(tmp)
+            save_backend(quantized.model, recipe.backend, tmp / "backend")
+            _write_manifest(tmp, quantized, extra, files=[])
+        return Path(out)
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        base.tokenizer.save_pretrained(tmp)
+        quantized.model.config.save_pretrained(tmp)
+        save_file(_state(quantized), str(tmp / WEIGHTS))
+        files = [WEIGHTS, "config.json"]
+        if quantized.prefix is not None:
+            save_file(_prefix_tensors(quantized.prefix), str(tmp / PREFIX))
+            files.append(PREFIX)
+        _write_manifest(tmp, quantized, extra, files)
+    return Path(out)
+
+
+def _write_manifest(tmp: Path, quantized: QuantizedModel, extra: dict[str, Any] | None, files: list[str]) -> None:
+    resolved = quantized.recipe.resolved()
+    atomic_write_text(tmp / RECIPE, yaml.safe_dump(resolved, sort_keys=False))
+    base = quantized.base
+    atomic_write_json(tmp / META, {
+        "format_version": FORMAT_VERSION,
+        "model": {"spec": base.spec, **base.source, "adapter": base.adapter.name},
+        "recipe": resolved,
+        "recipe_sha256": sha256_bytes(to_json(resolved).encode()),
+        "files": {name: sha256_file(tmp / name) for name in files},
+        "record": quantized.record,
+        "versions": library_versions(),
+        **(extra or {}),
+    })
+
+
+def _field(meta: dict[str, Any], key: str, kind: type, path: Path) -> Any:
+    value = meta.get(key)
+    if not isinstance(value, kind):
+        raise SinkquantError(f"{path}: field {key!r} is missing or not a {kind.__name__}; the manifest is damaged "
+                             "(re-create the artifact with `sinkquant quantize`)")
+    return value
+
+
+def _verify(folder: Path, meta: dict[str, Any], meta_path: Path) -> None:
+    recipe_digest = sha256_bytes(to_json(meta["recipe"]).encode())
+    if meta.get("recipe_sha256") != recipe_digest:
+        raise SinkquantError(f"{meta_path}: the recipe does not match its recorded sha256; the manifest was edited "
+                             "(pass verify=False / --no-verify only if you know why)")
+    for name, digest in _field(meta, "files", dict, meta_path).items():
+        path = folder / name
+        if not path.is_file():
+            raise SinkquantError(f"{path} is missing; the artifact is incomplete")
+        if sha256_file(path) != digest:
+            raise SinkquantError(f"{path} does not match the sha256 recorded in {META}; the file is damaged "
+                                 "(pass verify=False / --no-verify only if you know why)")
+
+
+def _restore_weights(model: torch.nn.Module, session: Session, tensors: dict[str, torch.Tensor]) -> None:
+    """Integer weights and scales into the QuantLinear layers, everything else by name."""
+    for name, module in session.quantized.items():
+        spec = module.weights_spec
+        if spec is not None:
+            packed = tensors.pop(f"{name}.weight_packed", None)
+            ints = tensors.pop(f"{name}.weight_int", None)
+            try:
+                values = QuantizedWeight.unpack(packed, spec.bits, spec.symmetric) if packed is not None else ints
+                scale = tensors.pop(f"{name}.weight_scale")
+                zero_point = tensors.pop(f"{name}.weight_zero_point")
+            except KeyError as exc:
+                raise SinkquantError(f"{WEIGHTS}: tensor {exc.args[0]!r} is missing") from None
+            if values is None or tuple(values.shape) != (module.out_features, module.in_features):
+                raise SinkquantError(f"{WEIGHTS}: the integer weight of {name} is missing or has the wrong shape "
+                                     f"(expected {(module.out_features, module.in_features)})")
+            module.set_qweight(QuantizedWeight(values, scale, zero_point, spec.bits, spec.granularity,
+                                               spec.group_size, spec.symmetric))
+        for buffer in ("act_scale", "act_zero_point"):
+            if f"{name}.{buffer}" in tensors:
+                setattr(module, buffer, tensors.pop(f"{name}.{buffer}"))
+        if module.activations is not None and module.activations.mode == "static" and module.act_scale is None:
+            raise SinkquantError(f"{WEIGHTS}: the static activation scale of {name} is missing")
+    missing, unexpected = model.load_state_dict(tensors, strict=False)
+    missing = [m for m in missing if not m.endswith(QUANT_BUFFERS)]
+    if model.config.tie_word_embeddings:
+        missing = [m for m in missing if m != "lm_head.weight"]
+    if missing or unexpected:
+        what = f"missing tensor {missing[0]!r}" if missing else f"unexpected tensor {unexpected[0]!r}"
+        raise SinkquantError(f"{WEIGHTS}: {what}; the weights do not belong to this artifact's model")
+    model.tie_weights()
+
+
+def load(folder: str | Path, verify: bool = True) -> QuantizedModel:
+    """Reload an artifact written by `save` (or `sinkquant quantize`); `verify` checks every file's sha256."""
+    folder = Path(folder)
+    meta_path = folder / META
+    meta = read_manifest(folder, META, "it is not a sinkquant artifact; write one with `sinkquant quantize`")
+    if not isinstance(meta, dict):
+        raise SinkquantError(f"{meta_path}: the manifest must be a JSON object; the artifact is damaged")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise SinkquantError(f"{meta_path}: format_version {meta.get('format_version')!r}; this sinkquant reads "
+                             f"{FORMAT_VERSION} (re-create the artifact with `sinkquant quantize`)")
+    recipe = parse_recipe(_field(meta, "recipe", dict, meta_path), str(meta_path))
+    record = _field(meta, "record", dict, meta_path)
+    model_meta = _field(meta, "model", dict, meta_path)
+    if verify:
+        _verify(folder, meta, meta_path)
+    if not (folder / "config.json").is_file() and BACKENDS[recipe.backend].runs_recipes:
+        raise SinkquantError(f"{folder / 'config.json'} is missing; the artifact is incomplete")
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    if not BACKENDS[recipe.backend].runs_recipes:
+        from sinkquant.quant.backends import load_backend
+
+        model = load_backend(folder / "backend")
+        base = LoadedModel(model=model, tokenizer=tokenizer, adapter=adapter_for(model), spec=model_meta.get("spec"),
+                           source={k: v for k, v in model_meta.items() if k not in ("spec", "adapter")})
+        return QuantizedModel(base=base, model=model, recipe=recipe, prefix=None, record=record)
+    model = normalize(empty_model(folder))
+    base = LoadedModel(model=model, tokenizer=tokenizer, adapter=adapter_for(model), spec=model_meta.get("spec"),
+                       source={k: v for k, v in model_meta.items() if k not in ("spec", "adapter")})
+    keep = record.get("keep", {})
+    session = Session(loaded=base, scheme=recipe.scheme, calibration=torch.empty(0, 0, dtype=torch.long),
+                      keep=KeepPolicy(positions=tuple(keep.get("positions", ())),
+                                      token_ids=tuple(keep.get("token_ids", ()))))
+    quantize_structure(session)
+    try:
+        tensors = load_file(folder / WEIGHTS)
+    except (SafetensorError, OSError) as exc:
+        raise SinkquantError(f"{folder / WEIGHTS}: not a readable safetensors file ({exc})") from None
+    _restore_weights(model, session, tensors)
+    if (folder / PREFIX).is_file():
+        session.prefix = _prefix_from(load_file(folder / PREFIX), model.config, next(model.parameters()).device)
+    records = record.get("steps", [])
+    for step in recipe.steps:
+        step_record = next((r for r in records if isinstance(r, dict) and r.get("step") == step.name), None)
+        if step_record is None:
+            raise SinkquantError(f"{meta_path}: record has no entry for step {step.name!r}; the manifest is damaged")
+        step.restore(session, step_record)
+    return QuantizedModel(base=base, model=model, recipe=recipe, prefix=session.prefix, record=record)
