@@ -13,33 +13,18 @@ import copy
 import dataclasses
 import tempfile
 from pathlib import Path
-from typing import Any
 
 import benchlib
-import torch
 
 from sinkquant.data import plan_windows, tokenize
+from sinkquant.engine.session import Session
 from sinkquant.perplexity import evaluate
 from sinkquant.profiling import profile
 from sinkquant.profiling.context import CONTEXT_LENGTHS
 from sinkquant.profiling.domains import numbers_text
+from sinkquant.quant.scheme import Scheme
 from sinkquant.steps.act import ActConfig, ActStep
 from sinkquant.tables import markdown_table
-
-
-@dataclasses.dataclass
-class _Calibration:
-    """The Session fields the ACT step reads (the engine's Session is being rebuilt)."""
-
-    loaded: Any
-    calibration: torch.Tensor
-
-    @property
-    def model(self) -> torch.nn.Module:
-        return self.loaded.model
-
-    def batches(self) -> list[dict[str, Any]]:
-        return [{"input_ids": w[None], "past_key_values": None, "use_cache": False} for w in self.calibration]
 
 
 def main() -> None:
@@ -66,7 +51,8 @@ def main() -> None:
     fp32 = evaluate(loaded, stream, plan, bos="never", progress=False)
     act_model = dataclasses.replace(loaded, model=copy.deepcopy(loaded.model))
     calibration = stream.windows(args.ctx, list(plan.calib_windows))
-    record = ActStep(ActConfig()).apply(_Calibration(act_model, calibration))
+    record = ActStep(ActConfig()).apply(Session(loaded=act_model, scheme=Scheme(), calibration=calibration,
+                                                progress=False))
     act = evaluate(act_model, stream, plan, bos="never", progress=False)
 
     tables = [

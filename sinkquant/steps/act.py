@@ -8,9 +8,10 @@ threshold after at least `min_queries` queries: the same statistic as ACT's, but
 later queries' attention), so perplexity stays a valid next-token measure. The first token (absolute position 0)
 and keys held only in a cache (a prefix's fp KV) are never scaled.
 
-The calibrated attention keeps its per-module state on the attention module (`_sinkquant_act`) and calls through
-to the implementation the model had (`base`) for modules without chosen heads, so it composes with other attention
-wrappers: one that only transforms keys and values can call this one as its base."""
+The calibrated attention is a core of sinkquant's one composing attention function (quant/attention.py
+`set_core`): the per-module state lives on the attention module (`_sinkquant_act`), modules without a chosen head
+keep the base core, and every (query, key, value) transform installed by other steps (KV quantization, rotation)
+runs before it, so ACT sees the keys and values the quantized model really attends with."""
 
 from __future__ import annotations
 
@@ -21,36 +22,41 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from pydantic import Field
 from torch import nn
-from transformers import AttentionInterface
-from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from sinkquant.adapters import Adapter
 from sinkquant.errors import SinkquantError
 from sinkquant.profiling import metrics
 from sinkquant.profiling.collectors import attention_probe, eager_attention
+from sinkquant.quant.attention import set_core
 from sinkquant.steps.base import Stage, Step, StepConfig, register
 
 if TYPE_CHECKING:
     from sinkquant.engine.session import Session
 
-ACT_ATTENTION = "sinkquant_act"
 BETA = 0.4  # ACT's default
 MIN_QUERIES = 32  # as the profile's hidden sinks: a key seen by a handful of queries has a large mean by construction
 
 
 @dataclass(frozen=True)
 class ActState:
-    """What one attention module calibrates: its chosen heads, and the implementation it calls otherwise."""
+    """What one attention module calibrates."""
 
     heads: tuple[int, ...]
     beta: float
     threshold: float
     min_queries: int
-    base: str
 
 
-def _base(module: nn.Module, name: str) -> Any:
-    return eager_attention(module) if name == "eager" else ALL_ATTENTION_FUNCTIONS[name]
+def additive_mask(mask: torch.Tensor | None, query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+    """The eager functions add the mask to the scores; the composing function builds SDPA's masks (boolean, or
+    None for plain causal attention), so convert them. Queries are the last positions of the keys."""
+    if mask is not None and mask.dtype != torch.bool:
+        return mask
+    tq, tk = query.shape[-2], key.shape[-2]
+    if mask is None:
+        mask = torch.ones(1, 1, tq, tk, dtype=torch.bool, device=query.device).tril(tk - tq)
+    return torch.zeros(mask.shape, dtype=query.dtype, device=query.device).masked_fill(
+        ~mask, torch.finfo(query.dtype).min)
 
 
 def calibrate(output: torch.Tensor, weights: torch.Tensor, value: torch.Tensor, state: ActState) -> torch.Tensor:
@@ -79,19 +85,12 @@ def calibrate(output: torch.Tensor, weights: torch.Tensor, value: torch.Tensor, 
 
 
 def act_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                  attention_mask: torch.Tensor | None, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
-    state: ActState | None = getattr(module, "_sinkquant_act", None)
-    if state is None:
-        raise SinkquantError(f"{type(module).__name__} has no ACT state; install it with ActStep.apply or restore")
-    if not state.heads:
-        return _base(module, state.base)(module, query, key, value, attention_mask, **kwargs)
-    output, weights = eager_attention(module)(module, query, key, value, attention_mask, **kwargs)
+                  attention_mask: torch.Tensor | None, **kwargs: Any) -> tuple[torch.Tensor, None]:
+    """Core attention of a module with chosen heads: the architecture's eager attention, then ACT."""
+    state: ActState = module._sinkquant_act
+    eager = eager_attention(module)
+    output, weights = eager(module, query, key, value, additive_mask(attention_mask, query, key), **kwargs)
     return calibrate(output, weights, value, state), None
-
-
-AttentionInterface.register(ACT_ATTENTION, act_attention)
-# Eager-style masks (a float mask the eager functions add to the scores), as the profiler's probe uses.
-AttentionMaskInterface.register(ACT_ATTENTION, ALL_MASK_ATTENTION_FUNCTIONS["eager"])
 
 
 class _HiddenSinks:
@@ -130,16 +129,16 @@ class ActConfig(StepConfig):
                                           "the calibration windows")
 
 
-def install(model: nn.Module, attention: list[nn.Module], heads: list[list[int]], config: ActConfig) -> str:
-    """Put each module's ACT state on it and switch the model to the calibrated attention; returns the
-    implementation the model had (the base every module calls when it has no chosen head)."""
-    base = model.config._attn_implementation
-    if base == ACT_ATTENTION:
-        base = attention[0]._sinkquant_act.base
+def install(model: nn.Module, adapter: Adapter, heads: list[list[int]], config: ActConfig) -> None:
+    """Put each module's ACT state on it and make ACT the core attention of the modules with chosen heads; a
+    module chosen before and not now goes back to the base core."""
+    attention = adapter.attention_modules(model)
     for module, chosen in zip(attention, heads, strict=True):
-        module._sinkquant_act = ActState(tuple(chosen), config.beta, config.threshold, config.min_queries, base)
-    model.set_attn_implementation(ACT_ATTENTION)
-    return base
+        if chosen:
+            module._sinkquant_act = ActState(tuple(chosen), config.beta, config.threshold, config.min_queries)
+        elif getattr(module, "_sinkquant_core", None) is act_attention:
+            del module._sinkquant_core, module._sinkquant_act
+    set_core(model, adapter, lambda index, module: act_attention if heads[index] else None)
 
 
 @register
@@ -172,11 +171,11 @@ class ActStep(Step):
         needed = config.head_share * len(batches)
         chosen = [[h for h in range(observer.windows.shape[1]) if observer.windows[layer, h] >= needed]
                   for layer in range(len(attention))]
-        base = install(model, attention, chosen, config)
+        install(model, session.loaded.adapter, chosen, config)
         decode = session.loaded.tokenizer.decode
         return {
             "heads": [[layer, h] for layer, hs in enumerate(chosen) for h in hs],
-            "calibration_windows": len(batches), "base_attention": base,
+            "calibration_windows": len(batches),
             "sink_positions": [{"position": p, "windows": k} for p, k in sorted(
                 positions.items(), key=lambda e: (-e[1], e[0]))[:20]],
             "sink_token_ids": [{"id": i, "token": decode([i]), "count": k} for i, k in sorted(
@@ -191,4 +190,4 @@ class ActStep(Step):
             if not 0 <= layer < len(attention):
                 raise SinkquantError(f"act record names layer {layer}; the model has {len(attention)} layers")
             heads[layer].append(head)
-        install(session.model, attention, heads, self.config)
+        install(session.model, session.loaded.adapter, heads, self.config)
