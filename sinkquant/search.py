@@ -20,12 +20,14 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from sinkquant.artifacts import atomic_write_json, atomic_write_text
 from sinkquant.data import TokenStream, plan_windows
 from sinkquant.errors import SinkquantError
 from sinkquant.models import LoadedModel
@@ -125,3 +127,16 @@ def search_recipe(
              "score_windows": list(windows.shape), "calib_windows": calib_windows, "kl_budget": KL_BUDGET,
              "ablation": ablation, "tried": tried, "seconds": time.perf_counter() - start}
     return _recipe(SCHEMES[scheme], chosen, calib_windows), trace
+
+
+def write_recipe(recipe: dict[str, Any], trace: dict[str, Any], path: str | Path) -> list[Path]:
+    """The chosen recipe as a normal YAML file (load_recipe reads it; no search runs again) and the search's
+    trace beside it as `<stem>.trace.json`, both written atomically."""
+    import yaml
+
+    path = Path(path)
+    trace_path = path.with_name(f"{path.stem}.trace.json")
+    header = (f"# Chosen by sinkquant.search (objective: {trace['objective']}); the candidates tried and their\n"
+              f"# objective values are in {trace_path.name}.\n")
+    return [atomic_write_text(path, header + yaml.safe_dump(recipe, sort_keys=False)),
+            atomic_write_json(trace_path, trace)]

@@ -39,6 +39,19 @@ def test_search_keeps_only_steps_that_pay_and_reproduces(tiny, wikitext_stream) 
     assert kl_to_fp(tiny, again, windows, reference) == pytest.approx(values[-1], rel=1e-4)
 
 
+def test_written_recipe_loads_back(tmp_path) -> None:
+    from sinkquant.recipes import load_recipe
+    from sinkquant.search import write_recipe
+
+    recipe = {"name": "auto", "description": "d", "steps": [{"smooth": {"alpha": 0.3}}],
+              "scheme": {"weights": {"bits": 8}, "activations": {"bits": 8, "mode": "static"}},
+              "calibration": {"windows": 2}}
+    trace = {"objective": "kl", "ablation": [{"step": "naive", "kl": 0.5}]}
+    paths = write_recipe(recipe, trace, tmp_path / "auto.yaml")
+    assert load_recipe(paths[0]).step("smooth").alpha == 0.3
+    assert paths[1].name == "auto.trace.json" and "naive" in paths[1].read_text()
+
+
 def test_score_windows_are_disjoint_from_calibration(wikitext_stream) -> None:
     from sinkquant.recipes.apply import calibration_windows
 
