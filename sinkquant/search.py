@@ -78,6 +78,8 @@ def search_recipe(
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Returns (recipe dict for `parse_recipe`, trace). See the module doc for the objective and the search."""
     from sinkquant.recipes import apply_recipe
+    from sinkquant.recipes.apply import calibration_windows
+    from sinkquant.recipes.prefix import calibration_profile
     from sinkquant.recipes.schema import parse_recipe
 
     if scheme not in SCHEMES:
@@ -87,12 +89,16 @@ def search_recipe(
     with torch.no_grad():
         reference = [F.log_softmax(loaded.model(input_ids=w[None], use_cache=False).logits[0].float(), dim=-1)
                      for w in windows]
+    # One profile of the calibration windows serves every prefix candidate (the prefix step reads it).
+    base = parse_recipe(_recipe(SCHEMES[scheme], [], calib_windows), "auto")
+    report = calibration_profile(loaded, calibration_windows(stream, base, ctx))
     tried: list[dict[str, Any]] = []
     bar = tqdm(desc="auto recipe", unit="candidate", disable=not progress)
 
     def objective(steps: list[dict[str, Any]]) -> float:
         recipe = parse_recipe(_recipe(SCHEMES[scheme], steps, calib_windows), "auto")
-        value = kl_to_fp(loaded, apply_recipe(loaded, recipe, stream, ctx=ctx), windows, reference)
+        quantized = apply_recipe(loaded, recipe, stream, ctx=ctx, profile_report=report)
+        value = kl_to_fp(loaded, quantized, windows, reference)
         tried.append({"steps": steps, "kl": value})
         bar.update(1)
         return value

@@ -196,19 +196,22 @@ def greedy_prefix(
     return prefix, trace
 
 
+def calibration_profile(loaded: LoadedModel, windows: torch.Tensor) -> dict[str, Any]:
+    """A profile of the first PROFILE_WINDOWS calibration windows (no probe): what the prefix step reads when
+    the caller has no profile; compute it once to share it between several recipes."""
+    from sinkquant.profiling import profile
+
+    sample = windows[:PROFILE_WINDOWS]
+    stream = TokenStream(ids=sample.reshape(-1), text_sha256="calibration windows", source={"kind": "calibration"})
+    return profile(loaded, stream, ctx=sample.shape[1], windows=sample.shape[0], bos="never", progress=False,
+                   probe=False)
+
+
 def _profile_candidates(loaded: LoadedModel, windows: torch.Tensor, profile_report: dict | None) -> tuple[
         list[int], dict[str, Any]]:
     """PrefixQuant's content tokens: the profile's most frequent outlier ids outside position 0, at least one
     (the positional sink needs a home even where the profile counts no outlier token), BOS excluded."""
-    if profile_report is None:
-        from sinkquant.profiling import profile
-
-        sample = windows[:PROFILE_WINDOWS]
-        stream = TokenStream(ids=sample.reshape(-1), text_sha256="calibration windows",
-                             source={"kind": "calibration"})
-        profile_report = profile(loaded, stream, ctx=sample.shape[1], windows=sample.shape[0], bos="never",
-                                 progress=False, probe=False)
-    verdict = profile_report["verdict"]
+    verdict = (profile_report or calibration_profile(loaded, windows))["verdict"]
     o = max(int(verdict["outlier_token_count"]), 1)
     ranked = verdict.get("prefix_candidates") or [{"id": i} for i in verdict["prefix_ids"]]
     ids = [c["id"] for c in ranked if c["id"] != loaded.bos_id]
