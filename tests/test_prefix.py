@@ -78,10 +78,11 @@ def test_profile_selection_checks_bos_and_outlier_tokens(smollm2, calib) -> None
 
 
 @pytest.mark.parametrize("name, trained", [("qwen2.5-coder-0.5b", False), ("gemma3-270m", True)])
-def test_held_out_models_bos_convention(name: str, trained: bool) -> None:
+def test_held_out_models_bos_convention(name: str, trained: bool, wikitext_path) -> None:
     entry = ZOO[name]
     if not entry.installed():
         pytest.skip(f"optional held-out model {name} is not installed: {entry.install}")
+    from sinkquant.data import load_text, tokenize
     from sinkquant.models import load_model
 
     loaded = load_model(name)
@@ -89,3 +90,9 @@ def test_held_out_models_bos_convention(name: str, trained: bool) -> None:
     assert loaded.bos_id is not None  # both tokenizers name a BOS ...
     assert evidence["trained"] is trained  # ... only Gemma is trained with it
     assert (with_bos(loaded, [], "auto") == [loaded.bos_id]) is trained
+    if not trained:  # Qwen's named-but-untrained BOS is the prefix that raised its fp perplexity (issue 14)
+        stream = tokenize(load_text(str(wikitext_path)), loaded.tokenizer)
+        plan = plan_windows(stream, CTX, max_windows=1, calib_windows=2)
+        kept, record = check_prefix(loaded, [], [loaded.bos_id], stream.windows(CTX, list(plan.calib_windows)),
+                                    max_tokens=4)
+        assert kept == [] and record["candidates"][0]["delta_nll"] > MAX_NLL_INCREASE
