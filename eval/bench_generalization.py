@@ -100,7 +100,7 @@ def main() -> None:
                      *(f"{d[r]:+.1f}%" if r in d else "failed" for r in RECIPES),
                      "-" if best is None else "PASS" if best <= 3 else "FAIL",
                      "-" if best is None or dyn is None else "PASS" if best <= dyn else "FAIL",
-                     " ".join(repr(t) for t in c["prefix"] or []) or "-"])
+                     " ".join(repr(t) for t in c["prefix"] or []).replace("|", "\\|") or "-"])
     text = (f"ctx {args.ctx}, first {args.windows} windows of each text, BOS auto, calibration on the last windows "
             f"of the same text (never the evaluated ones). Goals (issue 14): the best static W8A8 recipe within "
             f"+3% of fp32 and at or below dynamic per-token W8A8 on every model and text.\n\n"
