@@ -34,7 +34,11 @@ def test_search_writes_a_recipe_that_reloads_and_reproduces(smollm2, wikitext_st
     # A budget no random model meets forces the exception search through doubling and its fallback.
     recipe, trace = auto_recipe(loaded, wikitext_stream, budget=1e-12, **SEARCH)
     assert all(torch.equal(v, before[k]) for k, v in _state(loaded.model).items())  # the search used copies
-    assert [a["step"] for a in trace["ablation"]] == ["prefix", "smooth", "exceptions", "clip"]
+    ablation = {a["step"]: a for a in trace["ablation"]}
+    assert [a["step"] for a in trace["ablation"] if a["step"] != "keep_sink"] == ["prefix", "smooth", "exceptions",
+                                                                                 "clip"]
+    assert ("keep_sink" in ablation) == (not ablation["prefix"]["kept"] and bool(trace["verdict"]["sink_positions"]))
+    assert all(a["after"] <= a["before"] and a["kept"] == (a["after"] < a["before"]) for a in ablation.values())
     stages = {c["stage"] for c in trace["candidates"]}
     assert {"naive", "smooth", "exceptions", "clip"} <= stages
     assert all(c["seconds"] >= 0 and math.isfinite(c["objective"]) for c in trace["candidates"])
@@ -63,7 +67,7 @@ def test_search_writes_a_recipe_that_reloads_and_reproduces(smollm2, wikitext_st
 
 def test_auto_recipe_beats_naive_static_on_smollm2(smollm2, wikitext_stream) -> None:
     ctx = 128
-    recipe, trace = auto_recipe(smollm2, wikitext_stream, ctx=ctx, calib_windows=4, score_windows=1,
+    recipe, trace = auto_recipe(smollm2, wikitext_stream, ctx=ctx, calib_windows=3, score_windows=1,
                                 search_windows=2, progress=False)
     assert trace["chosen_objective"] < trace["naive_objective"]
     assert any(a["kept"] for a in trace["ablation"])

@@ -11,7 +11,8 @@ The first `score_windows` of them score; the rest calibrate the chosen recipe; t
 each candidate on the last `search_windows` of those (short search windows keep the cost bounded).
 
 Search, each stage kept only if it lowers the objective (the trace's `ablation`):
-    naive scheme -> prefix length 0..max (the prefix step's own selection from the verdict)
+    naive scheme -> prefix length 0..max (the prefix step's own selection from the verdict, lengthened while
+    each token pays; where none pays, keep_sink on the verdict's sink positions)
     -> smoothing alpha (a small grid walked from 0.5) -> exception layers (the smallest top-k, ranked as the
     exceptions step ranks them, whose objective meets `budget`; a release needs no recalibration)
     -> clipping on/off (on the calibrated model, undone by restoring the scales)."""
@@ -54,7 +55,8 @@ class BaseScheme:
     scheme: dict[str, Any]
     max_prefix: int = 4
     alphas: tuple[float, ...] = (0.5, 0.65, 0.8, 0.35)  # walked from the first, one neighbour at a time
-    clip: ClipConfig = ClipConfig(grid=10, samples=32)
+    # Clipping's cost is its per-layer grid (layers x grid x rows), not the windows: a coarse grid on few rows.
+    clip: ClipConfig = ClipConfig(grid=6, samples=16, min_ratio=0.5)
 
 
 W8A8 = {"weights": {"bits": 8, "granularity": "channel"}, "activations": {"bits": 8, "mode": "static"}}
@@ -67,8 +69,8 @@ BASE_SCHEMES: dict[str, BaseScheme] = {
                            "activations": {"bits": 4, "mode": "static"}, "kv": {"bits": 4, "granularity": "token"}}),
 }
 DEFAULT_BUDGET = 0.02
-# Doubling stops here: beyond 32 released inputs the search costs more than the exceptions are worth.
-MAX_EXCEPTIONS = 32
+# Doubling stops here (1, 2, 4, 8, 16): beyond 16 released inputs the search costs more than they are worth.
+MAX_EXCEPTIONS = 16
 
 
 def base_scheme(name: str) -> BaseScheme:
@@ -201,7 +203,7 @@ def _ablation(stage: str, before: float, after: float) -> dict[str, Any]:
 
 def auto_recipe(
     loaded: LoadedModel, stream: TokenStream, scheme: str = "w8a8-static", ctx: int = 512, calib_windows: int = 8,
-    budget: float = DEFAULT_BUDGET, score_windows: int = 2, search_windows: int = 2, progress: bool = True,
+    budget: float = DEFAULT_BUDGET, progress: bool = True, *, score_windows: int = 1, search_windows: int = 2,
 ) -> tuple[Recipe, dict[str, Any]]:
     """Search a recipe for `loaded` on calibration windows only; returns it with the trace of what was tried.
     The loaded model is left untouched (every candidate works on a copy)."""
@@ -221,12 +223,17 @@ def auto_recipe(
 
     search.calibrated("naive", [])
     naive = search.best["objective"]
-    for ids in _prefix_candidates(loaded, report, base.max_prefix):
-        search.calibrated("prefix", [_prefix_step(loaded, ids)])
+    for ids in _prefix_candidates(loaded, report, base.max_prefix):  # longer only while longer pays
+        if not search.calibrated("prefix", [_prefix_step(loaded, ids)]) and len(ids) > 1:
+            break
     ablation.append(_ablation("prefix", naive, search.best["objective"]))
+    sinks = report["verdict"]["sink_positions"]
+    if not search.best["steps"] and sinks:  # no prefix pays: keep the verdict's sink positions instead
+        search.calibrated("keep_sink", [{"keep_sink": {"positions": sinks}}])
+        ablation.append(_ablation("keep_sink", naive, search.best["objective"]))
     _smooth(search, ablation)
     _exceptions(search, budget, ablation)
-    _clip(search, ablation)
+    _clip(search, budget, ablation)
     search.bar.close()
 
     best = search.best
@@ -243,6 +250,7 @@ def auto_recipe(
         "objective": OBJECTIVE,
         "windows": {"score": region[:score_windows], "search_calibration": search_ids,
                     "final_calibration": region[score_windows:]},
+        "verdict": {k: report["verdict"][k] for k in ("prefix_ids", "prefix_tokens", "sink_positions")},
         "naive_objective": naive, "chosen_objective": best["objective"], "budget_met": best["objective"] <= budget,
         "ablation": ablation, "candidates": search.candidates, "recipe": recipe.resolved(),
         "seconds": time.perf_counter() - start,
@@ -321,9 +329,12 @@ def _exceptions(search: _Search, budget: float, ablation: list[dict[str, Any]]) 
     ablation.append(_ablation("exceptions", before, search.best["objective"]))
 
 
-def _clip(search: _Search, ablation: list[dict[str, Any]]) -> None:
+def _clip(search: _Search, budget: float, ablation: list[dict[str, Any]]) -> None:
     """Clipping on the calibrated best candidate; its scales are restored when clipping does not pay."""
     before, quantized, start = search.best["objective"], search.model, time.perf_counter()
+    if before <= budget:
+        ablation.append({**_ablation("clip", before, before), "reason": "budget already met"})
+        return
     layers = _quantized_layers(quantized)
     saved = {n: (m.act_scale, m.act_zero_point) for n, m in layers.items()}
     keep = quantized.record["keep"]
