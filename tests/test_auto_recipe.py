@@ -65,6 +65,15 @@ def test_search_writes_a_recipe_that_reloads_and_reproduces(smollm2, wikitext_st
     assert chosen <= naive
 
 
+@pytest.mark.parametrize("scheme", ["w4a8kv8", "w4a4kv4"])
+def test_int4_base_schemes_search_the_same_space(smollm2, wikitext_stream, scheme) -> None:
+    loaded = tiny_model("llama", smollm2.tokenizer)
+    recipe, trace = auto_recipe(loaded, wikitext_stream, scheme=scheme, **SEARCH)
+    base = parse_recipe({"name": "b", "description": "b", "scheme": BASE_SCHEMES[scheme].scheme})
+    assert recipe.scheme == base.scheme and recipe.scheme.kv is not None
+    assert trace["chosen_objective"] <= trace["naive_objective"]
+
+
 def test_auto_recipe_beats_naive_static_on_smollm2(smollm2, wikitext_stream) -> None:
     ctx = 128
     recipe, trace = auto_recipe(smollm2, wikitext_stream, ctx=ctx, calib_windows=3, score_windows=1,
