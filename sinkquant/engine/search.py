@@ -105,7 +105,7 @@ class Objective:
     """The fp32 reference is computed once; each candidate costs one quantized forward per scoring window."""
 
     def __init__(self, loaded: LoadedModel, windows: torch.Tensor) -> None:
-        self.loaded, self.windows = loaded, windows
+        self.windows = windows
         self.context = [loaded.bos_id] if loaded.adds_bos else []
         self.reference = [_log_probs(loaded.model, w, self.context, None) for w in windows]
 
@@ -221,20 +221,22 @@ def auto_recipe(
     search = _Search(loaded, stream, base, ctx, search_windows, objective, report, progress)
     ablation: list[dict[str, Any]] = []
 
-    search.calibrated("naive", [])
-    naive = search.best["objective"]
-    for ids in _prefix_candidates(loaded, report, base.max_prefix):  # longer only while longer pays
-        if not search.calibrated("prefix", [_prefix_step(loaded, ids)]) and len(ids) > 1:
-            break
-    ablation.append(_ablation("prefix", naive, search.best["objective"]))
-    sinks = report["verdict"]["sink_positions"]
-    if not search.best["steps"] and sinks:  # no prefix pays: keep the verdict's sink positions instead
-        search.calibrated("keep_sink", [{"keep_sink": {"positions": sinks}}])
-        ablation.append(_ablation("keep_sink", naive, search.best["objective"]))
-    _smooth(search, ablation)
-    _exceptions(search, budget, ablation)
-    _clip(search, budget, ablation)
-    search.bar.close()
+    try:
+        search.calibrated("naive", [])
+        naive = search.best["objective"]
+        for ids in _prefix_candidates(loaded, report, base.max_prefix):  # longer only while longer pays
+            if not search.calibrated("prefix", [_prefix_step(loaded, ids)]) and len(ids) > 1:
+                break
+        ablation.append(_ablation("prefix", naive, search.best["objective"]))
+        sinks = report["verdict"]["sink_positions"]
+        if not search.best["steps"] and sinks:  # no prefix pays: keep the verdict's sink positions instead
+            search.calibrated("keep_sink", [{"keep_sink": {"positions": sinks}}])
+            ablation.append(_ablation("keep_sink", naive, search.best["objective"]))
+        _smooth(search, ablation)
+        _exceptions(search, budget, ablation)
+        _clip(search, budget, ablation)
+    finally:
+        search.bar.close()
 
     best = search.best
     steps = list(best["steps"])
