@@ -18,9 +18,9 @@ from typing import Any
 
 import benchlib
 import torch
+from sinkquant.compare import compare
 
 from sinkquant.artifacts import atomic_write_bytes, sha256_file
-from sinkquant.compare import compare
 from sinkquant.data import Text, load_text, tokenize
 from sinkquant.models import load_model
 from sinkquant.tables import markdown_table

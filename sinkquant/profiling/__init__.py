@@ -184,7 +184,10 @@ def profile(
         candidates += [t["id"] for t in summary["token_outliers"]["outlier_token_ids"][:2]]
         base = stream.windows(ctx, [plan.calib_windows[0]])[0].tolist()
         probe_result = origin_probe(loaded, base, candidates, decode)
-    verdict = build_verdict(summary, collector.outlier_ids, collector.windows, loaded.bos_id, probe_result, decode)
+    from sinkquant.recipes.prefix import bos_evidence  # the prefix rule's BOS evidence; recipes import profiling
+
+    verdict = build_verdict(summary, collector.outlier_ids, collector.windows, loaded.bos_id, probe_result, decode,
+                            bos_trained=bos_evidence(loaded)["trained"])
     domains = None
     if len(texts) > 1:
         clock_section = time.perf_counter()
