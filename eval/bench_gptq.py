@@ -24,6 +24,7 @@ from sinkquant.models import LoadedModel
 from sinkquant.perplexity import evaluate
 from sinkquant.quant.gptq import HessianAccumulator, gptq_quantize
 from sinkquant.quant.qweight import quantize_rtn
+from sinkquant.quant.rotation import rotate
 
 # Measured by the author on the same windows (fp32 36.002): the targets this benchmark is read against.
 PEERS = {"llm-compressor GPTQ W4A16 g64 sym": 41.7, "llm-compressor RTN W4A16 g64 sym": 46.0,
@@ -117,6 +118,9 @@ def main() -> None:
     p.add_argument("--calib-windows", type=int, default=8)
     p.add_argument("--grids", nargs="+", default=["g64-sym", "g32-asym"], choices=sorted(GRIDS))
     p.add_argument("--damp", type=float, default=0.01)
+    p.add_argument("--methods", nargs="+", default=["rtn", "gptq"], choices=["rtn", "gptq"])
+    p.add_argument("--rotate", action="store_true",
+                   help="QuaRot-style rotation (residual, V/O, online down_proj) before quantizing; in the time")
     args = p.parse_args()
     loaded, stream = benchlib.setup(args)
     plan = plan_windows(stream, ctx=args.ctx, max_windows=args.windows, calib_windows=args.calib_windows)
@@ -126,17 +130,20 @@ def main() -> None:
     print(f"fp32 {fp32:.3f}", flush=True)
     for name in args.grids:
         grid = GRIDS[name]
-        for method in ("rtn", "gptq"):
+        for method in args.methods:
             if method == "rtn" and (grid.act_order or grid.mse_clip):
                 continue  # the round-to-nearest row of this group size and symmetry is the plain grid's
             model = copy.deepcopy(loaded.model)
             start = time.perf_counter()
+            if args.rotate:
+                rotate(model, seed=0, qk=False)
             if method == "gptq":
                 gptq_layer_by_layer(loaded, model, calibration, grid, damp=args.damp)
             else:
                 rtn(loaded, model, grid)
             seconds = time.perf_counter() - start
             ppl = evaluate(loaded, stream, plan, bos="never", model=model, progress=False).ppl
+            method = f"rotate+{method}" if args.rotate else method
             rows.append({"method": method, "grid": name, "ppl": ppl, "quantize_s": seconds})
             print(f"{method} {name} {ppl:.3f} ({100 * (ppl / fp32 - 1):+.1f}%) quantize {seconds:.1f} s", flush=True)
             del model

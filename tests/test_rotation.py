@@ -134,3 +134,41 @@ def test_unsupported_requests_are_sinkquant_errors():
         rotate(half)
     with pytest.raises(SinkquantError, match="rotation record"):
         RotationRecord.from_dict({"seed": 0})
+
+
+def test_rotating_smollm2_is_exact_and_tames_its_massive_activation(smollm2, wikitext_stream):
+    """The real model: 576 = 36 * 16 (Paley II) residual, 1536 = 12 * 128 (Paley I) online down_proj rotation."""
+    ids = wikitext_stream.windows(128, [0])
+    down = "model.layers.11.mlp.down_proj"  # where the sink's massive activation enters (x418 absmax / rms)
+
+    def run(model):
+        captured = []
+        handle = model.get_submodule(down).register_forward_pre_hook(lambda _m, a: captured.append(a[0]))
+        try:
+            logits = _logits(model, ids)
+        finally:
+            handle.remove()
+        x = captured[0]
+        return logits, float(x.abs().max() / x.pow(2).mean().sqrt())
+
+    reference, peak_before = run(smollm2.model)
+    rotated = copy.deepcopy(smollm2.model)
+    record = rotate(rotated, seed=0)
+    assert record.residual_kind == "hadamard paley2(17) x sylvester(16)"
+    assert record.down_proj_kind == "hadamard paley1(11) x sylvester(128)"
+    logits, peak_after = run(rotated)
+    assert float((logits - reference).abs().max()) < 1e-3 * float(reference.abs().max())
+    assert peak_before > 100 and peak_after < peak_before / 10
+
+
+def test_a_deep_copy_carries_its_own_online_transforms():
+    loaded = _perturbed("gemma3")
+    rotate(loaded.model, seed=0)
+    twin = copy.deepcopy(loaded.model)
+    down = loaded.adapter.decoder_layers(twin)[0].get_submodule(loaded.adapter.down_proj)
+    ids = torch.randint(3, 4000, (1, 12), generator=torch.Generator().manual_seed(4))
+    before = _logits(twin, ids)
+    with torch.no_grad():
+        down.input_rotation.matrix.zero_()  # breaks the copy only
+    assert not torch.allclose(_logits(twin, ids), before)
+    assert torch.allclose(_logits(loaded.model, ids), before)

@@ -80,9 +80,19 @@ class ResidualRMSNorm(nn.Module):
         return out + self.bias if self.bias is not None else out
 
 
-QK_ATTRIBUTE = "qk_rotation"
-DOWN_ATTRIBUTE = "down_proj_rotation"
-RESIDUAL_ATTRIBUTE = "residual_rotation"
+# Child module names of the online transforms. Hooks look them up on the module they run on, so a deep copy
+# of a rotated model carries its own transforms.
+QK_ATTRIBUTE = "qk_rotation"  # on each attention module, applied by `rotate_qk`
+INPUT_ATTRIBUTE = "input_rotation"  # on down_proj, applied to its input by a forward pre-hook
+OUTPUT_ATTRIBUTE = "output_rotation"  # on Gemma's post-norms, applied to their output by a forward hook
+
+
+def _rotate_input(module: nn.Module, args: tuple) -> tuple:
+    return (getattr(module, INPUT_ATTRIBUTE)(args[0]), *args[1:])
+
+
+def _rotate_output(module: nn.Module, _args: tuple, output: torch.Tensor) -> torch.Tensor:
+    return getattr(module, OUTPUT_ATTRIBUTE)(output)
 
 
 def rotate_qk(module: nn.Module, query: torch.Tensor, key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -192,25 +202,22 @@ def _rotate_out(linear: nn.Linear, q: torch.Tensor, rows: slice = slice(None)) -
 
 def _attach_online(model: nn.Module, adapter: Adapter, record: RotationRecord) -> None:
     """Register the online transforms (idempotent): down_proj's input rotation, Q/K's, Gemma's post-norm one."""
-    layers = adapter.decoder_layers(model)
     device = next(model.parameters()).device
-    down_parent, _, down_child = adapter.down_proj.rpartition(".")
-    for layer in layers:
-        if record.down_proj and not hasattr(layer.get_submodule(down_parent), DOWN_ATTRIBUTE):
-            rotation = OnlineRotation(orthogonal(record.down_proj, record.seed, random_signs=False), device)
-            parent = layer.get_submodule(down_parent)
-            parent.add_module(DOWN_ATTRIBUTE, rotation)
-            getattr(parent, down_child).register_forward_pre_hook(
-                lambda _m, args, rotation=rotation: (rotation(args[0]), *args[1:]))
+    for layer in adapter.decoder_layers(model):
+        down = layer.get_submodule(adapter.down_proj)
+        if record.down_proj and not hasattr(down, INPUT_ATTRIBUTE):
+            down.add_module(INPUT_ATTRIBUTE, OnlineRotation(
+                orthogonal(record.down_proj, record.seed, random_signs=False), device))
+            down.register_forward_pre_hook(_rotate_input)
         attention = layer.get_submodule(adapter.attention)
         if record.qk and not hasattr(attention, QK_ATTRIBUTE):
             attention.add_module(QK_ATTRIBUTE, OnlineRotation(
                 orthogonal(record.qk, record.seed, random_signs=False), device))
-        if record.post_norm_online and not hasattr(layer, RESIDUAL_ATTRIBUTE):
-            rotation = OnlineRotation(orthogonal(record.residual, record.seed), device)
-            layer.add_module(RESIDUAL_ATTRIBUTE, rotation)
-            for norm in adapter.post_norms:
-                layer.get_submodule(norm).register_forward_hook(lambda _m, _a, out, rotation=rotation: rotation(out))
+        for name in adapter.post_norms if record.post_norm_online else ():
+            norm = layer.get_submodule(name)
+            if not hasattr(norm, OUTPUT_ATTRIBUTE):
+                norm.add_module(OUTPUT_ATTRIBUTE, OnlineRotation(orthogonal(record.residual, record.seed), device))
+                norm.register_forward_hook(_rotate_output)
 
 
 @torch.no_grad()
