@@ -110,6 +110,33 @@ def load_inputs(args: argparse.Namespace) -> tuple[LoadedModel, TokenStream]:
     return loaded, tokenize(text, loaded.tokenizer)
 
 
+AUTO = "auto"
+
+
+def add_auto_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--scheme", default="w8a8-static",
+                        help="base scheme searched by --recipe auto: w8a8-static, w4a8kv8 or w4a4kv4")
+    parser.add_argument("--budget", type=float, default=None,
+                        help="--recipe auto: error budget (mean KL to fp32, nats per token) the exceptions must meet")
+
+
+def auto_recipe_file(args: argparse.Namespace, loaded: LoadedModel, stream: TokenStream, folder: Any) -> Any:
+    """Run the `--recipe auto` search on calibration windows and write the chosen recipe (and its trace) into
+    `folder`; returns the recipe file, so the result is reproducible without searching again."""
+    from pathlib import Path
+
+    from sinkquant.engine.search import DEFAULT_BUDGET, auto_recipe, write_auto_recipe
+
+    recipe, trace = auto_recipe(loaded, stream, scheme=args.scheme, ctx=args.ctx,
+                                calib_windows=getattr(args, "calib_windows", None) or 8,
+                                budget=DEFAULT_BUDGET if args.budget is None else args.budget,
+                                progress=not args.quiet)
+    path, _ = write_auto_recipe(recipe, trace, Path(folder) / f"auto-{args.scheme}.yaml")
+    print(f"sinkquant: --recipe auto chose {[s.name for s in recipe.steps]}; wrote {path} and its trace",
+          file=sys.stderr)
+    return path
+
+
 def with_calib_windows(recipe: Recipe, windows: int | None) -> Recipe:
     """The recipe with --calib-windows in place of its `calibration.windows` (unchanged when not given)."""
     if windows is None:
