@@ -50,11 +50,17 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
 
 
 def add_data_args(parser: argparse.ArgumentParser, ctx: int = 512, max_windows: int | None = 16,
-                  calib_windows: int | None = None, calib_help: str = "") -> None:
+                  calib_windows: int | None = None, calib_help: str = "", several: bool = False) -> None:
     """Text flags; `max_windows=None` leaves out --max-windows (evaluation windows), `calib_windows` adds
-    --calib-windows (calibration windows) with that default (0 = the recipe's own)."""
-    parser.add_argument("--data", default="wikitext2",
-                        help="'wikitext2', a .txt/.raw/.jsonl/.parquet file, or a hub data set name")
+    --calib-windows (calibration windows) with that default (0 = the recipe's own); `several` lets --data repeat,
+    each text named NAME=SPEC."""
+    if several:
+        parser.add_argument("--data", action="append", default=None,
+                            help="a text, repeatable, each NAME=SPEC or SPEC (SPEC: 'wikitext2', a "
+                                 ".txt/.raw/.jsonl/.parquet file, or a hub data set); default wikitext2")
+    else:
+        parser.add_argument("--data", default="wikitext2",
+                            help="'wikitext2', a .txt/.raw/.jsonl/.parquet file, or a hub data set name")
     parser.add_argument("--data-config", default=None, help="hub data set config (e.g. wikitext-2-raw-v1)")
     parser.add_argument("--data-split", default="test", help="hub data set split")
     parser.add_argument("--text-field", default="text", help="field holding the text in jsonl/parquet/hub rows")
