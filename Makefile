@@ -8,7 +8,7 @@ SHARED_WIKITEXT := $(abspath ../shared/data/wikitext-2-raw/wiki.test.raw)
 export SINKQUANT_WIKITEXT2 ?= $(SHARED_WIKITEXT)
 OUT ?= out
 
-.PHONY: setup demo test lint
+.PHONY: setup demo test test-regression lint
 
 setup: $(VENV)/.installed
 
@@ -26,13 +26,17 @@ DEMO_RECIPES := $(addprefix recipes/,w8a8-naive.yaml w8a8-keep-sink.yaml w8a8-pr
 	w8a8-prefix-smooth-except.yaml w8a8-dynamic-token.yaml w4a16-group64.yaml w4a8kv8-prefix-smooth-except.yaml)
 
 demo: setup
-	$(BIN)/sinkquant profile --model smollm2-135m --data wikitext2 --ctx 512 --windows 4 --out $(OUT)/profile --overwrite
+	$(BIN)/sinkquant profile --model smollm2-135m --data wikitext2 --ctx 512 --calib-windows 4 --out $(OUT)/profile --overwrite
 	$(BIN)/sinkquant compare --model smollm2-135m --data wikitext2 --ctx 512 --max-windows 8 --bos never \
 		--recipes $(DEMO_RECIPES) --out $(OUT)/compare
 	@echo "open $(OUT)/profile/report.html and $(OUT)/compare/compare.md"
 
 test: setup lint
 	$(BIN)/python -m pytest -q -p no:cacheprovider
+
+# The shipped perplexity baselines alone; .ci/run repeats them on a second CPU kernel path.
+test-regression: setup
+	$(BIN)/python -m pytest -q -p no:cacheprovider tests/test_regression.py
 
 lint: setup
 	$(BIN)/ruff check sinkquant tests eval

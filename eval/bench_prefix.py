@@ -11,9 +11,9 @@ import time
 
 import benchlib
 
+from sinkquant.engine.apply import calibration_windows
 from sinkquant.recipes import parse_recipe
-from sinkquant.recipes.apply import calibration_windows, select_prefix
-from sinkquant.recipes.prefix import max_linear_input
+from sinkquant.recipes.prefix import max_linear_input, select_prefix_ids
 from sinkquant.tables import markdown_table
 
 
@@ -31,7 +31,7 @@ def main() -> None:
         windows = calibration_windows(stream, recipe, args.ctx)
         sample = windows[-1:, :256] if sample is None else sample  # one held-out window slice, same for both
         start = time.perf_counter()
-        ids, _ = select_prefix(loaded, recipe, windows[:-1], None)
+        ids, _ = select_prefix_ids(loaded, windows[:-1], args.max_tokens, "auto", how)
         seconds = time.perf_counter() - start
         peak = max_linear_input(loaded, loaded.model, ids, sample)
         tokens = [loaded.tokenizer.decode([i]) for i in ids]

@@ -12,7 +12,7 @@ from __future__ import annotations
 import benchlib
 
 from sinkquant.artifacts import atomic_write_bytes
-from sinkquant.compare import HEADERS, compare, plot, table_rows
+from sinkquant.comparison import HEADERS, compare, plot, table_rows
 from sinkquant.tables import markdown_table
 
 SUITES: dict[str, list[str]] = {

@@ -30,6 +30,27 @@ class Adapter:
     smooth_groups: tuple[tuple[str, tuple[str, ...]], ...]
     # Gemma's RMSNorm multiplies by (1 + weight); migration must scale (offset + weight).
     norm_weight_offset: float = 0.0
+    # Rotation facts (quant/rotation.py). Embedding modules (CausalLM-relative) whose rows enter the residual.
+    embeddings: tuple[str, ...] = ()
+    lm_head: str = "lm_head"
+    # (norm, Linear layers that read its output) for every norm on the residual stream inside a layer.
+    norm_readers: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    # Linear layers whose output is added to the residual stream.
+    residual_writers: tuple[str, ...] = ()
+    # Norms applied to a writer's output before the residual add (Gemma's post-norms): the writer keeps its
+    # output basis and the rotation runs online after the norm.
+    post_norms: tuple[str, ...] = ()
+    # LayerNorm family: the norm subtracts the mean, so the residual is made zero-mean before rotating.
+    centered_norms: bool = False
+    # The Linear holding V and the attention output projection; where V's rows sit in it: "separate" (its
+    # own v_proj), "concat" ([Q; K; V] blocks, GPT-2's c_attn), "per_head" ([q_h, k_h, v_h] per head, GPT-NeoX).
+    value_proj: str = ""
+    attn_out_proj: str = ""
+    qkv_layout: str = "separate"
+    # Config values a rotation needs (OPT's post-LayerNorm variant cannot be rotated) and modules that must
+    # be absent (OPT's project_in / project_out between embedding and residual widths).
+    rotation_requires: tuple[tuple[str, object], ...] = ()
+    rotation_forbids: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.down_proj not in self.linears:
@@ -58,6 +79,15 @@ class Adapter:
     def final_norm_module(self, model: nn.Module) -> nn.Module:
         return model.get_submodule(self.final_norm)
 
+    def value_rows(self, kv_heads: int, head_dim: int) -> list[slice]:
+        """The rows of `value_proj`'s weight that produce each KV head's values."""
+        if self.qkv_layout == "separate":
+            return [slice(h * head_dim, (h + 1) * head_dim) for h in range(kv_heads)]
+        if self.qkv_layout == "concat":
+            base = 2 * kv_heads * head_dim
+            return [slice(base + h * head_dim, base + (h + 1) * head_dim) for h in range(kv_heads)]
+        return [slice((3 * h + 2) * head_dim, (3 * h + 3) * head_dim) for h in range(kv_heads)]
+
 
 _LLAMA_LINEARS = (
     "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
@@ -79,6 +109,11 @@ ADAPTERS: tuple[Adapter, ...] = (
         linears=_LLAMA_LINEARS,
         down_proj="mlp.down_proj",
         smooth_groups=_LLAMA_GROUPS,
+        embeddings=("model.embed_tokens",),
+        norm_readers=_LLAMA_GROUPS[:2],
+        residual_writers=("self_attn.o_proj", "mlp.down_proj"),
+        value_proj="self_attn.v_proj",
+        attn_out_proj="self_attn.o_proj",
     ),
     Adapter(
         name="gemma",
@@ -94,6 +129,15 @@ ADAPTERS: tuple[Adapter, ...] = (
             ("mlp.up_proj", ("mlp.down_proj",)),
         ),
         norm_weight_offset=1.0,
+        embeddings=("model.embed_tokens",),
+        norm_readers=(
+            ("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+            ("pre_feedforward_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
+        ),
+        residual_writers=("self_attn.o_proj", "mlp.down_proj"),
+        post_norms=("post_attention_layernorm", "post_feedforward_layernorm"),
+        value_proj="self_attn.v_proj",
+        attn_out_proj="self_attn.o_proj",
     ),
     Adapter(
         name="gpt2",
@@ -104,6 +148,13 @@ ADAPTERS: tuple[Adapter, ...] = (
         linears=("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"),
         down_proj="mlp.c_proj",
         smooth_groups=(("ln_1", ("attn.c_attn",)), ("ln_2", ("mlp.c_fc",))),
+        embeddings=("transformer.wte", "transformer.wpe"),
+        norm_readers=(("ln_1", ("attn.c_attn",)), ("ln_2", ("mlp.c_fc",))),
+        residual_writers=("attn.c_proj", "mlp.c_proj"),
+        centered_norms=True,
+        value_proj="attn.c_attn",
+        attn_out_proj="attn.c_proj",
+        qkv_layout="concat",
     ),
     Adapter(
         name="opt",
@@ -117,6 +168,17 @@ ADAPTERS: tuple[Adapter, ...] = (
             ("self_attn_layer_norm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
             ("final_layer_norm", ("fc1",)),
         ),
+        embeddings=("model.decoder.embed_tokens", "model.decoder.embed_positions"),
+        norm_readers=(
+            ("self_attn_layer_norm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+            ("final_layer_norm", ("fc1",)),
+        ),
+        residual_writers=("self_attn.out_proj", "fc2"),
+        centered_norms=True,
+        value_proj="self_attn.v_proj",
+        attn_out_proj="self_attn.out_proj",
+        rotation_requires=(("do_layer_norm_before", True),),
+        rotation_forbids=("model.decoder.project_in", "model.decoder.project_out"),
     ),
     Adapter(
         name="gpt_neox",
@@ -130,6 +192,16 @@ ADAPTERS: tuple[Adapter, ...] = (
             ("input_layernorm", ("attention.query_key_value",)),
             ("post_attention_layernorm", ("mlp.dense_h_to_4h",)),
         ),
+        embeddings=("gpt_neox.embed_in",),
+        norm_readers=(
+            ("input_layernorm", ("attention.query_key_value",)),
+            ("post_attention_layernorm", ("mlp.dense_h_to_4h",)),
+        ),
+        residual_writers=("attention.dense", "mlp.dense_4h_to_h"),
+        centered_norms=True,
+        value_proj="attention.query_key_value",
+        attn_out_proj="attention.dense",
+        qkv_layout="per_head",
     ),
 )
 

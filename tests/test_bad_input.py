@@ -31,7 +31,7 @@ from sinkquant.artifacts import (
     verify_digests,
 )
 from sinkquant.cli import main
-from sinkquant.compare import compare
+from sinkquant.comparison import compare
 from sinkquant.errors import SinkquantError
 from sinkquant.models import _cache_problem, cache_root, empty_model, is_artifact, load_model
 from tests.tiny import tiny_config
@@ -428,7 +428,7 @@ def test_corrupted_compare_cache_row_is_recomputed(content, reason, smollm2, wik
     first = compare(smollm2, [], wikitext_stream, ctx=32, max_windows=1, cache_dir=cache, progress=False)
     [row_file] = cache.iterdir()
     row_file.write_bytes(content)
-    with caplog.at_level(logging.WARNING, logger="sinkquant.compare"):
+    with caplog.at_level(logging.WARNING, logger="sinkquant.comparison"):
         again = compare(smollm2, [], wikitext_stream, ctx=32, max_windows=1, cache_dir=cache, progress=False)
     assert f"ignoring the cache row {row_file} ({reason}" in caplog.text
     assert not again["rows"][0]["cached"] and again["rows"][0]["ppl"] == first["rows"][0]["ppl"]

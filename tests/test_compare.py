@@ -7,7 +7,7 @@ from pathlib import Path
 
 import yaml
 
-from sinkquant.compare import compare, write_comparison
+from sinkquant.comparison import compare, write_comparison
 
 CTX = 64
 

@@ -99,5 +99,7 @@ def test_text_of_exactly_the_calibration_windows(smollm2: LoadedModel, wikitext_
     stream = TokenStream(ids=wikitext_stream.ids[: 2 * CTX], text_sha256="x", source={"kind": "calibration"})
     report = profile(loaded, stream, ctx=CTX, windows=2, progress=False, probe=False)
     assert report["data"]["calib_window_indices"] == [0, 1] and report["data"]["eval_windows"] == 0
+    # the costly paper sections are opt-in: a recipe's own profile pays nothing for them
+    assert report["domains"] is None and report["interventions"] is None and report["context_sweep"] is None
     with pytest.raises(SinkquantError, match="fewer than windows=3"):
         profile(loaded, stream, ctx=CTX, windows=3, progress=False)

@@ -257,3 +257,19 @@ def test_gptq_through_the_pipeline_beats_round_to_nearest(arch, smollm2) -> None
     with pytest.raises(SinkquantError, match="set calibration.pipeline: sequential"):
         parse_recipe({"name": "g", "description": "d", "calibration": {"pipeline": "whole"},
                       "scheme": {"weights": {"bits": 4, "granularity": "channel", "gptq": {}}}})
+
+
+def test_eval_of_an_artifact_folder_evaluates_the_artifact(tiny_artifact, wikitext_stream, tmp_path) -> None:
+    """An artifact given to `sinkquant eval --model` is the quantized model with its prefix, not a plain model
+    read from its folder (which once gave a silently wrong perplexity)."""
+    from sinkquant.cli import main
+
+    out = tmp_path / "eval.json"
+    assert main(["eval", "--model", str(tiny_artifact), "--data", "wikitext2", "--ctx", "64", "--max-windows", "2",
+                 "--bos", "never", "--quiet", "--out", str(out)]) == 0
+    reloaded = load(tiny_artifact)
+    plan = plan_windows(wikitext_stream, 64, max_windows=2, calib_windows=reloaded.recipe.calibration.windows)
+    expected = reloaded.evaluate(wikitext_stream, plan, bos="never", progress=False)
+    result = json.loads(out.read_text())
+    assert result["ppl"] == pytest.approx(expected.ppl, rel=1e-9)
+    assert result["context_cached"] and result["context_ids"] == reloaded.prefix.ids

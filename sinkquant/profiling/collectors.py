@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import sys
 from collections import Counter, defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -34,19 +35,31 @@ SHORT_WINDOW = 64  # Gu et al. publish sink rates at T = 64; causal attention ma
 MIN_QUERIES_FOR_HIDDEN_SINK = 32  # a key seen by a handful of queries has a large column mean by construction
 ENTROPY_QUERY_STRIDE = 8  # mean row entropy from every 8th query: same estimate, an eighth of the cost
 
-_ACTIVE: list[AttentionStats] = []
 
 
-def _probe_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                     attention_mask: torch.Tensor | None, **kwargs: Any) -> tuple[torch.Tensor, None]:
-    """Run the module's own eager attention, hand the probabilities to the active collector, drop them."""
+class AttentionObserver(Protocol):
+    def observe(self, module: nn.Module, weights: torch.Tensor, value: torch.Tensor) -> None: ...
+
+
+_ACTIVE: list[AttentionObserver] = []
+
+
+def eager_attention(module: nn.Module) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
+    """The architecture's own eager attention (in the attention module's modeling file): the one implementation
+    that returns the probabilities, with every model's own scaling, soft-capping and masking."""
     eager = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
     if eager is None:
         raise SinkquantError(
             f"{type(module).__name__} has no eager_attention_forward in {type(module).__module__}; "
             "the attention probe supports models whose attention follows transformers' AttentionInterface"
         )
-    output, weights = eager(module, query, key, value, attention_mask, **kwargs)
+    return eager
+
+
+def _probe_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                     attention_mask: torch.Tensor | None, **kwargs: Any) -> tuple[torch.Tensor, None]:
+    """Run the module's own eager attention, hand the probabilities to the active collector, drop them."""
+    output, weights = eager_attention(module)(module, query, key, value, attention_mask, **kwargs)
     if _ACTIVE:
         _ACTIVE[-1].observe(module, weights, value)
     return output, None
@@ -54,6 +67,20 @@ def _probe_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, 
 
 AttentionInterface.register(PROBE_NAME, _probe_attention)
 AttentionMaskInterface.register(PROBE_NAME, eager_mask)
+
+
+@contextmanager
+def attention_probe(model: nn.Module, observer: AttentionObserver) -> Iterator[None]:
+    """Route the model's attention through the probe, handing each layer's probabilities to `observer`;
+    the model's own attention implementation is back on exit, whatever happened."""
+    previous = model.config._attn_implementation
+    model.set_attn_implementation(PROBE_NAME)
+    _ACTIVE.append(observer)
+    try:
+        yield
+    finally:
+        _ACTIVE.remove(observer)
+        model.set_attn_implementation(previous)
 
 
 def _tensor_output(output: Any) -> torch.Tensor:
@@ -260,15 +287,13 @@ class ProfileCollector:
         self.hidden_ids: Counter[int] = Counter()
         self.hidden_max: dict[int, float] = {}
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
-        self._previous_impl: str | None = None
+        self._probe = attention_probe(self.model, self.attention)
         self._last_input: torch.Tensor | None = None
         self._last_stats: LinearStats | None = None
 
     def __enter__(self) -> ProfileCollector:
         # Switch attention first: if the model refuses the probe, no hook is left behind on it.
-        self._previous_impl = self.model.config._attn_implementation
-        self.model.set_attn_implementation(PROBE_NAME)
-        _ACTIVE.append(self.attention)
+        self._probe.__enter__()
         for index, layer in enumerate(self.layers):
             self._handles.append(layer.register_forward_hook(self._residual_hook(index)))
         for name, module in self.linears.items():
@@ -279,8 +304,7 @@ class ProfileCollector:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
-        _ACTIVE.remove(self.attention)
-        self.model.set_attn_implementation(self._previous_impl)
+        self._probe.__exit__(None, None, None)
         self._last_input = self._last_stats = None
 
     def _residual_hook(self, index: int) -> Callable[..., None]:
@@ -425,20 +449,20 @@ class ProfileCollector:
 
 @torch.no_grad()
 def residual_peaks(loaded: LoadedModel, ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """For one sequence: each position's largest max_c|h| / median|h| over layers, and whether it is massive
-    (Sun et al.) in any layer. The probe's cheap test of 'is this position a sink'."""
+    """For one sequence: each position's largest max_c|h| / median|h| over layers, and per layer whether it is
+    massive (Sun et al.), as a (layers, T) mask. The probe's cheap test of 'is this position a sink', layer by
+    layer (Yan et al. ask from which layer the sink is chosen by position or by content)."""
     ratio: torch.Tensor | None = None
-    massive: torch.Tensor | None = None
+    massive: list[torch.Tensor] = []
 
     def hook(module: nn.Module, args: Any, output: Any) -> None:
-        nonlocal ratio, massive
+        nonlocal ratio
         h_abs = _tokens(_tensor_output(output)).abs()
         median = h_abs.median()
         token_max = h_abs.amax(dim=-1)
         r = token_max / median.clamp_min(torch.finfo(token_max.dtype).tiny)
-        m = metrics.massive_mask(token_max, median)
         ratio = r if ratio is None else torch.maximum(ratio, r)
-        massive = m if massive is None else massive | m
+        massive.append(metrics.massive_mask(token_max, median))
 
     handles = [layer.register_forward_hook(hook) for layer in loaded.adapter.decoder_layers(loaded.model)]
     try:
@@ -447,4 +471,4 @@ def residual_peaks(loaded: LoadedModel, ids: list[int]) -> tuple[torch.Tensor, t
     finally:
         for handle in handles:
             handle.remove()
-    return ratio, massive
+    return ratio, torch.stack(massive)

@@ -24,6 +24,16 @@ SOURCES: dict[str, str] = {
                          "(linears), where activation quantization acts",
     "int8_outlier_feature": "Dettmers et al. 2022, LLM.int8(): column j outlier if any |X[t,j]| >= 6.0",
     "quant_error_attribution": "Chen et al. 2024, PrefixQuant fig. 1: share of ||Q(X)-X||^2 held by the top-k tokens",
+    "domain_heads": "Guo et al. 2024, Active-Dormant Attention Heads: a head dormant (alpha_0 >= 0.8, row entropy "
+                    "<= 1 nat) on one text domain can be active on another",
+    "massive_intervention": "Sun et al. 2024, Massive Activations in LLMs, sec. 3.1: set the massive activations "
+                            "to zero (perplexity explodes) or to their mean over sequences (unchanged)",
+    "context_sweep": "Barbero et al. 2025, Why do LLMs attend to the first token?: the sink as a function of "
+                     "context length and depth, with and without BOS",
+    "waiver_selection": "Yan et al.: per layer, whether the sink (waiver) element is chosen by position or by "
+                        "content (position swap and content planting, sink = massive activation, Sun et al.)",
+    "attention_calibration": "Yu et al. 2024, ACT: in chosen heads scale hidden-sink columns (a_k > 0.1, k > 0) by "
+                             "beta = 0.4 and give the mass back to the other tokens in proportion",
 }
 
 MASSIVE_ABS = 100.0

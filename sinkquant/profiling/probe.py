@@ -34,7 +34,27 @@ class _Peaks:
 
     def at(self, ids: list[int], position: int) -> tuple[float, bool]:
         ratio, massive = self(ids)
-        return float(ratio[position]), bool(massive[position])
+        return float(ratio[position]), bool(massive[:, position].any())
+
+    def layers(self, ids: list[int], position: int) -> torch.Tensor:
+        """Per decoder layer: is `position` massive there."""
+        return self(ids)[1][:, position]
+
+
+def _first(mask: torch.Tensor) -> int | None:
+    hits = torch.nonzero(mask).flatten()
+    return int(hits[0]) if hits.numel() else None
+
+
+def _per_layer(by_position: torch.Tensor, by_content: torch.Tensor) -> dict[str, Any]:
+    """Yan et al.'s question, layer by layer: is the waiver (sink) element there chosen by position (position 0
+    is massive whatever token stands there), by content (a planted token is massive in the middle), or both."""
+    names = {(True, True): "position+content", (True, False): "position", (False, True): "content",
+             (False, False): "none"}
+    return {
+        "position_from_layer": _first(by_position), "content_from_layer": _first(by_content),
+        "layers": [names[(bool(p), bool(c))] for p, c in zip(by_position, by_content, strict=True)],
+    }
 
 
 def origin_probe(loaded: LoadedModel, base: list[int], candidates: list[int],
@@ -58,20 +78,27 @@ def origin_probe(loaded: LoadedModel, base: list[int], candidates: list[int],
         ratio, sink = peaks.at(planted, mid)
         content.append({"token_id": token, "token": decode(token), "control": False,
                         "peak_ratio": ratio, "sink": sink})
+    layer_position = torch.stack([peaks.layers([p["token_id"], *base[1:]], 0) for p in position]).all(dim=0)
+    planted_ids = [c["token_id"] for c in content if not c["control"]]
+    layer_content = torch.zeros_like(layer_position)
+    for token in planted_ids:
+        layer_content |= peaks.layers([*base[:mid], token, *base[mid + 1 :]], mid)
+    layer_content &= ~peaks.layers(base, mid)  # the middle position itself is no sink in the control
     by_position = all(p["sink"] for p in position)
     by_content = [c["token_id"] for c in content if c["sink"] and not c["control"]]
     origin = {(True, True): "position+content", (True, False): "position",
               (False, True): "content", (False, False): "none"}[(by_position, bool(by_content))]
     result: dict[str, Any] = {
         "tokens": len(base), "middle_position": mid, "origin": origin, "content_sink_ids": by_content,
-        "position_test": position, "content_test": content,
+        "position_test": position, "content_test": content, "per_layer": _per_layer(layer_position, layer_content),
     }
     bos = loaded.bos_id
     if bos is None:
         result["bos_test"] = {"bos_id": None, "note": "the tokenizer defines no BOS token"}
         return result
     ratio0, sink0 = peaks.at(base, 0)
-    ratio_with, massive_with = peaks([bos, *base[:-1]])
+    ratio_with, layers_with = peaks([bos, *base[:-1]])
+    massive_with = layers_with.any(dim=0)
     result["bos_test"] = {
         "bos_id": bos, "bos_token": decode(bos),
         "without_bos": {"first_token_peak_ratio": ratio0, "first_token_sink": sink0},

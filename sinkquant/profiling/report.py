@@ -109,7 +109,65 @@ def plots(report: dict[str, Any]) -> dict[str, bytes]:
            title=_title(report, "Token outlier ratio per position at the down projection (PrefixQuant)"))
     ax.legend()
     out["token_outlier_ratio.png"] = _png(fig)
+    if report.get("domains"):
+        out["domain_heads.png"] = _domain_plot(report)
+    if report.get("context_sweep"):
+        out["context_sweep.png"] = _sweep_plot(report)
     return out
+
+
+def _domain_plot(report: dict[str, Any]) -> bytes:
+    """Heads x texts: alpha_0 of every head dormant on at least one text (all heads when none is)."""
+    domains = report["domains"]
+    names = domains["texts"]
+    heads = sorted({tuple(lh) for n in names for lh in domains["dormant_heads"][n]})
+    if not heads:
+        heads = [(layer, head) for layer, row in enumerate(domains["alpha0"][names[0]]) for head in range(len(row))]
+    switching = {(r["layer"], r["head"]) for r in domains["switching_heads"]}
+    grid = [[domains["alpha0"][n][layer][head] for n in names] for layer, head in heads]
+    fig, ax = plt.subplots(figsize=(2.2 + 1.4 * len(names), max(4, 0.16 * len(heads) + 1.8)))
+    image = ax.imshow(grid, aspect="auto", cmap="viridis", vmin=0, vmax=1)
+    fig.colorbar(image, ax=ax, label="alpha_0 = mean attention to token 0")
+    for row, key in enumerate(heads):
+        for col, n in enumerate(names):
+            if list(key) in domains["dormant_heads"][n]:
+                ax.text(col, row, "D", ha="center", va="center", fontsize=6, color="black")
+    ax.set_xticks(range(len(names)), names)
+    ax.set_yticks(range(len(heads)), [f"L{lh[0]}.H{lh[1]}" + (" *" if lh in switching else "") for lh in heads],
+                  fontsize=6)
+    ax.set(xlabel="text", ylabel="head (* = dormant on one text, active on another)",
+           title=f"Dormant (D) and active heads per text (Guo et al.)\n{report['model']['spec']}, ctx "
+                 f"{report['ctx']}, {len(switching)} heads switch")
+    return _png(fig)
+
+
+def _sweep_plot(report: dict[str, Any]) -> bytes:
+    """Sink rate vs length, and attention to token 0 and its residual peak vs depth at each length; solid lines
+    without BOS, dashed with BOS."""
+    sweep = report["context_sweep"]
+    modes = [m for m in ("no_bos", "bos") if m in sweep]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
+    colors = plt.cm.viridis([i / max(len(sweep["lengths"]) - 1, 1) for i in range(len(sweep["lengths"]))])
+    for mode in modes:
+        style = "-" if mode == "no_bos" else "--"
+        rows = sweep[mode]["rows"]
+        axes[0].plot([r["length"] for r in rows], [r["sink_rate"] for r in rows], "o" + style,
+                     label=f"{mode.replace('_', ' ')} (forms at {sweep[mode]['forms_at']})")
+        for row, color in zip(rows, colors, strict=True):
+            label = f"T={row['length']}" if mode == "no_bos" else None
+            axes[1].plot(row["first_token_attention"], style, color=color, label=label)
+            axes[2].plot(row["residual_peak"], style, color=color, label=label)
+    axes[0].set(xscale="log", ylim=(0, 100), xlabel="context length (tokens, log)",
+                ylabel=f"sink rate (% heads alpha_0 > {sweep['eps']})", title="Sink rate vs context length")
+    axes[1].set(ylim=(0, 1.05), xlabel="decoder layer", ylabel="mean attention to token 0 over heads",
+                title="First-token attention vs depth")
+    axes[2].set(yscale="log", xlabel="decoder layer", ylabel="max_c|h[0,c]| / median|h| (log)",
+                title="Token-0 residual peak vs depth")
+    for ax in axes:
+        ax.legend(fontsize=7)
+    fig.suptitle(f"Sink vs context length and BOS (Barbero et al.), {report['model']['spec']}: solid without BOS, "
+                 "dashed with BOS")
+    return _png(fig)
 
 
 def _module_of(name: str) -> str:
@@ -192,6 +250,11 @@ def tables(report: dict[str, Any]) -> list[tuple[str, list[str], list[list[Any]]
                          bos["with_bos"]["first_text_sink"]])
         result.append((f"Sink origin probe: {probe['origin']}",
                        ["where", "token id", "token", "max |h| / median", "massive (sink)"], rows))
+        per_layer = probe["per_layer"]
+        result.append((f"Waiver element per layer (Yan et al.): by position from layer "
+                       f"{per_layer['position_from_layer']}, by content from layer {per_layer['content_from_layer']}",
+                       ["layers", "sink chosen by"], _runs(per_layer["layers"])))
+    result += _paper_tables(report)
     provenance = [["schema", f"{report['schema']} v{report['schema_version']}"],
                   ["model", f"{report['model']['spec']} ({report['model'].get('sha256', '')})"],
                   ["data", f"sha256 {report['data']['sha256']}, calibration windows "
@@ -201,6 +264,58 @@ def tables(report: dict[str, Any]) -> list[tuple[str, list[str], list[list[Any]]
                   *[[f"source: {k}", val] for k, val in sorted(report["sources"].items())],
                   *[[f"convention: {k}", val] for k, val in sorted(report["conventions"].items())]]
     result.append(("Provenance and metric sources", ["what", "value"], provenance))
+    return result
+
+
+def _runs(values: list[str]) -> list[list[str]]:
+    """Consecutive layers with the same answer as one row: [['0..10', 'none'], ['11..27', 'position'], ...]."""
+    rows: list[list[str]] = []
+    start = 0
+    for i in range(1, len(values) + 1):
+        if i == len(values) or values[i] != values[start]:
+            rows.append([f"{start}..{i - 1}" if i - 1 > start else str(start), values[start]])
+            start = i
+    return rows
+
+
+def _paper_tables(report: dict[str, Any]) -> list[tuple[str, list[str], list[list[Any]]]]:
+    """The sections that answer the papers' questions: domains, interventions, context sweep."""
+    result = []
+    domains = report.get("domains")
+    if domains:
+        names = domains["texts"]
+        result.append(("Texts compared for active and dormant heads (Guo et al.)",
+                       ["text", "source", "sha256", "dormant heads", "mean alpha_0"],
+                       [[n, domains["data"][n].get("kind", domains["data"][n].get("path", "")),
+                         domains["data"][n]["sha256"][:12], len(domains["dormant_heads"][n]),
+                         sum(map(sum, domains["alpha0"][n])) / sum(map(len, domains["alpha0"][n]))] for n in names]))
+        rows = [[r["layer"], r["head"], r["dormant_on"], r["active_on"], [r["alpha0"][n] for n in names],
+                 [r["entropy"][n] for n in names]] for r in domains["switching_heads"][:TABLE_ROWS]]
+        result.append((f"Heads dormant on one text and active on another ({len(domains['switching_heads'])}, "
+                       f"first {TABLE_ROWS})", ["layer", "head", "dormant on", "active on",
+                                                f"alpha_0 ({', '.join(names)})", "row entropy (nat)"], rows))
+    intervention = report.get("interventions")
+    if intervention and intervention.get("layer") is not None:
+        ppl = intervention["perplexity"]
+        ratio = intervention["ratio_vs_fp32"]
+        result.append((f"Interventions on massive activations (Sun et al.): layer {intervention['layer']} output, "
+                       f"channels {intervention['channels']}, {sum(intervention['entries_per_window'])} entries in "
+                       f"{len(intervention['windows'])} windows, seed {intervention['seed']}",
+                       ["condition", "perplexity", "x fp32"],
+                       [["fp32", ppl["fp32"], 1.0], *[[k, ppl[k], ratio[k]] for k in ratio]]))
+    elif intervention:
+        result.append(("Interventions on massive activations (Sun et al.)", ["note"], [[intervention["note"]]]))
+    sweep = report.get("context_sweep")
+    if sweep:
+        rows = []
+        for mode in ("no_bos", "bos"):
+            for r in sweep.get(mode, {}).get("rows", []):
+                rows.append([mode, r["length"], r["sink_rate"], max(r["first_token_attention"]),
+                             max(r["residual_peak"]), r["token0_massive_layers"][:1], r["formed"]])
+        forms = ", ".join(f"{m}: {sweep[m]['forms_at']}" for m in ("no_bos", "bos") if m in sweep)
+        result.append((f"Sink vs context length (Barbero et al.): forms at length {forms}",
+                       ["BOS", "length", "sink rate (%)", "max attn to tok 0", "max tok-0 peak ratio",
+                        "first massive layer", "formed"], rows))
     return result
 
 

@@ -1,11 +1,15 @@
 """The answer a recipe needs from a profile: which positions and token ids are sinks, which channels hold their
-peaks, which Linear inputs they break, and the PrefixQuant prefix to put in front of every sequence."""
+peaks, which Linear inputs they break, and the PrefixQuant prefix to put in front of every sequence.
+
+Sinks are ranked, strongest first, so a user (and the auto recipe) can act on the first few: by the share of
+attention heads for which they are a sink, then their attention mass, then their residual peak. The `top_*`
+lists are what a report shows (those above the stated cut-off, at most TOP entries); the full lists stay."""
 
 from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from sinkquant.profiling import metrics
@@ -13,6 +17,15 @@ from sinkquant.profiling import metrics
 # A per-tensor int8 scale stretched 4x by the sinks loses 2 of its 8 bits on every other token.
 BREAK_STRETCH = 4.0
 MAJORITY_SINK_RATE = 50.0
+TOP = 5
+# A sink makes the top view when most heads attend to it (share >= 0.5) or its residual peak is at least a
+# tenth of the strongest sink's: a peak 10x smaller costs a per-tensor int8 scale < 3.3 bits less.
+TOP_HEAD_SHARE = 0.5
+TOP_PEAK_FRACTION = 0.1
+SINK_CUTOFF = (f"head share >= {TOP_HEAD_SHARE} or residual peak >= {TOP_PEAK_FRACTION} x the strongest sink's, "
+               f"in at least half the windows; at most {TOP} shown")
+CONTENT_CUTOFF = f"massive in at least half as many occurrences as windows, or a sink wherever the probe put it; " \
+                 f"at most {TOP} shown"
 
 
 @dataclass(frozen=True)
@@ -28,22 +41,85 @@ class Verdict:
     prefix_ids: list[int]
     prefix_tokens: list[str]
     origin: str
+    # Ranked views (strongest first): every position / id seen, and the top ones above the cut-off.
+    sinks: list[dict[str, Any]] = field(default_factory=list)
+    top_sinks: list[dict[str, Any]] = field(default_factory=list)
+    sink_cutoff: str = SINK_CUTOFF
+    content_sinks: list[dict[str, Any]] = field(default_factory=list)
+    top_content_sinks: list[dict[str, Any]] = field(default_factory=list)
+    content_cutoff: str = CONTENT_CUTOFF
+    # PrefixQuant's candidates: outlier token ids outside position 0, most frequent first (BOS excluded).
+    prefix_candidates: list[dict[str, Any]] = field(default_factory=list)
+    prefix_bos: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
+def _position_peaks(summary: dict[str, Any]) -> dict[int, float]:
+    """Each position's largest residual |h| / median over layers, from the per-layer top entries."""
+    peaks: dict[int, float] = {}
+    for layer in summary["residual"]["layers"]:
+        median = layer["median_abs"]
+        for top in layer["top"]:
+            if median > 0:
+                ratio = top["value"] / median
+                peaks[top["position"]] = max(peaks.get(top["position"], 0.0), ratio)
+    return peaks
+
+
+def rank_sinks(summary: dict[str, Any], windows: int) -> list[dict[str, Any]]:
+    """Every position that is massive in some window, a hidden sink, or position 0, strongest first.
+    head_share and attention_mass are measured for position 0 (alpha_0 per head); a hidden sink's
+    attention_mass is its largest column mean; a field the profile does not measure is None."""
+    att = summary["attention"]
+    massive = {p["position"]: p["windows"] for p in summary["residual"]["massive_positions"]}
+    hidden = {h["position"]: h for h in att["hidden_sinks"]}
+    peaks = _position_peaks(summary)
+    rows = []
+    for position in sorted({0, *massive, *hidden}):
+        head_share = attention = None
+        if position == 0:
+            alpha0 = [a for layer in att["alpha0"] for a in layer]
+            head_share = sum(a > metrics.SINK_EPS[0] for a in alpha0) / max(len(alpha0), 1)
+            attention = sum(alpha0) / max(len(alpha0), 1)
+        elif position in hidden:
+            attention = hidden[position]["max_column_mean"]
+        rows.append({"position": position, "head_share": head_share, "attention_mass": attention,
+                     "residual_peak": peaks.get(position), "massive_windows": massive.get(position, 0) / windows})
+    return sorted(rows, key=lambda r: (-(r["head_share"] or 0.0), -(r["attention_mass"] or 0.0),
+                                       -(r["residual_peak"] or 0.0), r["position"]))
+
+
+def top_sinks(ranked: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The ranked sinks above SINK_CUTOFF, at most TOP."""
+    strongest = max((r["residual_peak"] or 0.0 for r in ranked), default=0.0)
+    return [r for r in ranked
+            if r["massive_windows"] >= 0.5 and ((r["head_share"] or 0.0) >= TOP_HEAD_SHARE
+                                                or (r["residual_peak"] or 0.0) >= TOP_PEAK_FRACTION * strongest)
+            ][:TOP]
+
+
 def build_verdict(summary: dict[str, Any], outlier_ids: Counter[int], windows: int, bos_id: int | None,
-                  probe: dict[str, Any] | None, decode: Callable[[int], str]) -> Verdict:
+                  probe: dict[str, Any] | None, decode: Callable[[int], str],
+                  bos_trained: bool | None = None) -> Verdict:
     """Sink positions: massive in at least half the windows, plus 0 when most heads put > 0.3 on it (Gu et al.).
     Sink ids: ids massive outside position 0 in at least half as many occurrences as windows, plus ids the
-    probe showed to become sinks wherever they stand. Prefix: PrefixQuant's rule (metrics.md item 2)."""
+    probe showed to become sinks wherever they stand. Prefix: PrefixQuant's rule (metrics.md item 2), with
+    BOS only where the model is trained with one (`bos_trained`, from recipes.prefix.bos_evidence; None:
+    unknown, PrefixQuant's own rule of BOS whenever the tokenizer names one)."""
     residual = summary["residual"]
     positions = {p["position"] for p in residual["massive_positions"] if 2 * p["windows"] >= windows}
     if summary["attention"]["sink_rate"][str(metrics.SINK_EPS[0])] >= MAJORITY_SINK_RATE:
         positions.add(0)
+    probed = list((probe or {}).get("content_sink_ids", []))
     ids = [t["id"] for t in residual["massive_token_ids"] if 2 * t["count"] >= windows]
-    ids += [i for i in (probe or {}).get("content_sink_ids", []) if i not in ids]
+    ids += [i for i in probed if i not in ids]
+    content = [{"id": t["id"], "token": decode(t["id"]), "count": t["count"], "seen": t["seen"],
+                "frequency": t["count"] / t["seen"] if t["seen"] else None, "probe_sink": t["id"] in probed}
+               for t in residual["massive_token_ids"]]
+    content += [{"id": i, "token": decode(i), "count": 0, "seen": None, "frequency": None, "probe_sink": True}
+                for i in probed if i not in {c["id"] for c in content}]
     counts = residual["massive_channels"]
     channels = [c["channel"] for c in counts if counts and 10 * c["count"] >= counts[0]["count"]][:3]
     broken = sorted(
@@ -52,9 +128,20 @@ def build_verdict(summary: dict[str, Any], outlier_ids: Counter[int], windows: i
         key=lambda r: (-r["int8_stretch"], r["name"]),
     )
     o = summary["token_outliers"]["o"]
-    prefix = metrics.prefix_ids(outlier_ids, o, bos_id)
+    use_bos = bos_id is not None and bos_trained is not False
+    content_ids = Counter({i: n for i, n in outlier_ids.items() if i != bos_id})
+    prefix = metrics.prefix_ids(content_ids, o, bos_id if use_bos else None)
+    candidates = [{"id": i, "token": decode(i), "count": n} for i, n in
+                  sorted(content_ids.items(), key=lambda e: (-e[1], e[0]))]
+    ranked = rank_sinks(summary, windows)
     return Verdict(
         sink_positions=sorted(positions), sink_token_ids=ids, sink_tokens=[decode(i) for i in ids],
         peak_channels=channels, broken_linears=broken, outlier_token_count=o, prefix_ids=prefix,
         prefix_tokens=[decode(i) for i in prefix], origin=(probe or {}).get("origin", "not probed"),
+        sinks=ranked, top_sinks=top_sinks(ranked),
+        content_sinks=content, top_content_sinks=[c for c in content if c["id"] in ids][:TOP],
+        prefix_candidates=candidates[:20],
+        prefix_bos=("no BOS token" if bos_id is None else "BOS first: the model is trained with it" if
+                    bos_trained else "BOS first: PrefixQuant's rule (training convention not checked)" if
+                    bos_trained is None else "no BOS: the model is not trained with one"),
     )

@@ -1,19 +1,43 @@
 """Prefix tokens (PrefixQuant / CushionCache): a fixed context whose KV is computed once in full precision,
-so the quantized layers never see the sink tokens' peaks and static per-tensor scales fit ordinary tokens."""
+so the quantized layers never see the sink tokens' peaks and static per-tensor scales fit ordinary tokens.
+
+A prefix must not hurt the full-precision model, or quantization starts from a worse model. Two rules:
+
+- BOS only where the model is trained with one (`bos_evidence`): its tokenizer adds BOS to a text, its GGUF
+  metadata says `tokenizer.ggml.add_bos_token`, or its chat template starts every conversation with it. A
+  tokenizer merely *naming* a BOS id is not evidence (Qwen2.5 names `<|endoftext|>` and never adds it).
+- Every automatically chosen token is checked against the fp model's calibration loss: the mean next-token
+  NLL of the same calibration tokens with and without the prefix. A candidate is kept only while the prefix
+  raises that loss by at most `MAX_NLL_INCREASE` nats (1% perplexity); the check is recorded either way.
+  Tokens a recipe lists explicitly are honoured (or refused with a reason), and checked and recorded too."""
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Sequence
+from typing import Any
 
 import torch
+import torch.nn.functional as F
 
+from sinkquant.data import TokenStream
 from sinkquant.errors import SinkquantError
 from sinkquant.models import LoadedModel
 
 # Candidates for the greedy search: delimiters and weak-semantic words (An et al. 2025 find systematic
 # outliers on exactly these).
 GREEDY_CANDIDATES = ("\n", "\n\n", ".", ",", " the", " of", " and", ":", ";", "-", " ", "<|endoftext|>")
+# PrefixQuant's own fallbacks when a profile names no outlier token: the most frequent outliers it reports.
+FALLBACK_CANDIDATES = ("\n", ".")
+GREEDY_SAMPLE_TOKENS = 128
+# Prefix selection profiles only a few calibration windows: the PrefixQuant rule is stable on SmolLM2 from 2 on.
+PROFILE_WINDOWS = 2
+# The fp-loss check: whole calibration windows (a prefix's effect fades along the window, so a shorter sample
+# overstates it: on SmolLM2 BOS costs +0.016 nats over 256 tokens and saves 0.027 over 512), and the largest
+# loss increase a prefix may cause.
+CHECK_WINDOWS = 2
+MAX_NLL_INCREASE = math.log(1.01)  # nats per token: +1% fp perplexity on the calibration sample
 
 
 def token_id(loaded: LoadedModel, token: int | str, field: str) -> int:
@@ -29,13 +53,93 @@ def token_id(loaded: LoadedModel, token: int | str, field: str) -> int:
     return ids[0]
 
 
+def _gguf_add_bos(loaded: LoadedModel) -> bool | None:
+    """`tokenizer.ggml.add_bos_token` of the GGUF file the model came from, None when unknown."""
+    from sinkquant.zoo import embedded
+
+    source = loaded.source
+    entry = embedded(loaded.spec) if source.get("kind") == "embedded" else None
+    path = entry.path() if entry is not None else source.get("path") if source.get("kind") == "gguf" else None
+    if path is None:
+        return None
+    from gguf import GGUFReader
+
+    field = GGUFReader(str(path)).fields.get("tokenizer.ggml.add_bos_token")
+    return None if field is None else bool(field.parts[field.data[0]][0])
+
+
+def _template_starts_with_bos(loaded: LoadedModel) -> bool | None:
+    """Does the chat template put BOS first? None when the tokenizer has no template or it cannot render."""
+    tokenizer = loaded.tokenizer
+    if not getattr(tokenizer, "chat_template", None):
+        return None
+    try:
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=True)
+    except Exception:  # templates raise arbitrary errors (e.g. on a missing system turn)
+        return None
+    if isinstance(ids, dict) or hasattr(ids, "input_ids"):
+        ids = ids["input_ids"]
+    return len(ids) > 0 and ids[0] == loaded.bos_id
+
+
+def bos_evidence(loaded: LoadedModel) -> dict[str, Any]:
+    """Whether the model is trained with its BOS token, and the evidence: the tokenizer adds it, the GGUF
+    metadata says so, or the chat template starts with it. Any one suffices; a BOS id alone does not."""
+    if loaded.bos_id is None:
+        return {"bos_id": None, "trained": False, "evidence": "the tokenizer defines no BOS token"}
+    facts = {"tokenizer_adds_bos": loaded.adds_bos, "gguf_add_bos_token": _gguf_add_bos(loaded),
+             "chat_template_starts_with_bos": _template_starts_with_bos(loaded)}
+    yes = [name for name, value in facts.items() if value]
+    return {"bos_id": loaded.bos_id, "bos_token": loaded.tokenizer.decode([loaded.bos_id]), **facts,
+            "trained": bool(yes), "evidence": ", ".join(yes) or "none of tokenizer, GGUF metadata, chat template"}
+
+
 def with_bos(loaded: LoadedModel, ids: Sequence[int], mode: str) -> list[int]:
-    """BOS first where the model has one ('auto'), never duplicated; 'always' demands a BOS."""
+    """BOS first where the model is trained with one ('auto', see `bos_evidence`) or always ('always', which
+    demands a BOS id); never duplicated. 'never' adds none, and refuses `ids` that name the BOS themselves
+    rather than silently dropping it."""
     bos = loaded.bos_id
     if mode == "always" and bos is None:
         raise SinkquantError(f"prefix.bos='always' but model {loaded.spec} has no BOS token; use 'auto' or 'never'")
-    body = [i for i in ids if i != bos]
-    return ([bos] if bos is not None and mode != "never" else []) + body
+    if mode == "never":
+        if bos is not None and bos in ids:
+            raise SinkquantError(f"prefix.tokens lists {bos} ({loaded.tokenizer.decode([bos])!r}), the BOS id of "
+                                 f"{loaded.spec}, but prefix.bos is 'never'; drop it from tokens or set bos: always")
+        return list(ids)
+    add = bos is not None and (mode == "always" or bos_evidence(loaded)["trained"])
+    return ([bos] if add and bos not in ids else []) + list(ids)
+
+
+@torch.no_grad()
+def calibration_nll(loaded: LoadedModel, prefix: list[int], sample: torch.Tensor) -> float:
+    """Mean next-token NLL (nats) of the fp model on `sample`'s tokens 1..T-1, with `prefix` in front: the
+    same targets whatever the prefix, so two prefixes compare directly."""
+    head = torch.tensor([prefix] * sample.shape[0], dtype=sample.dtype).reshape(sample.shape[0], -1)
+    logits = loaded.model(input_ids=torch.cat([head, sample], dim=1), use_cache=False).logits
+    logits = logits[:, len(prefix) : len(prefix) + sample.shape[1] - 1]
+    return float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), sample[:, 1:].reshape(-1)))
+
+
+def check_prefix(loaded: LoadedModel, head: list[int], candidates: Sequence[int], sample: torch.Tensor,
+                 max_tokens: int, keep_all: bool = False) -> tuple[list[int], dict[str, Any]]:
+    """Grow `head` by each candidate in turn, keeping one only while the whole prefix raises the fp
+    calibration NLL by at most MAX_NLL_INCREASE over no prefix at all (`keep_all`: record, keep anyway)."""
+    baseline = calibration_nll(loaded, [], sample)
+    limit = baseline + MAX_NLL_INCREASE
+    prefix: list[int] = []
+    rows = []
+    for token in [*head, *candidates]:
+        if len(prefix) >= max_tokens:
+            break
+        nll = calibration_nll(loaded, prefix + [token], sample)
+        kept = keep_all or nll <= limit
+        rows.append({"id": token, "token": loaded.tokenizer.decode([token]), "nll": nll,
+                     "delta_nll": nll - baseline, "kept": kept})
+        if kept:
+            prefix.append(token)
+    return prefix, {"metric": "mean next-token NLL (nats) of the fp model, same targets with and without prefix",
+                    "sample": list(sample.shape), "baseline_nll": baseline, "max_increase": MAX_NLL_INCREASE,
+                    "candidates": rows}
 
 
 @torch.no_grad()
@@ -90,3 +194,67 @@ def greedy_prefix(
         best = scores[choice]
         trace.append({"prefix": list(prefix), "max_linear_input": best, "seconds": time.perf_counter() - start})
     return prefix, trace
+
+
+def calibration_profile(loaded: LoadedModel, windows: torch.Tensor) -> dict[str, Any]:
+    """A profile of the first PROFILE_WINDOWS calibration windows (no probe): what the prefix step reads when
+    the caller has no profile; compute it once to share it between several recipes."""
+    from sinkquant.profiling import profile
+
+    sample = windows[:PROFILE_WINDOWS]
+    stream = TokenStream(ids=sample.reshape(-1), text_sha256="calibration windows", source={"kind": "calibration"})
+    return profile(loaded, stream, ctx=sample.shape[1], windows=sample.shape[0], bos="never", progress=False,
+                   probe=False)
+
+
+def _profile_candidates(loaded: LoadedModel, windows: torch.Tensor, profile_report: dict | None) -> tuple[
+        list[int], dict[str, Any]]:
+    """PrefixQuant's content tokens: the profile's most frequent outlier ids outside position 0, at least one
+    (the positional sink needs a home even where the profile counts no outlier token), BOS excluded."""
+    verdict = (profile_report or calibration_profile(loaded, windows))["verdict"]
+    o = max(int(verdict["outlier_token_count"]), 1)
+    ranked = verdict.get("prefix_candidates") or [{"id": i} for i in verdict["prefix_ids"]]
+    ids = [c["id"] for c in ranked if c["id"] != loaded.bos_id]
+    if not ids:
+        encoded = [loaded.tokenizer.encode(t, add_special_tokens=False) for t in FALLBACK_CANDIDATES]
+        ids = [e[0] for e in encoded if len(e) == 1]
+    return ids[:o], {"verdict_prefix": verdict["prefix_ids"], "outlier_token_count": verdict["outlier_token_count"]}
+
+
+def select_prefix_ids(
+    loaded: LoadedModel,
+    calibration_windows: torch.Tensor,
+    max_tokens: int,
+    bos_mode: str = "auto",
+    tokens: str | Sequence[int | str] = "profile",
+    profile_report: dict | None = None,
+) -> tuple[list[int], dict[str, Any]]:
+    """The prefix step's choice: `tokens` is 'profile' (PrefixQuant: BOS where trained with one, then the
+    profile's most frequent outlier tokens), 'greedy' (CushionCache) or an explicit list (ids or one-token
+    strings), honoured as given or refused with a reason. Automatic choices pass the fp calibration-loss check
+    (`check_prefix`); the record says where the ids came from, the BOS evidence and every check."""
+    start = time.perf_counter()
+    sample = calibration_windows[:CHECK_WINDOWS]
+    record: dict[str, Any] = {"bos": {"mode": bos_mode, **bos_evidence(loaded)}}
+    if not isinstance(tokens, str):
+        ids = [token_id(loaded, t, f"prefix.tokens[{i}]") for i, t in enumerate(tokens)]
+        ids = with_bos(loaded, ids, bos_mode)
+        if len(ids) > max_tokens:
+            raise SinkquantError(f"prefix.tokens gives {len(ids)} tokens {ids} (BOS included) but prefix.max_tokens "
+                                 f"is {max_tokens}; list fewer tokens or raise max_tokens")
+        ids, record["check"] = check_prefix(loaded, [], ids, sample, max_tokens, keep_all=True)
+        record["source"] = "recipe"
+    else:
+        head = with_bos(loaded, [], bos_mode)
+        if tokens == "greedy":
+            found, record["trace"] = greedy_prefix(loaded, calibration_windows[:2, :GREEDY_SAMPLE_TOKENS],
+                                                   max_tokens, bos_mode)
+            candidates = found[len(head):]
+        elif tokens == "profile":
+            candidates, record["profile"] = _profile_candidates(loaded, calibration_windows, profile_report)
+        else:
+            raise SinkquantError(f"prefix.tokens: {tokens!r} is not 'profile', 'greedy' or a list of tokens")
+        ids, record["check"] = check_prefix(loaded, head, candidates, sample, max_tokens)
+        record["source"] = tokens
+    record.update(ids=ids, tokens=[loaded.tokenizer.decode([i]) for i in ids], seconds=time.perf_counter() - start)
+    return ids, record

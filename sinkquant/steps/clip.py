@@ -3,14 +3,16 @@ error ||W Q(x) - W x||^2 on calibration tokens, sink tokens left out (they stay 
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from pydantic import Field
 
-from sinkquant.engine.session import Session
 from sinkquant.quant.primitives import qrange, quantize_dequantize, scale_zero_point
 from sinkquant.steps.base import Stage, Step, StepConfig, register
+
+if TYPE_CHECKING:
+    from sinkquant.engine.session import Session
 
 
 class ClipConfig(StepConfig):

@@ -3,13 +3,15 @@ full-precision activations; their weights stay quantized. On SmolLM2 these are a
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import Field, PositiveInt, model_validator
 
-from sinkquant.engine.session import Session
 from sinkquant.errors import SinkquantError
 from sinkquant.steps.base import Stage, Step, StepConfig, register
+
+if TYPE_CHECKING:
+    from sinkquant.engine.session import Session
 
 # Beyond a quarter of the layers a W8A8 scheme has become a W8A16 one in all but name: use a weight-only scheme.
 MAX_SHARE = 0.25

@@ -4,14 +4,16 @@ the one the unquantized activations give)."""
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import Field, NonNegativeInt
 
-from sinkquant.engine.session import Session
 from sinkquant.errors import SinkquantError
 from sinkquant.quant.scheme import Scheme
 from sinkquant.steps.base import Stage, Step, StepConfig, register
+
+if TYPE_CHECKING:
+    from sinkquant.engine.session import Session
 
 
 class KeepSinkConfig(StepConfig):

@@ -4,14 +4,16 @@ Sink tokens are left out of the activation statistics, or their peaks alone woul
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from pydantic import Field
 
-from sinkquant.engine.session import Session
 from sinkquant.quant.keep import KeepState, keep_hooks
 from sinkquant.steps.base import Stage, Step, StepConfig, register
+
+if TYPE_CHECKING:
+    from sinkquant.engine.session import Session
 
 
 class SmoothConfig(StepConfig):

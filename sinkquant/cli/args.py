@@ -1,0 +1,168 @@
+"""Flags every `sinkquant` subcommand shares, parse-time number checks, and loading the model and text they name.
+
+Importing this module stays cheap (no torch, no transformers): `sinkquant --help` builds every parser."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from sinkquant.errors import SinkquantError
+
+if TYPE_CHECKING:
+    from sinkquant.data import TokenStream
+    from sinkquant.models import LoadedModel
+    from sinkquant.recipes import Recipe
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def bounded_int(low: int, what: str) -> Callable[[str], int]:
+    """An argparse `type=` that refuses integers below `low` before any work starts."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer ({what})") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{value} is below {low} ({what})")
+        return value
+
+    return parse
+
+
+ctx_type = bounded_int(2, "a window needs at least 2 tokens: one to condition on, one to score")
+positive_int = bounded_int(1, "must be at least 1")
+windows_type = bounded_int(0, "0 = all windows")
+
+
+def add_model_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="smollm2-135m",
+                        help="'smollm2-135m' (embedded), a .gguf file, a safetensors folder or a hub id")
+    parser.add_argument("--trust-remote-code", action="store_true", help="allow the model's own code (off by default)")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"],
+                        help="where the model runs; auto = cuda if available, else cpu")
+    parser.add_argument("--dtype", default="float32", choices=DTYPES, help="weights and activations dtype")
+
+
+def add_data_args(parser: argparse.ArgumentParser, ctx: int = 512, max_windows: int | None = 16,
+                  calib_windows: int | None = None, calib_help: str = "") -> None:
+    """Text flags; `max_windows=None` leaves out --max-windows (evaluation windows), `calib_windows` adds
+    --calib-windows (calibration windows) with that default (0 = the recipe's own)."""
+    parser.add_argument("--data", default="wikitext2",
+                        help="'wikitext2', a .txt/.raw/.jsonl/.parquet file, or a hub data set name")
+    parser.add_argument("--data-config", default=None, help="hub data set config (e.g. wikitext-2-raw-v1)")
+    parser.add_argument("--data-split", default="test", help="hub data set split")
+    parser.add_argument("--text-field", default="text", help="field holding the text in jsonl/parquet/hub rows")
+    parser.add_argument("--local-copy", default=None,
+                        help="local copy of WikiText-2 test (wiki.test.raw) when the hub is out of reach; "
+                             "or set SINKQUANT_WIKITEXT2")
+    parser.add_argument("--ctx", type=ctx_type, default=ctx, help="window length in tokens (>= 2)")
+    if max_windows is not None:
+        parser.add_argument("--max-windows", type=windows_type, default=max_windows,
+                            help="evaluation windows, from the start of the text (0 = all)")
+    if calib_windows is not None:
+        parser.add_argument("--calib-windows", type=positive_int, default=calib_windows or None,
+                            help=calib_help or "calibration windows, from the end of the text")
+    parser.add_argument("--bos", default="auto", choices=["never", "per-window", "auto"],
+                        help="BOS in front of each window; auto = the tokenizer's own convention")
+
+
+def add_output_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def max_windows(args: argparse.Namespace) -> int | None:
+    return args.max_windows or None
+
+
+def resolve_device(name: str) -> str:
+    """'auto' picks cuda when torch sees a GPU; asking for cuda without one is a one-line error."""
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise SinkquantError("--device cuda: torch sees no CUDA device here; use --device cpu or auto")
+    return name
+
+
+def load_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """load_model's keyword arguments from --dtype, --device and --trust-remote-code."""
+    import torch
+
+    return {"dtype": getattr(torch, args.dtype), "device": resolve_device(args.device),
+            "trust_remote_code": args.trust_remote_code}
+
+
+def load_inputs(args: argparse.Namespace) -> tuple[LoadedModel, TokenStream]:
+    """Model and token stream from the common flags."""
+    from sinkquant.data import load_text, tokenize
+    from sinkquant.models import load_model
+
+    loaded = load_model(args.model, **load_kwargs(args))
+    text = load_text(args.data, config=args.data_config, split=args.data_split, text_field=args.text_field,
+                     local_copy=args.local_copy)
+    return loaded, tokenize(text, loaded.tokenizer)
+
+
+def with_calib_windows(recipe: Recipe, windows: int | None) -> Recipe:
+    """The recipe with --calib-windows in place of its `calibration.windows` (unchanged when not given)."""
+    if windows is None:
+        return recipe
+    return recipe.model_copy(update={"calibration": recipe.calibration.model_copy(update={"windows": windows})})
+
+
+def note(command: str, message: str) -> None:
+    """A flag the run could not follow as given: said on stderr (and recorded in the result by the caller)."""
+    print(f"sinkquant {command}: note: {message}", file=sys.stderr)
+
+
+def bos_override(command: str, recipe_name: str, prefix_tokens: Any, bos: str) -> dict[str, Any] | None:
+    """A prefix recipe puts its own prefix (BOS included where it asks) in front of every window, whatever --bos
+    says; say so when --bos asked for something else, and return the record of it."""
+    if bos == "never":
+        return None
+    note(command, f"recipe {recipe_name} puts its prefix {prefix_tokens} in front of every window; "
+                  f"--bos {bos} is overridden (the prefix decides whether BOS is there)")
+    return {"flag": "--bos", "given": bos, "used": "recipe prefix", "prefix": prefix_tokens, "recipe": recipe_name}
+
+
+# Upstream noise a CLI user cannot act on; filtered here only, never in the library.
+KNOWN_NOISE = {
+    "torchao": ("Failed to load",),  # optional CUDA/mxfp8 .so files absent from CPU wheels
+    "torch.utils._pytree": ("is an Enum subclass and is now natively supported",),
+}
+
+
+class _DropKnown:
+    def __init__(self, prefixes: tuple[str, ...]) -> None:
+        self.prefixes = prefixes
+
+    def filter(self, record: Any) -> bool:
+        message = str(record.msg)
+        return not any(p in message for p in self.prefixes)
+
+
+_FILTERS = {name: _DropKnown(prefixes) for name, prefixes in KNOWN_NOISE.items()}
+
+
+def quiet_libraries(quiet: bool) -> None:
+    """Before any heavy import: silence known upstream warnings and transformers' info logging."""
+    import logging
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    if quiet:
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    for name, drop in _FILTERS.items():
+        logging.getLogger(name).addFilter(drop)  # the same object each call: added once
+    if "transformers" in sys.modules:  # main() called in a process that imported it already: env comes too late
+        hf_logging = sys.modules["transformers"].utils.logging
+        hf_logging.set_verbosity_error()
+        if quiet:
+            hf_logging.disable_progress_bar()

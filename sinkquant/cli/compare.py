@@ -1,0 +1,37 @@
+"""`sinkquant compare`: perplexity of several recipes side by side against one fp32 baseline."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from sinkquant.cli.args import add_data_args, add_model_args, add_output_args, bos_override, load_inputs, max_windows
+
+
+def run(args: argparse.Namespace) -> None:
+    from sinkquant.comparison import HEADERS, compare, table_rows, write_comparison
+    from sinkquant.tables import print_table
+
+    loaded, stream = load_inputs(args)
+    cache = args.cache or args.out / "cache"
+    comparison = compare(loaded, args.recipes, stream, ctx=args.ctx, max_windows=max_windows(args), bos=args.bos,
+                         cache_dir=cache, progress=not args.quiet)
+    comparison["overrides"] = [o for row in comparison["rows"] if row.get("prefix")
+                               if (o := bos_override("compare", row["recipe"], row["prefix"], args.bos))]
+    comparison["run"] = {"device": args.device, "dtype": args.dtype}
+    paths = write_comparison(comparison, args.out)
+    print_table(f"{loaded.spec}: ctx {args.ctx}, {len(comparison['settings']['windows'])} windows", HEADERS,
+                table_rows(comparison))
+    print("wrote " + ", ".join(str(p) for p in paths))
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("compare", help="perplexity of several recipes side by side against fp32")
+    p.add_argument("--recipes", nargs="+", required=True, help="recipe files, e.g. recipes/*.yaml")
+    add_model_args(p)
+    add_data_args(p)
+    add_output_args(p)
+    p.add_argument("--out", type=Path, default=Path("out/compare"), help="folder for compare.md/.json/.csv/.png")
+    p.add_argument("--cache", type=Path, default=None, help="result cache (default OUT/cache); re-runs skip "
+                                                             "finished recipes")
+    p.set_defaults(func=run)

@@ -1,0 +1,58 @@
+"""`sinkquant eval`: perplexity of a model on a text, as a table and an atomically written JSON."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from sinkquant.cli.args import add_data_args, add_model_args, add_output_args, load_inputs, max_windows, positive_int
+
+
+def run(args: argparse.Namespace) -> None:
+    from sinkquant.artifacts import atomic_write_json
+    from sinkquant.data import plan_windows
+    from sinkquant.models import is_artifact
+    from sinkquant.perplexity import evaluate
+    from sinkquant.tables import print_table
+
+    if is_artifact(args.model):
+        result, loaded = _evaluate_artifact(args)
+    else:
+        loaded, stream = load_inputs(args)
+        plan = plan_windows(stream, args.ctx, max_windows(args))
+        result = evaluate(loaded, stream, plan, bos=args.bos, progress=not args.quiet, batch_size=args.batch_size)
+    print_table(
+        f"{loaded.spec} on {result.data.get('path', result.data.get('name'))}",
+        ["ctx", "windows", "BOS", "tokens", "perplexity", "word ppl", "bits/byte", "seconds"],
+        [[result.ctx, result.windows, result.bos, result.tokens, f"{result.ppl:.4f}",
+          f"{result.word_perplexity:.4f}", f"{result.bits_per_byte:.4f}", f"{result.seconds:.1f}"]],
+    )
+    if args.out:
+        atomic_write_json(args.out, {**result.to_dict(), "device": args.device, "dtype": args.dtype})
+        print(f"wrote {args.out}")
+
+
+def _evaluate_artifact(args: argparse.Namespace):
+    """A folder written by `sinkquant quantize` is evaluated as the artifact it is: its integer weights, static
+    scales, prefix and kept positions; its calibration windows stay out of the evaluation windows."""
+    from sinkquant.data import load_text, plan_windows, tokenize
+    from sinkquant.engine import load
+
+    quantized = load(args.model, verify=not args.no_verify)
+    text = load_text(args.data, config=args.data_config, split=args.data_split, text_field=args.text_field,
+                     local_copy=args.local_copy)
+    stream = tokenize(text, quantized.base.tokenizer)
+    plan = plan_windows(stream, args.ctx, max_windows(args), calib_windows=quantized.recipe.calibration.windows)
+    return quantized.evaluate(stream, plan, bos=args.bos, progress=not args.quiet), quantized.base
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("eval", help="perplexity of a model on a text")
+    add_model_args(p)
+    add_data_args(p)
+    add_output_args(p)
+    p.add_argument("--batch-size", type=positive_int, default=1, help="windows per forward pass (>= 1)")
+    p.add_argument("--out", type=Path, default=None, help="write the result as JSON here")
+    p.add_argument("--no-verify", action="store_true",
+                   help="for an artifact folder: skip the sha256 check of its files (huge models)")
+    p.set_defaults(func=run)

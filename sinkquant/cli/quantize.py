@@ -1,0 +1,57 @@
+"""`sinkquant quantize`: apply a recipe file to a model, evaluate it, write a self-contained artifact."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from sinkquant.cli.args import (
+    add_data_args,
+    add_model_args,
+    add_output_args,
+    bos_override,
+    load_inputs,
+    max_windows,
+    with_calib_windows,
+)
+
+
+def run(args: argparse.Namespace) -> None:
+    from sinkquant.artifacts import check_output_dir
+    from sinkquant.data import plan_windows
+    from sinkquant.engine import apply_recipe, save
+    from sinkquant.recipes import load_recipe
+    from sinkquant.tables import print_table
+
+    recipe = with_calib_windows(load_recipe(args.recipe), args.calib_windows)  # a bad recipe fails before loading
+    check_output_dir(args.out, args.overwrite)
+    loaded, stream = load_inputs(args)
+    plan = plan_windows(stream, args.ctx, max_windows(args), calib_windows=recipe.calibration.windows)
+    quantized = apply_recipe(loaded, recipe, stream, ctx=args.ctx)
+    overrides = []
+    if quantized.prefix is not None and (bos := bos_override("quantize", recipe.name, quantized.prefix_tokens,
+                                                             args.bos)):
+        overrides.append(bos)
+    result = quantized.evaluate(stream, plan, bos=args.bos, progress=not args.quiet)
+    save(quantized, args.out, overwrite=args.overwrite,
+         extra={"perplexity": result.to_dict(), "overrides": overrides,
+                "run": {"device": args.device, "dtype": args.dtype, "calib_windows": recipe.calibration.windows}})
+    print_table(
+        f"{recipe.name} on {loaded.spec}",
+        ["recipe", "backend", "prefix", "ctx", "windows", "perplexity", "quantize s", "eval s"],
+        [[recipe.name, recipe.backend, quantized.prefix_tokens or "-", result.ctx, result.windows, f"{result.ppl:.4f}",
+          f"{quantized.record['seconds']:.1f}", f"{result.seconds:.1f}"]],
+    )
+    print(f"wrote {args.out}")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("quantize", help="quantize a model by a recipe and write a reloadable artifact")
+    p.add_argument("--recipe", type=Path, required=True, help="a YAML recipe, e.g. recipes/w8a8-prefix-clip.yaml")
+    add_model_args(p)
+    add_data_args(p, calib_windows=0,
+                  calib_help="calibration windows from the end of the text (default: the recipe's calibration.windows)")
+    add_output_args(p)
+    p.add_argument("--out", type=Path, required=True, help="artifact folder")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.set_defaults(func=run)

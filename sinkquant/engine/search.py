@@ -1,0 +1,367 @@
+"""`--recipe auto`: the profile proposes candidates, a search on calibration data chooses the recipe.
+
+Objective: the mean KL divergence, per scored token, of the quantized model's next-token distribution from the
+fp32 model's (BOS policy `auto`, no prefix: the model as users run it) on held-out calibration windows. It is
+zero only when quantization changes nothing the model predicts, it counts a prefix that hurts the fp model as
+well as quantization error, and (unlike the NLL of the text) it cannot be lowered by a change that happens to
+fit these windows better than fp32 does.
+
+Windows: the last `calib_windows` windows of the text (the region the engine calibrates on, never evaluated).
+The first `score_windows` of them score; the rest calibrate the chosen recipe; the search itself calibrates
+each candidate on the last `search_windows` of those (short search windows keep the cost bounded).
+
+Search, each stage kept only if it lowers the objective (the trace's `ablation`):
+    naive scheme -> prefix length 0..max (the prefix step's own selection from the verdict, lengthened while
+    each token pays; where none pays, keep_sink on the verdict's sink positions)
+    -> smoothing alpha (a small grid walked from 0.5) -> exception layers (the smallest top-k, ranked as the
+    exceptions step ranks them, whose objective meets `budget`; a release needs no recalibration)
+    -> clipping on/off (on the calibrated model, undone by restoring the scales)."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+import yaml
+from tqdm.auto import tqdm
+
+from sinkquant.artifacts import atomic_write_json, atomic_write_text
+from sinkquant.data import TokenStream, plan_windows
+from sinkquant.engine.apply import QuantizedModel, apply_recipe
+from sinkquant.engine.session import Session
+from sinkquant.errors import SinkquantError
+from sinkquant.models import LoadedModel
+from sinkquant.perplexity import Prefix
+from sinkquant.quant.scheme import KeepPolicy
+from sinkquant.quant.simulate import QuantLinear
+from sinkquant.recipes.prefix import with_bos
+from sinkquant.recipes.schema import Recipe, parse_recipe
+from sinkquant.steps.clip import Clip, ClipConfig
+from sinkquant.steps.exceptions import MAX_SHARE
+
+OBJECTIVE = "mean KL(fp32 || quantized) of the next-token distribution, nats per scored token"
+
+
+@dataclass(frozen=True)
+class BaseScheme:
+    """A scheme `--recipe auto` starts from, with the search space that suits it."""
+
+    scheme: dict[str, Any]
+    max_prefix: int = 4
+    alphas: tuple[float, ...] = (0.5, 0.65, 0.8, 0.35)  # walked from the first, one neighbour at a time
+    # Clipping's cost is its per-layer grid (layers x grid x rows), not the windows: a coarse grid on few rows.
+    clip: ClipConfig = ClipConfig(grid=6, samples=16, min_ratio=0.5)
+
+
+W8A8 = {"weights": {"bits": 8, "granularity": "channel"}, "activations": {"bits": 8, "mode": "static"}}
+# The int4 schemes use the same search; their budgets are not yet measured on SmolLM2.
+BASE_SCHEMES: dict[str, BaseScheme] = {
+    "w8a8-static": BaseScheme(W8A8),
+    "w4a8kv8": BaseScheme({"weights": {"bits": 4, "granularity": "group", "group_size": 64},
+                           "activations": {"bits": 8, "mode": "static"}, "kv": {"bits": 8, "granularity": "token"}}),
+    "w4a4kv4": BaseScheme({"weights": {"bits": 4, "granularity": "group", "group_size": 64},
+                           "activations": {"bits": 4, "mode": "static"}, "kv": {"bits": 4, "granularity": "token"}}),
+}
+DEFAULT_BUDGET = 0.02
+# Doubling stops here (1, 2, 4, 8, 16): beyond 16 released inputs the search costs more than they are worth.
+MAX_EXCEPTIONS = 16
+
+
+def base_scheme(name: str) -> BaseScheme:
+    if name not in BASE_SCHEMES:
+        raise SinkquantError(f"scheme={name!r} is not a base scheme for --recipe auto; valid: "
+                             f"{', '.join(BASE_SCHEMES)}")
+    return BASE_SCHEMES[name]
+
+
+def check_budget(budget: float) -> float:
+    if isinstance(budget, bool) or not isinstance(budget, int | float) or not math.isfinite(budget) or budget <= 0:
+        raise SinkquantError(f"budget={budget!r} is not valid; valid: a positive number, the mean KL to fp32 in "
+                             f"nats per token that exceptions must reach (default {DEFAULT_BUDGET})")
+    return float(budget)
+
+
+@torch.no_grad()
+def _log_probs(model: torch.nn.Module, window: torch.Tensor, context: list[int], prefix: Prefix | None
+               ) -> torch.Tensor:
+    """log p(token t+1 | ..t) for t = 0..ctx-2 of one window [ctx]: what perplexity scores, as [ctx-1, vocab]."""
+    device = next(model.parameters()).device
+    ctx = window.numel()
+    if prefix is not None and prefix.cache is not None:
+        inputs, past = window[None].to(device), prefix.cache_for_batch(1)
+    else:
+        inputs, past = torch.cat([torch.tensor(context, dtype=window.dtype), window])[None].to(device), None
+    logits = model(input_ids=inputs, past_key_values=past, use_cache=past is not None, logits_to_keep=ctx).logits
+    return F.log_softmax(logits[0, :-1].float(), dim=-1)
+
+
+class Objective:
+    """The fp32 reference is computed once; each candidate costs one quantized forward per scoring window."""
+
+    def __init__(self, loaded: LoadedModel, windows: torch.Tensor) -> None:
+        self.windows = windows
+        self.context = [loaded.bos_id] if loaded.adds_bos else []
+        self.reference = [_log_probs(loaded.model, w, self.context, None) for w in windows]
+
+    def __call__(self, model: torch.nn.Module, prefix: Prefix | None) -> dict[str, float]:
+        kl, nll, tokens = 0.0, 0.0, 0
+        for window, ref in zip(self.windows, self.reference, strict=True):
+            logp = _log_probs(model, window, self.context, prefix)
+            kl += float((ref.exp() * (ref - logp)).sum())
+            nll -= float(logp.gather(1, window[1:, None].to(logp.device)).sum())
+            tokens += window.numel() - 1
+        return {"objective": kl / tokens, "nll": nll / tokens}
+
+
+def _recipe(name: str, description: str, steps: list[dict[str, Any]], base: BaseScheme, windows: int, ctx: int
+            ) -> Recipe:
+    return parse_recipe({"name": name, "description": description, "steps": steps, "scheme": base.scheme,
+                         "calibration": {"windows": windows, "ctx": ctx}}, f"auto recipe {name}")
+
+
+def _prefix_step(loaded: LoadedModel, ids: list[int]) -> dict[str, Any]:
+    """An explicit prefix that the prefix step honours as given (BOS only where the list starts with it)."""
+    bos = "auto" if ids[:1] == [loaded.bos_id] else "never"
+    return {"prefix": {"tokens": list(ids), "max_tokens": len(ids), "bos": bos}}
+
+
+def _prefix_candidates(loaded: LoadedModel, report: dict[str, Any], max_prefix: int) -> list[list[int]]:
+    """The prefix step's selection for max_tokens 1..max_prefix, each distinct list once."""
+    ranked = with_bos(loaded, report["verdict"]["prefix_ids"], "auto")
+    return [ranked[:k] for k in range(1, min(max_prefix, len(ranked)) + 1)]
+
+
+def _quantized_layers(quantized: QuantizedModel) -> dict[str, QuantLinear]:
+    return {n: m for n, m in quantized.model.named_modules() if isinstance(m, QuantLinear)}
+
+
+def _exception_ranking(layers: dict[str, QuantLinear]) -> list[str]:
+    """The exceptions step's order: widest calibrated static range first."""
+    static = {n: m for n, m in layers.items() if m.activations is not None and m.act_scale is not None}
+    return sorted(static, key=lambda n: (-float(static[n].act_scale), n))
+
+
+def _counts(limit: int, meets: Callable[[int], bool]) -> int | None:
+    """The smallest k in 1..limit with meets(k), assuming meets is monotone: doubling, then bisection."""
+    k, previous = 1, 0
+    while not meets(k):
+        if k >= limit:
+            return None
+        previous, k = k, min(2 * k, limit)
+    low, high = previous + 1, k
+    while low < high:
+        middle = (low + high) // 2
+        if meets(middle):
+            high = middle
+        else:
+            low = middle + 1
+    return high
+
+
+class _Search:
+    """Candidates, their objective values and seconds, and the best so far."""
+
+    def __init__(self, loaded: LoadedModel, stream: TokenStream, base: BaseScheme, ctx: int, search_windows: int,
+                 objective: Objective, report: dict[str, Any] | None, progress: bool) -> None:
+        self.loaded, self.stream, self.base, self.ctx = loaded, stream, base, ctx
+        self.search_windows, self.objective, self.report = search_windows, objective, report
+        self.calibration = stream.windows(ctx, list(plan_windows(stream, ctx, 1, search_windows).calib_windows))
+        self.candidates: list[dict[str, Any]] = []
+        self.bar = tqdm(desc="auto recipe", unit="candidate", disable=not progress, leave=False)
+        self.best: dict[str, Any] | None = None
+        self.model: QuantizedModel | None = None
+
+    def record(self, stage: str, what: dict[str, Any], score: dict[str, float], start: float) -> dict[str, Any]:
+        entry = {"stage": stage, **what, **score, "seconds": time.perf_counter() - start}
+        self.candidates.append(entry)
+        self.bar.update(1)
+        self.bar.set_postfix(stage=stage, kl=f"{score['objective']:.4f}")
+        return entry
+
+    def calibrated(self, stage: str, steps: list[dict[str, Any]]) -> bool:
+        """Quantize and calibrate a candidate on the search windows; keep it if it beats the best so far."""
+        start = time.perf_counter()
+        recipe = _recipe(f"search-{len(self.candidates)}", "auto recipe candidate", steps, self.base,
+                         self.search_windows, self.ctx)
+        quantized = apply_recipe(self.loaded, recipe, self.stream, self.ctx, profile_report=self.report, copy=True)
+        entry = self.record(stage, {"steps": steps}, self.objective(quantized.model, quantized.prefix), start)
+        if self.best is not None and entry["objective"] >= self.best["objective"]:
+            return False
+        self.best, self.model = {**entry, "exceptions": [], "clip": False}, quantized
+        return True
+
+
+def _ablation(stage: str, before: float, after: float) -> dict[str, Any]:
+    return {"step": stage, "before": before, "after": after, "kept": after < before}
+
+
+def auto_recipe(
+    loaded: LoadedModel, stream: TokenStream, scheme: str = "w8a8-static", ctx: int = 512, calib_windows: int = 8,
+    budget: float = DEFAULT_BUDGET, progress: bool = True, *, score_windows: int = 1, search_windows: int = 2,
+) -> tuple[Recipe, dict[str, Any]]:
+    """Search a recipe for `loaded` on calibration windows only; returns it with the trace of what was tried.
+    The loaded model is left untouched (every candidate works on a copy)."""
+    base, budget = base_scheme(scheme), check_budget(budget)
+    final_windows = calib_windows - score_windows
+    if score_windows < 1 or search_windows < 1 or final_windows < search_windows:
+        raise SinkquantError(f"calib_windows={calib_windows} must hold score_windows={score_windows} (>= 1) plus at "
+                             f"least search_windows={search_windows} (>= 1) calibrating windows")
+    start = time.perf_counter()
+    torch.manual_seed(0)
+    region = list(plan_windows(stream, ctx, max_windows=1, calib_windows=calib_windows).calib_windows)
+    objective = Objective(loaded, stream.windows(ctx, region[:score_windows]))
+    search_ids = region[-search_windows:]
+    report = _profile(loaded, stream.windows(ctx, search_ids))
+    search = _Search(loaded, stream, base, ctx, search_windows, objective, report, progress)
+    ablation: list[dict[str, Any]] = []
+
+    try:
+        search.calibrated("naive", [])
+        naive = search.best["objective"]
+        for ids in _prefix_candidates(loaded, report, base.max_prefix):  # longer only while longer pays
+            if not search.calibrated("prefix", [_prefix_step(loaded, ids)]) and len(ids) > 1:
+                break
+        ablation.append(_ablation("prefix", naive, search.best["objective"]))
+        sinks = report["verdict"]["sink_positions"]
+        if not search.best["steps"] and sinks:  # no prefix pays: keep the verdict's sink positions instead
+            search.calibrated("keep_sink", [{"keep_sink": {"positions": sinks}}])
+            ablation.append(_ablation("keep_sink", naive, search.best["objective"]))
+        _smooth(search, ablation)
+        _exceptions(search, budget, ablation)
+        _clip(search, budget, ablation)
+    finally:
+        search.bar.close()
+
+    best = search.best
+    steps = list(best["steps"])
+    if best["exceptions"]:
+        steps.append({"exceptions": {"layers": best["exceptions"]}})
+    if best["clip"]:
+        steps.append({"clip": base.clip.model_dump(mode="json")})
+    kept = [s["step"] for s in ablation if s["kept"]] or ["none"]
+    recipe = _recipe(f"auto-{scheme}", f"Searched by --recipe auto for {loaded.spec} on calibration data "
+                     f"(kept: {', '.join(kept)}); see the trace beside this file.", steps, base, final_windows, ctx)
+    trace = {
+        "scheme": scheme, "model": loaded.spec, "data_sha256": stream.text_sha256, "ctx": ctx, "budget": budget,
+        "objective": OBJECTIVE,
+        "windows": {"score": region[:score_windows], "search_calibration": search_ids,
+                    "final_calibration": region[score_windows:]},
+        "verdict": {k: report["verdict"][k] for k in ("prefix_ids", "prefix_tokens", "sink_positions")},
+        "naive_objective": naive, "chosen_objective": best["objective"], "budget_met": best["objective"] <= budget,
+        "ablation": ablation, "candidates": search.candidates, "recipe": recipe.resolved(),
+        "seconds": time.perf_counter() - start,
+    }
+    return recipe, trace
+
+
+def _profile(loaded: LoadedModel, windows: torch.Tensor) -> dict[str, Any]:
+    """One profile of the search windows serves every prefix candidate (as the prefix step would profile)."""
+    from sinkquant.profiling import profile
+
+    sample = TokenStream(ids=windows.reshape(-1), text_sha256="calibration windows", source={"kind": "calibration"})
+    return profile(loaded, sample, ctx=windows.shape[1], windows=windows.shape[0], bos="never", progress=False,
+                   probe=False)
+
+
+def _smooth(search: _Search, ablation: list[dict[str, Any]]) -> None:
+    """Walk the alpha grid from its first value towards whichever neighbour improves; stop when none does."""
+    before = search.best["objective"]
+    head = list(search.best["steps"])
+    alphas = search.base.alphas
+    tried: dict[float, float] = {}
+
+    def attempt(alpha: float) -> float:
+        search.calibrated("smooth", [*head, {"smooth": {"alpha": alpha}}])
+        tried[alpha] = search.candidates[-1]["objective"]
+        return tried[alpha]
+
+    attempt(alphas[0])
+    for direction in (sorted(a for a in alphas if a > alphas[0]), sorted((a for a in alphas if a < alphas[0]),
+                                                                           reverse=True)):
+        last = tried[alphas[0]]
+        for alpha in direction:
+            if attempt(alpha) >= last:
+                break
+            last = tried[alpha]
+        if len(tried) > 1 and min(tried, key=tried.get) != alphas[0]:
+            break
+    ablation.append(_ablation("smooth", before, search.best["objective"]))
+
+
+def _exceptions(search: _Search, budget: float, ablation: list[dict[str, Any]]) -> None:
+    """The smallest top-k of the exceptions step's ranking that meets `budget`; if none does, the k with the
+    lowest objective among those tried. Released layers get their activation scheme back afterwards."""
+    before = search.best["objective"]
+    if before <= budget:
+        ablation.append({**_ablation("exceptions", before, before), "reason": "budget already met"})
+        return
+    layers = _quantized_layers(search.model)
+    ranking = _exception_ranking(layers)
+    limit = min(int(MAX_SHARE * len(layers)), MAX_EXCEPTIONS, len(ranking))
+    scored: dict[int, float] = {}
+
+    def score(k: int) -> float:
+        if k not in scored:
+            start = time.perf_counter()
+            specs = {n: layers[n].activations for n in ranking[:k]}
+            for name in specs:
+                layers[name].activations = None
+            try:
+                entry = search.record("exceptions", {"count": k},
+                                      search.objective(search.model.model, search.model.prefix), start)
+            finally:
+                for name, spec in specs.items():
+                    layers[name].activations = spec
+            scored[k] = entry["objective"]
+        return scored[k]
+
+    count = _counts(limit, lambda k: score(k) <= budget) if limit else None
+    if count is None and scored:
+        count = min(scored, key=lambda k: (scored[k], k))
+    if count is not None and scored[count] < before:
+        search.best = {**search.best, "objective": scored[count], "exceptions": ranking[:count]}
+        for name in ranking[:count]:
+            layers[name].activations = None
+    ablation.append(_ablation("exceptions", before, search.best["objective"]))
+
+
+def _clip(search: _Search, budget: float, ablation: list[dict[str, Any]]) -> None:
+    """Clipping on the calibrated best candidate; its scales are restored when clipping does not pay."""
+    before, quantized, start = search.best["objective"], search.model, time.perf_counter()
+    if before <= budget:
+        ablation.append({**_ablation("clip", before, before), "reason": "budget already met"})
+        return
+    layers = _quantized_layers(quantized)
+    saved = {n: (m.act_scale, m.act_zero_point) for n, m in layers.items()}
+    keep = quantized.record["keep"]
+    session = Session(loaded=quantized.base, scheme=quantized.recipe.scheme,
+                      calibration=search.calibration,
+                      prefix=quantized.prefix, keep=KeepPolicy(tuple(keep["positions"]), tuple(keep["token_ids"])),
+                      quantized=dict(layers), progress=False)
+    Clip(search.base.clip).apply(session)
+    entry = search.record("clip", {"clip": search.base.clip.model_dump(mode="json")},
+                          search.objective(quantized.model, quantized.prefix), start)
+    if entry["objective"] < before:
+        search.best = {**search.best, "objective": entry["objective"], "clip": True}
+    else:
+        for name, (scale, zero_point) in saved.items():
+            layers[name].act_scale, layers[name].act_zero_point = scale, zero_point
+    ablation.append(_ablation("clip", before, search.best["objective"]))
+
+
+def write_auto_recipe(recipe: Recipe, trace: dict[str, Any], path: str | Path) -> tuple[Path, Path]:
+    """The recipe as a normal YAML file (`load_recipe` reads it) and the trace beside it as `<stem>.trace.json`,
+    both atomically: applying the file reproduces the result without searching again."""
+    path = Path(path)
+    if path.suffix not in (".yaml", ".yml"):
+        raise SinkquantError(f"auto recipe path {path} must end in .yaml or .yml (the trace goes beside it)")
+    trace_path = path.with_name(f"{path.stem}.trace.json")
+    atomic_write_text(path, yaml.safe_dump(recipe.resolved(), sort_keys=False))
+    atomic_write_json(trace_path, trace)
+    return path, trace_path

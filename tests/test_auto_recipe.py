@@ -1,0 +1,110 @@
+"""`--recipe auto`: the search on tiny random models (runs, writes a recipe that reloads and reproduces, never
+worse than naive on its calibration objective), on the real SmolLM2 (beats naive static W8A8 on evaluation
+windows), and its one-line errors."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from sinkquant.data import plan_windows
+from sinkquant.engine import apply_recipe
+from sinkquant.engine.search import BASE_SCHEMES, Objective, auto_recipe, write_auto_recipe
+from sinkquant.errors import SinkquantError
+from sinkquant.recipes import load_recipe, parse_recipe
+from tests.tiny import tiny_model
+
+CTX = 64
+# calib 3 = 1 scoring window + 2 calibrating ones, which the search also calibrates on: the trace's objective
+# is then exactly the chosen recipe's.
+SEARCH = {"ctx": CTX, "calib_windows": 3, "score_windows": 1, "search_windows": 2, "progress": False}
+
+
+def _state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in model.state_dict().items() if v is not None}
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_search_writes_a_recipe_that_reloads_and_reproduces(smollm2, wikitext_stream, tmp_path, arch) -> None:
+    loaded = tiny_model(arch, smollm2.tokenizer)
+    before = _state(loaded.model)
+    # A budget no random model meets forces the exception search through doubling and its fallback.
+    recipe, trace = auto_recipe(loaded, wikitext_stream, budget=1e-12, **SEARCH)
+    assert all(torch.equal(v, before[k]) for k, v in _state(loaded.model).items())  # the search used copies
+    ablation = {a["step"]: a for a in trace["ablation"]}
+    assert [a["step"] for a in trace["ablation"] if a["step"] != "keep_sink"] == ["prefix", "smooth", "exceptions",
+                                                                                 "clip"]
+    assert ("keep_sink" in ablation) == (not ablation["prefix"]["kept"] and bool(trace["verdict"]["sink_positions"]))
+    assert all(a["after"] <= a["before"] and a["kept"] == (a["after"] < a["before"]) for a in ablation.values())
+    stages = {c["stage"] for c in trace["candidates"]}
+    assert {"naive", "smooth", "exceptions", "clip"} <= stages
+    assert all(c["seconds"] >= 0 and math.isfinite(c["objective"]) for c in trace["candidates"])
+    assert not trace["budget_met"]
+
+    path, trace_path = write_auto_recipe(recipe, trace, tmp_path / "auto.yaml")
+    reread = load_recipe(path)
+    assert reread == recipe and reread.resolved() == recipe.resolved()
+    assert json.loads(trace_path.read_text())["candidates"] == json.loads(json.dumps(trace["candidates"]))
+
+    first = apply_recipe(loaded, reread, wikitext_stream, CTX, copy=True)
+    second = apply_recipe(loaded, recipe, wikitext_stream, CTX, copy=True)
+    a, b = _state(first.model), _state(second.model)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    objective = Objective(loaded, wikitext_stream.windows(CTX, trace["windows"]["score"]))
+    chosen = objective(first.model, first.prefix)["objective"]
+    naive_recipe = parse_recipe({"name": "naive", "description": "naive", "scheme": BASE_SCHEMES["w8a8-static"].scheme,
+                                 "calibration": {"windows": 2, "ctx": CTX}})
+    naive_model = apply_recipe(loaded, naive_recipe, wikitext_stream, CTX, copy=True)
+    naive = objective(naive_model.model, naive_model.prefix)["objective"]
+    assert chosen == pytest.approx(trace["chosen_objective"], rel=1e-4, abs=1e-9)
+    assert naive == pytest.approx(trace["naive_objective"], rel=1e-4, abs=1e-9)
+    assert chosen <= naive
+
+
+@pytest.mark.parametrize("scheme", ["w4a8kv8", "w4a4kv4"])
+def test_int4_base_schemes_search_the_same_space(smollm2, wikitext_stream, scheme) -> None:
+    loaded = tiny_model("llama", smollm2.tokenizer)
+    recipe, trace = auto_recipe(loaded, wikitext_stream, scheme=scheme, **SEARCH)
+    base = parse_recipe({"name": "b", "description": "b", "scheme": BASE_SCHEMES[scheme].scheme})
+    assert recipe.scheme == base.scheme and recipe.scheme.kv is not None
+    assert trace["chosen_objective"] <= trace["naive_objective"]
+
+
+def test_auto_recipe_beats_naive_static_on_smollm2(smollm2, wikitext_stream) -> None:
+    ctx = 128
+    recipe, trace = auto_recipe(smollm2, wikitext_stream, ctx=ctx, calib_windows=3, score_windows=1,
+                                search_windows=2, progress=False)
+    assert trace["chosen_objective"] < trace["naive_objective"]
+    assert any(a["kept"] for a in trace["ablation"])
+    plan = plan_windows(wikitext_stream, ctx, max_windows=3, calib_windows=8)
+    auto = apply_recipe(smollm2, recipe, wikitext_stream, ctx, copy=True).evaluate(wikitext_stream, plan,
+                                                                                 progress=False)
+    naive = apply_recipe(smollm2, load_recipe("recipes/w8a8-naive.yaml"), wikitext_stream, ctx, copy=True
+                         ).evaluate(wikitext_stream, plan, progress=False)
+    assert auto.ppl < naive.ppl
+
+
+@pytest.mark.parametrize(("kwargs", "match"), [
+    ({"scheme": "w8a8"}, r"scheme='w8a8' is not a base scheme .*valid: w8a8-static"),
+    ({"budget": 0}, r"budget=0 is not valid; valid: a positive number"),
+    ({"budget": -0.1}, r"budget=-0.1 is not valid"),
+    ({"budget": float("nan")}, r"budget=nan is not valid"),
+    ({"budget": "small"}, r"budget='small' is not valid"),
+    ({"calib_windows": 2, "score_windows": 1, "search_windows": 2}, r"calib_windows=2 must hold"),
+])
+def test_bad_scheme_budget_and_windows_are_one_line_errors(smollm2, wikitext_stream, kwargs, match) -> None:
+    loaded = tiny_model("llama", smollm2.tokenizer)
+    with pytest.raises(SinkquantError, match=match) as info:
+        auto_recipe(loaded, wikitext_stream, **{**SEARCH, **kwargs})
+    assert "\n" not in str(info.value)
+
+
+def test_write_auto_recipe_refuses_a_path_that_is_not_yaml(smollm2, wikitext_stream, tmp_path) -> None:
+    recipe = parse_recipe({"name": "n", "description": "d", "scheme": BASE_SCHEMES["w8a8-static"].scheme})
+    with pytest.raises(SinkquantError, match=r"must end in \.yaml or \.yml"):
+        write_auto_recipe(recipe, {}, tmp_path / "auto.json")
+    assert not list(tmp_path.iterdir())
