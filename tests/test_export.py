@@ -7,9 +7,11 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM
@@ -21,7 +23,7 @@ from sinkquant.engine.session import Session
 from sinkquant.errors import SinkquantError
 from sinkquant.perplexity import Prefix, build_prefix, evaluate
 from sinkquant.quant.scheme import ActivationScheme, KeepPolicy, Scheme, WeightScheme
-from sinkquant.recipes.schema import load_recipe
+from sinkquant.recipes.schema import parse_recipe
 
 
 def _native(smollm2, scheme: Scheme, calib: list[torch.Tensor] | None, keep: KeepPolicy | None = None,
@@ -137,8 +139,10 @@ def test_engine_w8a8_prefix_model_round_trips_through_export(smollm2, wikitext_s
     sidecar prefix its perplexity is the native backend's within 0.5% (plus the native model's own
     float32-vs-float64 spread, activations being rounded)."""
     plan, _, _ = eval_and_calib(128, 2, 1)
-    recipe = load_recipe("recipes/w8a8-prefix-smooth-except-native.yaml")
-    quantized = apply_recipe(smollm2, recipe, wikitext_stream, ctx=128, copy=True)
+    # The shipped recipe with BOS as its prefix (its profile-chosen prefix is a choice of the prefix step).
+    data = yaml.safe_load(Path("recipes/w8a8-prefix-smooth-except-native.yaml").read_text())
+    data["steps"][0] = {"prefix": {"tokens": [], "max_tokens": 1, "bos": "always"}}
+    quantized = apply_recipe(smollm2, parse_recipe(data), wikitext_stream, ctx=128, copy=True)
     out = export(quantized, tmp_path / "engine")
     config = json.loads((out / "config.json").read_text())["quantization_config"]
     exceptions = quantized.step_record("exceptions")["layers"]
