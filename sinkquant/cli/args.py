@@ -50,11 +50,17 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
 
 
 def add_data_args(parser: argparse.ArgumentParser, ctx: int = 512, max_windows: int | None = 16,
-                  calib_windows: int | None = None, calib_help: str = "") -> None:
+                  calib_windows: int | None = None, calib_help: str = "", several: bool = False) -> None:
     """Text flags; `max_windows=None` leaves out --max-windows (evaluation windows), `calib_windows` adds
-    --calib-windows (calibration windows) with that default (0 = the recipe's own)."""
-    parser.add_argument("--data", default="wikitext2",
-                        help="'wikitext2', a .txt/.raw/.jsonl/.parquet file, or a hub data set name")
+    --calib-windows (calibration windows) with that default (0 = the recipe's own); `several` lets --data repeat,
+    each text named NAME=SPEC."""
+    if several:
+        parser.add_argument("--data", action="append", default=None,
+                            help="a text, repeatable, each NAME=SPEC or SPEC (SPEC: 'wikitext2', a "
+                                 ".txt/.raw/.jsonl/.parquet file, or a hub data set); default wikitext2")
+    else:
+        parser.add_argument("--data", default="wikitext2",
+                            help="'wikitext2', a .txt/.raw/.jsonl/.parquet file, or a hub data set name")
     parser.add_argument("--data-config", default=None, help="hub data set config (e.g. wikitext-2-raw-v1)")
     parser.add_argument("--data-split", default="test", help="hub data set split")
     parser.add_argument("--text-field", default="text", help="field holding the text in jsonl/parquet/hub rows")
@@ -108,6 +114,33 @@ def load_inputs(args: argparse.Namespace) -> tuple[LoadedModel, TokenStream]:
     text = load_text(args.data, config=args.data_config, split=args.data_split, text_field=args.text_field,
                      local_copy=args.local_copy)
     return loaded, tokenize(text, loaded.tokenizer)
+
+
+AUTO = "auto"
+
+
+def add_auto_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--scheme", default="w8a8-static",
+                        help="base scheme searched by --recipe auto: w8a8-static, w4a8kv8 or w4a4kv4")
+    parser.add_argument("--budget", type=float, default=None,
+                        help="--recipe auto: error budget (mean KL to fp32, nats per token) the exceptions must meet")
+
+
+def auto_recipe_file(args: argparse.Namespace, loaded: LoadedModel, stream: TokenStream, folder: Any) -> Any:
+    """Run the `--recipe auto` search on calibration windows and write the chosen recipe (and its trace) into
+    `folder`; returns the recipe file, so the result is reproducible without searching again."""
+    from pathlib import Path
+
+    from sinkquant.engine.search import DEFAULT_BUDGET, auto_recipe, write_auto_recipe
+
+    recipe, trace = auto_recipe(loaded, stream, scheme=args.scheme, ctx=args.ctx,
+                                calib_windows=getattr(args, "calib_windows", None) or 8,
+                                budget=DEFAULT_BUDGET if args.budget is None else args.budget,
+                                progress=not args.quiet)
+    path, _ = write_auto_recipe(recipe, trace, Path(folder) / f"auto-{args.scheme}.yaml")
+    print(f"sinkquant: --recipe auto chose {[s.name for s in recipe.steps]}; wrote {path} and its trace",
+          file=sys.stderr)
+    return path
 
 
 def with_calib_windows(recipe: Recipe, windows: int | None) -> Recipe:

@@ -5,7 +5,17 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from sinkquant.cli.args import add_data_args, add_model_args, add_output_args, bos_override, load_inputs, max_windows
+from sinkquant.cli.args import (
+    AUTO,
+    add_auto_args,
+    add_data_args,
+    add_model_args,
+    add_output_args,
+    auto_recipe_file,
+    bos_override,
+    load_inputs,
+    max_windows,
+)
 
 
 def run(args: argparse.Namespace) -> None:
@@ -14,7 +24,8 @@ def run(args: argparse.Namespace) -> None:
 
     loaded, stream = load_inputs(args)
     cache = args.cache or args.out / "cache"
-    comparison = compare(loaded, args.recipes, stream, ctx=args.ctx, max_windows=max_windows(args), bos=args.bos,
+    recipes = [auto_recipe_file(args, loaded, stream, args.out) if str(r) == AUTO else r for r in args.recipes]
+    comparison = compare(loaded, recipes, stream, ctx=args.ctx, max_windows=max_windows(args), bos=args.bos,
                          cache_dir=cache, progress=not args.quiet)
     comparison["overrides"] = [o for row in comparison["rows"] if row.get("prefix")
                                if (o := bos_override("compare", row["recipe"], row["prefix"], args.bos))]
@@ -27,7 +38,9 @@ def run(args: argparse.Namespace) -> None:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("compare", help="perplexity of several recipes side by side against fp32")
-    p.add_argument("--recipes", nargs="+", required=True, help="recipe files, e.g. recipes/*.yaml")
+    p.add_argument("--recipes", nargs="+", required=True,
+                   help="recipe files, e.g. recipes/*.yaml; 'auto' searches one for this model (see --scheme)")
+    add_auto_args(p)
     add_model_args(p)
     add_data_args(p)
     add_output_args(p)

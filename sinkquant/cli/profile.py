@@ -5,21 +5,42 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from sinkquant.cli.args import add_data_args, add_model_args, add_output_args, load_inputs, note, positive_int
+from sinkquant.cli.args import add_data_args, add_model_args, add_output_args, load_kwargs
+from sinkquant.errors import SinkquantError
+
+
+def _named(specs: list[str] | None) -> dict[str, str]:
+    """--data entries as {name: spec}; a bare SPEC is named after itself (a file's stem)."""
+    named: dict[str, str] = {}
+    for entry in specs or ["wikitext2"]:
+        name, sep, spec = entry.partition("=")
+        if not sep:
+            name, spec = Path(entry).stem or entry, entry
+        if not name or not spec:
+            raise SinkquantError(f"--data {entry!r}: expected NAME=SPEC or SPEC")
+        if name in named:
+            raise SinkquantError(f"--data: the name {name!r} is given twice; name each text differently")
+        named[name] = spec
+    return named
 
 
 def run(args: argparse.Namespace) -> None:
     from sinkquant.artifacts import check_output_dir
+    from sinkquant.data import load_text, tokenize
+    from sinkquant.models import load_model
     from sinkquant.profiling import profile
+    from sinkquant.profiling.context import CONTEXT_LENGTHS
 
-    if args.windows is not None:
-        note("profile", "--windows is now --calib-windows (calibration windows); "
-                        f"using --calib-windows {args.windows}")
-        args.calib_windows = args.windows
     check_output_dir(args.out, args.overwrite)  # refuse before the slow part
-    loaded, stream = load_inputs(args)
-    report = profile(loaded, stream, ctx=args.ctx, windows=args.calib_windows, bos=args.bos, out=args.out,
-                     progress=not args.quiet, overwrite=args.overwrite, probe=not args.no_probe)
+    texts = _named(args.data)
+    loaded = load_model(args.model, **load_kwargs(args))
+    streams = {name: tokenize(load_text(spec, config=args.data_config, split=args.data_split,
+                                        text_field=args.text_field, local_copy=args.local_copy), loaded.tokenizer)
+               for name, spec in texts.items()}
+    report = profile(loaded, streams if len(streams) > 1 else next(iter(streams.values())), ctx=args.ctx,
+                     windows=args.calib_windows, bos=args.bos, out=args.out, progress=not args.quiet,
+                     overwrite=args.overwrite, probe=not args.no_probe, interventions=args.interventions,
+                     context_lengths=CONTEXT_LENGTHS if args.context_sweep else None, seed=args.seed)
     verdict = report["verdict"]
     print(f"sink positions {verdict['sink_positions']}, peak channels {verdict['peak_channels']}, "
           f"sink rate {report['attention']['sink_rate']['0.3']:.1f}% (eps 0.3), origin {verdict['origin']}, "
@@ -31,9 +52,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("profile", help="measure residual peaks, outliers and attention sinks; write a report")
     add_model_args(p)
     add_data_args(p, ctx=512, max_windows=None, calib_windows=4,
-                  calib_help="calibration windows to profile, from the end of the text")
+                  calib_help="calibration windows to profile, from the end of the text", several=True)
     add_output_args(p)
-    p.add_argument("--windows", type=positive_int, default=None, help=argparse.SUPPRESS)  # the old name
+    p.add_argument("--interventions", action="store_true",
+                   help="perplexity with the massive activations zeroed / set to their mean (Sun et al.)")
+    p.add_argument("--context-sweep", action="store_true",
+                   help="sink rate and peaks against context length, with and without BOS (Barbero et al.)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random control intervention")
     p.add_argument("--out", type=Path, required=True, help="report folder (report.json, report.html, report.md)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--no-probe", action="store_true", help="skip the position-vs-content and BOS probe")

@@ -6,9 +6,12 @@ import argparse
 from pathlib import Path
 
 from sinkquant.cli.args import (
+    AUTO,
+    add_auto_args,
     add_data_args,
     add_model_args,
     add_output_args,
+    auto_recipe_file,
     bos_override,
     load_inputs,
     max_windows,
@@ -23,9 +26,14 @@ def run(args: argparse.Namespace) -> None:
     from sinkquant.recipes import load_recipe
     from sinkquant.tables import print_table
 
-    recipe = with_calib_windows(load_recipe(args.recipe), args.calib_windows)  # a bad recipe fails before loading
+    auto = str(args.recipe) == AUTO
+    if not auto:
+        recipe = with_calib_windows(load_recipe(args.recipe), args.calib_windows)  # a bad recipe fails first
     check_output_dir(args.out, args.overwrite)
     loaded, stream = load_inputs(args)
+    if auto:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        recipe = load_recipe(auto_recipe_file(args, loaded, stream, args.out.parent))
     plan = plan_windows(stream, args.ctx, max_windows(args), calib_windows=recipe.calibration.windows)
     quantized = apply_recipe(loaded, recipe, stream, ctx=args.ctx)
     overrides = []
@@ -47,7 +55,10 @@ def run(args: argparse.Namespace) -> None:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("quantize", help="quantize a model by a recipe and write a reloadable artifact")
-    p.add_argument("--recipe", type=Path, required=True, help="a YAML recipe, e.g. recipes/w8a8-prefix-clip.yaml")
+    p.add_argument("--recipe", type=Path, required=True,
+                   help="a YAML recipe (e.g. recipes/w8a8-prefix-smooth-except.yaml), or 'auto': search one for this "
+                        "model on calibration windows (see --scheme)")
+    add_auto_args(p)
     add_model_args(p)
     add_data_args(p, calib_windows=0,
                   calib_help="calibration windows from the end of the text (default: the recipe's calibration.windows)")

@@ -210,6 +210,14 @@ def load(folder: str | Path, verify: bool = True) -> QuantizedModel:
     session = Session(loaded=base, scheme=recipe.scheme, calibration=torch.empty(0, 0, dtype=torch.long),
                       keep=KeepPolicy(positions=tuple(keep.get("positions", ())),
                                       token_ids=tuple(keep.get("token_ids", ()))))
+    records = record.get("steps", [])
+    step_records = []
+    for step in recipe.steps:
+        step_record = next((r for r in records if isinstance(r, dict) and r.get("step") == step.name), None)
+        if step_record is None:
+            raise SinkquantError(f"{meta_path}: record has no entry for step {step.name!r}; the manifest is damaged")
+        step.prepare_restore(session, step_record)
+        step_records.append(step_record)
     native = recipe.backend == "native"
     quantize_structure(session, kv=not native)  # native: the Int8KVCache quantizes the KV instead
     try:
@@ -219,11 +227,7 @@ def load(folder: str | Path, verify: bool = True) -> QuantizedModel:
     _restore_weights(model, session, tensors)
     if (folder / PREFIX).is_file():
         session.prefix = _prefix_from(load_file(folder / PREFIX), model.config, next(model.parameters()).device)
-    records = record.get("steps", [])
-    for step in recipe.steps:
-        step_record = next((r for r in records if isinstance(r, dict) and r.get("step") == step.name), None)
-        if step_record is None:
-            raise SinkquantError(f"{meta_path}: record has no entry for step {step.name!r}; the manifest is damaged")
+    for step, step_record in zip(recipe.steps, step_records, strict=True):
         step.restore(session, step_record)
     if native:
         convert_to_native(model)

@@ -162,6 +162,10 @@ def swap_linears(model: nn.Module, layers: dict[str, nn.Linear], scheme: Scheme,
     for name, linear in layers.items():
         parent_name, _, child = name.rpartition(".")
         quant = QuantLinear(linear, scheme.weights, scheme.activations, keep)
+        # Online transforms a step put in front of the layer (a rotation of its input) move with it.
+        for name_, module in linear.named_children():
+            quant.add_module(name_, module)
+        quant._forward_pre_hooks.update(linear._forward_pre_hooks)
         setattr(model.get_submodule(parent_name), child, quant)
         swapped[name] = quant
     return swapped

@@ -4,6 +4,7 @@ engine runs in the recipe's order:
 
     check(scheme, steps, index)  parse time, before any model work: refuse what cannot work, naming the step
     apply(session)               do the work on the session's model; return what was done (the step's record)
+    prepare_restore(session, r)  on loading an artifact, before its tensors: rebuild structure the step changed
     restore(session, record)     on loading an artifact, redo what the saved tensors alone do not hold
 
 Adding a step is one module with one `@register`ed subclass; nothing else in the engine changes."""
@@ -74,6 +75,10 @@ class Step(ABC):
     @abstractmethod
     def apply(self, session: Session) -> dict[str, Any]:
         """Do the step's work on `session.model`; the returned dict is saved as this step's record."""
+
+    def prepare_restore(self, session: Session, record: dict[str, Any]) -> None:
+        """Before the saved tensors are loaded: rebuild modules the step added or replaced (default: nothing)."""
+        return None
 
     def restore(self, session: Session, record: dict[str, Any]) -> None:
         """Redo, on a freshly built model, what the saved tensors do not hold (default: nothing)."""
