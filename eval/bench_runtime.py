@@ -5,17 +5,17 @@ after a ctx-token prompt (batch 1, KV cache), timed without the prompt. Each var
 so that its peak RSS (ru_maxrss) is its own; artifact bytes are the files it saves (safetensors, tied
 embeddings stored once). Variants:
   fp32                         the model as loaded
-  native-w8a8-static-prefix    native backend: int8 per-channel weights (RTN), static per-tensor int8
-                               activations (absmax over --calib-windows windows), BOS as an fp prefix KV
-  native-w8a16 / native-w4a16  native backend: int8 per-channel / int4 group-64 symmetric weights
+  native-w8a8-prefix-smooth-except   recipes/w8a8-prefix-smooth-except-native.yaml through the engine
+                                     (fp prefix, smoothing, 8 exceptions, static per-tensor int8 activations)
+  native-w8a16 / native-w4a16        recipes/w8a16-native.yaml / recipes/w4a16-group64-native.yaml
   torchao-int8dyn, quanto-w8a8, bnb-int8   peers (sinkquant.quant.backends)
-Until the engine is connected, the native models are built from the simulator (RTN + absmax calibration),
-not from a recipe: no smoothing or exceptions."""
+The native rows are `apply_recipe` with the -native recipes (embeddings stored float16), calibrated on the
+recipe's windows from the end of the text (--calib-windows overrides their number); their artifact is
+`sinkquant.engine.save`."""
 
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import resource
@@ -24,28 +24,23 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 from benchlib import REPO, parser, setup, write_result
-from safetensors.torch import save_model
-from transformers import DynamicCache
+from transformers import Cache, DynamicCache
 
-from sinkquant.adapters import adapter_for
-from sinkquant.backends.native import native_from_simulated
-from sinkquant.data import plan_windows
-from sinkquant.perplexity import Prefix, build_prefix
+from sinkquant.data import TokenStream, plan_windows
+from sinkquant.engine import apply_recipe, save
 from sinkquant.quant.backends import quantize_backend, save_backend
-from sinkquant.quant.scheme import ActivationSpec, KeepPolicy, QuantScheme, WeightSpec
-from sinkquant.quant.simulate import quantize_model
+from sinkquant.recipes.schema import load_recipe
 
 NATIVE = {
-    "native-w8a8-static-prefix": QuantScheme(weights=WeightSpec(8, "channel"),
-                                             activations=ActivationSpec(8, "static", symmetric=True),
-                                             keep=KeepPolicy(positions=(0,))),
-    "native-w8a16": QuantScheme(weights=WeightSpec(8, "channel")),
-    "native-w4a16": QuantScheme(weights=WeightSpec(4, "group", 64, symmetric=True)),
+    "native-w8a8-prefix-smooth-except": "recipes/w8a8-prefix-smooth-except-native.yaml",
+    "native-w8a16": "recipes/w8a16-native.yaml",
+    "native-w4a16": "recipes/w4a16-group64-native.yaml",
 }
 PEERS = ("torchao-int8dyn", "quanto-w8a8", "bnb-int8")
 VARIANTS = ("fp32", *NATIVE, *PEERS)
@@ -55,25 +50,27 @@ def folder_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
 
 
-def build(variant: str, loaded, calib: list[torch.Tensor]) -> tuple[torch.nn.Module, Prefix | None, int]:
-    """The model, its prefix (or None) and its artifact bytes."""
-    prefix = build_prefix(loaded.model, [loaded.bos_id]) if variant.endswith("-prefix") else None
+def build(variant: str, loaded, stream: TokenStream, ctx: int, calib_windows: int | None
+          ) -> tuple[torch.nn.Module, Callable[[], Cache | None], list[int], int]:
+    """The model, a maker of the KV cache each run starts from (the prefix's, or the int8 one), the prefix ids
+    and the artifact bytes."""
     with tempfile.TemporaryDirectory(prefix="sinkquant-runtime-") as tmp:
         if variant == "fp32":
             loaded.model.save_pretrained(tmp)
-            return loaded.model, None, folder_bytes(Path(tmp))
+            return loaded.model, lambda: None, [], folder_bytes(Path(tmp))
         if variant in PEERS:
-            model = quantize_backend(loaded.model, variant, calib)
+            plan = plan_windows(stream, ctx=ctx, max_windows=1, calib_windows=calib_windows or 8)
+            model = quantize_backend(loaded.model, variant, [stream.windows(ctx, [i]) for i in plan.calib_windows])
             save_backend(model, variant, Path(tmp) / "artifact")
-            return model, None, folder_bytes(Path(tmp))
-        model = copy.deepcopy(loaded.model)
-        batches = calib if prefix is None else [
-            {"input_ids": c, "past_key_values": prefix.cache_for_batch(1), "use_cache": True} for c in calib]
-        scheme = NATIVE[variant]
-        quantize_model(model, adapter_for(model), scheme, batches if scheme.needs_calibration else None)
-        native_from_simulated(model, loaded.model)
-        save_model(model, str(Path(tmp) / "model.safetensors"))
-        return model, prefix, folder_bytes(Path(tmp))
+            return model, lambda: None, [], folder_bytes(Path(tmp))
+        recipe = load_recipe(REPO / NATIVE[variant])
+        if calib_windows is not None:
+            recipe = recipe.model_copy(update={"calibration": recipe.calibration.model_copy(
+                update={"windows": calib_windows})})
+        quantized = apply_recipe(loaded, recipe, stream, ctx)
+        save(quantized, Path(tmp) / "artifact")
+        ids = quantized.prefix.ids if quantized.prefix is not None else []
+        return quantized.model, lambda: quantized.cache_for_batch(1), ids, folder_bytes(Path(tmp))
 
 
 def tensor_bytes(tensor: torch.Tensor, seen: set[int]) -> int:
@@ -95,22 +92,18 @@ def weight_bytes(model: torch.nn.Module) -> int:
     return sum(tensor_bytes(t, seen) for t in [*model.parameters(), *model.buffers()])
 
 
-def cache_for(prefix: Prefix | None) -> DynamicCache | None:
-    return None if prefix is None else prefix.cache_for_batch(1)
-
-
 @torch.no_grad()
-def measure(model: torch.nn.Module, prefix: Prefix | None, window: torch.Tensor, new_tokens: int,
+def measure(model: torch.nn.Module, new_cache: Callable[[], Cache | None], window: torch.Tensor, new_tokens: int,
             repeats: int) -> dict[str, float]:
     prefill = []
     for _ in range(repeats):
-        past = cache_for(prefix)
+        past = new_cache()
         start = time.perf_counter()
         model(input_ids=window, past_key_values=past, use_cache=past is not None, logits_to_keep=1)
         prefill.append(time.perf_counter() - start)
     decode = []
     for _ in range(repeats):
-        past = cache_for(prefix) or DynamicCache(config=model.config)
+        past = new_cache() or DynamicCache(config=model.config)
         logits = model(input_ids=window, past_key_values=past, use_cache=True, logits_to_keep=1).logits
         token = logits[:, -1:].argmax(-1)
         start = time.perf_counter()
@@ -124,17 +117,16 @@ def measure(model: torch.nn.Module, prefix: Prefix | None, window: torch.Tensor,
 
 def child(args) -> None:
     loaded, stream = setup(args)
-    plan = plan_windows(stream, ctx=args.ctx, max_windows=1, calib_windows=args.calib_windows)
-    calib = [stream.windows(args.ctx, [i]) for i in plan.calib_windows]
+    plan = plan_windows(stream, ctx=args.ctx, max_windows=1)
     start = time.perf_counter()
-    model, prefix, artifact = build(args.child, loaded, calib)
+    model, new_cache, prefix_ids, artifact = build(args.child, loaded, stream, args.ctx, args.calib_windows)
     build_seconds = time.perf_counter() - start
     window = stream.windows(args.ctx, [plan.eval_windows[0]])
-    result = measure(model.eval(), prefix, window, args.new_tokens, args.repeats)
+    result = measure(model.eval(), new_cache, window, args.new_tokens, args.repeats)
     result.update(artifact_bytes=artifact, build_seconds=build_seconds, weight_bytes=weight_bytes(model),
                   peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-                  prefix_ids=prefix.ids if prefix else [], data_sha256=stream.text_sha256,
-                  eval_window=plan.eval_windows[0], calib_windows=list(plan.calib_windows))
+                  prefix_ids=prefix_ids, data_sha256=stream.text_sha256, eval_window=plan.eval_windows[0],
+                  calib_windows=args.calib_windows)
     print("RESULT " + json.dumps(result))
 
 
@@ -165,7 +157,8 @@ def main() -> None:
     p = parser(__doc__, windows=1, out="eval/results/runtime")
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     p.add_argument("--new-tokens", type=int, default=64)
-    p.add_argument("--calib-windows", type=int, default=2)
+    p.add_argument("--calib-windows", type=int, default=None,
+                   help="calibration windows (default: each recipe's own, 8 for the peers)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -200,9 +193,10 @@ def main() -> None:
                      f"{row['artifact_bytes'] / 1e6:.1f} |")
     body = "\n".join(lines) + (
         f"\n\nctx {args.ctx}, batch 1, decode {args.new_tokens} tokens after the ctx-token prompt, median of "
-        f"{args.repeats}; each variant in its own process. Native models: RTN weights + absmax static scales on "
-        f"{args.calib_windows} calibration windows (no smoothing, no exceptions). Peak RSS includes the fp32 model "
-        "every quantized variant is built from in the same process; 'weights in memory' is the model alone.")
+        f"{args.repeats}; each variant in its own process. Native models: the -native recipes through "
+        "apply_recipe (prefix, smoothing and exceptions included; embeddings stored float16), quantized in place. "
+        "Peak RSS includes the fp32 model each peer is built from in the same process; 'weights in memory' is the "
+        "model alone.")
     if measured:
         plot(measured, args.out)
     write_result(args.out, "Runtime of real quantized models (CPU)", body,

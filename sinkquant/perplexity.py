@@ -7,13 +7,14 @@ import copy
 import math
 import re
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
-from transformers import DynamicCache
+from transformers import Cache, DynamicCache
 
 from sinkquant.artifacts import library_versions
 from sinkquant.data import TokenStream, WindowPlan
@@ -101,11 +102,14 @@ def evaluate(
     batch_size: int = 1,
     progress: bool = True,
     desc: str = "perplexity",
+    cache: Callable[[int], Cache | None] | None = None,
 ) -> PerplexityResult:
     """Score tokens 1..ctx-1 of every evaluation window. The context in front (BOS, or a prefix) only
     conditions the model, so every BOS policy and recipe scores exactly the same tokens.
 
-    `model` overrides `loaded.model` (e.g. a quantized copy); tokenizer and provenance come from `loaded`."""
+    `model` overrides `loaded.model` (e.g. a quantized copy); tokenizer and provenance come from `loaded`.
+    `cache(batch)` makes the KV cache each forward starts from, in place of `prefix.cache_for_batch` (e.g. the
+    native backend's int8 KV cache, seeded with the prefix KV itself)."""
     if batch_size < 1:
         raise SinkquantError(f"batch_size={batch_size} is not valid; valid: 1 or more windows per forward pass")
     model = model if model is not None else loaded.model
@@ -122,6 +126,7 @@ def evaluate(
         )
     device = next(model.parameters()).device
     cached = prefix is not None and prefix.cache is not None
+    make_cache = cache if cache is not None else (prefix.cache_for_batch if cached else None)
     nll_sum, tokens, words, n_bytes = 0.0, 0, 0, 0
     indices = list(plan.eval_windows)
     batches = [indices[i : i + batch_size] for i in range(0, len(indices), batch_size)]
@@ -129,10 +134,11 @@ def evaluate(
     for batch in tqdm(batches, desc=desc, disable=not progress, unit="batch" if batch_size > 1 else "window"):
         windows = stream.windows(ctx, batch).to(device)
         if cached:
-            inputs, past = windows, prefix.cache_for_batch(len(batch))
+            inputs = windows
         else:
             head = torch.tensor(context, dtype=windows.dtype, device=device).expand(len(batch), -1)
-            inputs, past = torch.cat([head, windows], dim=1), None
+            inputs = torch.cat([head, windows], dim=1)
+        past = make_cache(len(batch)) if make_cache is not None else None
         logits = model(input_ids=inputs, past_key_values=past, use_cache=past is not None, logits_to_keep=ctx).logits
         nll = F.cross_entropy(
             logits[:, :-1].reshape(-1, logits.shape[-1]).float(), windows[:, 1:].reshape(-1), reduction="sum"

@@ -5,38 +5,49 @@ is refused before anything is written."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
+from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM
 
-from sinkquant.adapters import adapter_for
-from sinkquant.backends.export import PREFIX_KV, export_compressed_tensors, load_prefix_cache
-from sinkquant.backends.native import NativeLinear, native_from_simulated
+from sinkquant.backends.export import PREFIX_KV, export, export_compressed_tensors, load_prefix_cache
+from sinkquant.backends.native import NativeLinear, convert_to_native
+from sinkquant.engine.apply import apply_recipe, quantize_session
+from sinkquant.engine.session import Session
 from sinkquant.errors import SinkquantError
 from sinkquant.perplexity import Prefix, build_prefix, evaluate
-from sinkquant.quant.scheme import ActivationSpec, KeepPolicy, QuantScheme, WeightSpec
-from sinkquant.quant.simulate import quantize_model
+from sinkquant.quant.scheme import ActivationScheme, KeepPolicy, Scheme, WeightScheme
+from sinkquant.recipes.schema import parse_recipe
 
 
-def _native(smollm2, scheme: QuantScheme, calib) -> torch.nn.Module:
-    model = copy.deepcopy(smollm2.model)
-    quantize_model(model, adapter_for(smollm2.model), scheme, calib)
-    native_from_simulated(model, smollm2.model)
-    return model
+def _native(smollm2, scheme: Scheme, calib: list[torch.Tensor] | None, keep: KeepPolicy | None = None,
+            prefix: Prefix | None = None) -> torch.nn.Module:
+    """The engine's quantization of a copy (calibrated behind `prefix`, as the prefix step does), converted."""
+    target = dataclasses.replace(smollm2, model=copy.deepcopy(smollm2.model))
+    windows = torch.cat(calib) if calib else torch.empty(0, 0, dtype=torch.long)
+    session = Session(loaded=target, scheme=scheme, calibration=windows, prefix=prefix, keep=keep or KeepPolicy(),
+                      progress=False)
+    quantize_session(session)
+    convert_to_native(target.model)
+    return target.model
+
+
+def _w8(activations: ActivationScheme | None = None, symmetric: bool = True) -> Scheme:
+    return Scheme(weights=WeightScheme(bits=8, granularity="channel", symmetric=symmetric), activations=activations)
 
 
 def test_w8a8_static_with_prefix_round_trips(smollm2, wikitext_stream, eval_and_calib, tmp_path) -> None:
     """BOS as an fp prefix (its position kept, so calibration never sees it), static per-tensor W8A8."""
     plan, calib, _ = eval_and_calib(128, 2, 1)
     prefix = build_prefix(smollm2.model, [smollm2.bos_id])
-    batches = [{"input_ids": c, "past_key_values": prefix.cache_for_batch(1), "use_cache": True} for c in calib]
-    scheme = QuantScheme(weights=WeightSpec(8, "channel"), activations=ActivationSpec(8, "static", symmetric=False),
-                         keep=KeepPolicy(positions=(0,)))
-    native = _native(smollm2, scheme, batches)
+    scheme = _w8(ActivationScheme(bits=8, mode="static", symmetric=False))
+    native = _native(smollm2, scheme, calib, KeepPolicy(positions=(0,)), prefix)
     # An exception (weight-only) layer and a layer left in fp, as recipes produce them.
     exception, fp_layer = "model.layers.5.mlp.down_proj", "model.layers.6.mlp.down_proj"
     native.model.layers[5].mlp.down_proj = NativeLinear(native.get_submodule(exception).quantized_weight())
@@ -79,7 +90,7 @@ def test_w8a8_static_with_prefix_round_trips(smollm2, wikitext_stream, eval_and_
 
 def test_w4a16_group_round_trips_exactly(smollm2, wikitext_stream, eval_and_calib, tmp_path) -> None:
     plan, _, _ = eval_and_calib(128, 2, 1)
-    native = _native(smollm2, QuantScheme(weights=WeightSpec(4, "group", 64, symmetric=True)), None)
+    native = _native(smollm2, Scheme(weights=WeightScheme(bits=4, granularity="group", group_size=64)), None)
     out = export_compressed_tensors(native, smollm2.tokenizer, tmp_path / "w4a16")
     group = json.loads((out / "config.json").read_text())["quantization_config"]["config_groups"]["group_0"]
     assert group["format"] == "pack-quantized" and group["weights"]["group_size"] == 64
@@ -94,15 +105,15 @@ def test_w4a16_group_round_trips_exactly(smollm2, wikitext_stream, eval_and_cali
     assert abs(exported_ppl / native_ppl - 1) < 1e-4
 
 
-@pytest.mark.parametrize(("scheme", "message"), [
-    (QuantScheme(weights=WeightSpec(8, "channel"), activations=ActivationSpec(8, "dynamic-tensor")), "dynamic-tensor"),
-    (QuantScheme(weights=WeightSpec(4, "group", 64), activations=ActivationSpec(8, "dynamic-token")), "W4A8"),
-    (QuantScheme(weights=WeightSpec(8, "channel", symmetric=False)), "asymmetric weight-only"),
-    (QuantScheme(weights=WeightSpec(8, "channel"), activations=ActivationSpec(8, "dynamic-token"),
-                 keep=KeepPolicy(token_ids=(1,))), "no per-token full precision"),
+@pytest.mark.parametrize(("scheme", "keep", "message"), [
+    (_w8(ActivationScheme(bits=8, mode="dynamic-tensor")), None, "dynamic-tensor"),
+    (Scheme(weights=WeightScheme(bits=4, granularity="group", group_size=64),
+            activations=ActivationScheme(bits=8, mode="dynamic-token")), None, "W4A8"),
+    (_w8(symmetric=False), None, "asymmetric weight-only"),
+    (_w8(ActivationScheme(bits=8, mode="dynamic-token")), KeepPolicy(token_ids=(1,)), "no per-token full precision"),
 ])
-def test_inexpressible_schemes_are_refused_before_writing(smollm2, tmp_path, scheme, message) -> None:
-    native = _native(smollm2, scheme, None)
+def test_inexpressible_schemes_are_refused_before_writing(smollm2, tmp_path, scheme, keep, message) -> None:
+    native = _native(smollm2, scheme, None, keep)
     with pytest.raises(SinkquantError, match=message):
         export_compressed_tensors(native, smollm2.tokenizer, tmp_path / "out")
     assert list(tmp_path.iterdir()) == []
@@ -119,3 +130,34 @@ def test_bad_prefix_sidecar_is_refused(smollm2, tmp_path) -> None:
     save_file(tensors, str(tmp_path / PREFIX_KV))
     with pytest.raises(SinkquantError, match=r"layers\.4\.values is \(1, 3, 1, 32\)"):
         load_prefix_cache(tmp_path, smollm2.model.config)
+
+
+def test_engine_w8a8_prefix_model_round_trips_through_export(smollm2, wikitext_stream, eval_and_calib,
+                                                              tmp_path) -> None:
+    """`export` of a QuantizedModel from apply_recipe (native backend: smoothing folded in, exceptions as a
+    weight-only group, the fp prefix beside the model): transformers + compressed-tensors load it, and with the
+    sidecar prefix its perplexity is the native backend's within 0.5% (plus the native model's own
+    float32-vs-float64 spread, activations being rounded)."""
+    plan, _, _ = eval_and_calib(128, 2, 1)
+    # The shipped recipe with BOS as its prefix (its profile-chosen prefix is a choice of the prefix step).
+    data = yaml.safe_load(Path("recipes/w8a8-prefix-smooth-except-native.yaml").read_text())
+    data["steps"][0] = {"prefix": {"tokens": [], "max_tokens": 1, "bos": "always"}}
+    quantized = apply_recipe(smollm2, parse_recipe(data), wikitext_stream, ctx=128, copy=True)
+    out = export(quantized, tmp_path / "engine")
+    config = json.loads((out / "config.json").read_text())["quantization_config"]
+    exceptions = quantized.step_record("exceptions")["layers"]
+    weight_only = [g for g in config["config_groups"].values() if g["input_activations"] is None]
+    assert len(weight_only) == 1 and len(weight_only[0]["targets"]) == len(exceptions) == 8
+    assert json.loads((out / "sinkquant_export.json").read_text())["recipe"]["backend"] == "native"
+    loaded = AutoModelForCausalLM.from_pretrained(out)
+    ids, cache = load_prefix_cache(out, loaded.config)
+    assert ids == quantized.prefix.ids
+    exported_ppl = evaluate(smollm2, wikitext_stream, plan, prefix=Prefix(ids=ids, cache=cache), model=loaded,
+                            progress=False).ppl
+    native_ppl = quantized.evaluate(wikitext_stream, plan, progress=False).ppl
+    native64_ppl = evaluate(smollm2, wikitext_stream, plan, prefix=quantized.prefix,
+                            model=copy.deepcopy(quantized.model).double(), progress=False).ppl
+    print(f"export round trip: exported {exported_ppl:.4f} native {native_ppl:.4f} native f64 {native64_ppl:.4f}")
+    assert abs(exported_ppl / native_ppl - 1) < 5e-3 + 2 * abs(native64_ppl / native_ppl - 1)
+    with pytest.raises(SinkquantError, match="format='gguf' is not valid"):
+        export(quantized, tmp_path / "other", format="gguf")

@@ -4,33 +4,40 @@ precomputed fp prefix."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
+from safetensors import safe_open
 from transformers import DynamicCache
 
 from sinkquant.adapters import adapter_for
 from sinkquant.backends.kv_cache import Int8KVCache
+from sinkquant.backends.native import NativeLinear, convert_to_native
+from sinkquant.engine import load, save
+from sinkquant.engine.apply import apply_recipe, quantize_session
+from sinkquant.engine.session import Session
 from sinkquant.errors import SinkquantError
-from sinkquant.perplexity import build_prefix
+from sinkquant.perplexity import build_prefix, evaluate
 from sinkquant.quant.keep import attach_keep_state
 from sinkquant.quant.kv import enable_kv_quant
-from sinkquant.quant.scheme import KeepPolicy, KVSpec
+from sinkquant.quant.scheme import ActivationScheme, KeepPolicy, KVScheme, Scheme, WeightScheme
+from sinkquant.recipes.schema import parse_recipe
 from tests.tiny import tiny_model
 
-SPEC = KVSpec(bits=8, granularity="token", symmetric=False)
+SPEC = KVScheme(bits=8, granularity="token", symmetric=False)
 
 
 def _simulated(model: torch.nn.Module, policy: KeepPolicy) -> torch.nn.Module:
     sim = copy.deepcopy(model)
-    state = attach_keep_state(sim, policy)
+    state = attach_keep_state(sim, adapter_for(sim), policy)
     enable_kv_quant(sim, adapter_for(sim), SPEC, state)
     return sim
 
 
 def _native(model: torch.nn.Module, policy: KeepPolicy):
     native = copy.deepcopy(model)
-    return native, attach_keep_state(native, policy)
+    return native, attach_keep_state(native, adapter_for(native), policy)
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +103,7 @@ def test_smollm2_with_fp_prefix_matches_simulated_kv_and_generates(smollm2, wiki
 
 def test_bad_input_is_refused(smollm2, tiny_llama) -> None:
     with pytest.raises(SinkquantError, match="granularity 'token', bits 8"):
-        Int8KVCache(tiny_llama.model.config, KVSpec(bits=8, granularity="head"))
+        Int8KVCache(tiny_llama.model.config, KVScheme(bits=8, granularity="head"))
     with pytest.raises(SinkquantError, match="sliding-window"):
         Int8KVCache(tiny_model("gemma3", smollm2.tokenizer).model.config, SPEC)
     tiny_prefix = build_prefix(tiny_llama.model, [1])
@@ -110,19 +117,18 @@ def test_native_w8a8_int8_kv_and_prefix_like_the_simulator(smollm2, wikitext_str
     is exact to float rounding (tests/test_native.py), but a rounded activation within float rounding of a grid
     boundary may land one level apart and the model amplifies it: the logits must agree within the
     simulator's own float32-vs-float64 spread (twice it, plus 1e-3)."""
-    from sinkquant.backends.native import native_from_simulated
-    from sinkquant.quant.scheme import ActivationSpec, QuantScheme, WeightSpec
-    from sinkquant.quant.simulate import quantize_model
-
     _, calib, _ = eval_and_calib(128, 2, 1)
     prefix = build_prefix(smollm2.model, [smollm2.bos_id])
-    batches = [{"input_ids": c, "past_key_values": prefix.cache_for_batch(1), "use_cache": True} for c in calib]
-    scheme = QuantScheme(weights=WeightSpec(8, "channel"), activations=ActivationSpec(8, mode), kv=SPEC,
-                         keep=KeepPolicy(positions=(0,)))
-    sim = copy.deepcopy(smollm2.model)
-    quantize_model(sim, adapter_for(sim), scheme, batches)
+    scheme = Scheme(weights=WeightScheme(bits=8, granularity="channel"),
+                    activations=ActivationScheme(bits=8, mode=mode), kv=SPEC)
+    target = dataclasses.replace(smollm2, model=copy.deepcopy(smollm2.model))
+    # Calibrate behind the fp prefix, as the prefix step does: the session's batches carry its KV.
+    session = Session(loaded=target, scheme=scheme, calibration=torch.cat(calib), prefix=prefix,
+                      keep=KeepPolicy(positions=(0,)), progress=False)
+    quantize_session(session)
+    sim = target.model
     native = copy.deepcopy(sim)
-    native_from_simulated(native, smollm2.model)
+    convert_to_native(native)
     native.set_attn_implementation("sdpa")  # the int8 cache now holds the quantized KV, not the attention
     ids = wikitext_stream.ids[:32][None]
 
@@ -144,3 +150,40 @@ def test_native_w8a8_int8_kv_and_prefix_like_the_simulator(smollm2, wikitext_str
         out = native.generate(full, past_key_values=cache, max_new_tokens=8, min_new_tokens=8, do_sample=False)
     assert out.shape == (1, full.shape[1] + 8) and torch.equal(out[:, : full.shape[1]], full)
     assert cache.get_seq_length() == full.shape[1] + 7
+
+
+def test_native_recipe_with_kv_evaluates_generates_and_reloads(smollm2, wikitext_stream, eval_and_calib,
+                                                               tmp_path) -> None:
+    """backend native + scheme.kv through the engine: evaluation and generate run on an Int8KVCache seeded with
+    the fp prefix (no simulated KV transform left), perplexity as the simulated recipe's (the same bound as
+    tests/test_native.py: 0.3% plus twice the simulator's float32-vs-float64 spread), and the artifact reloads to the
+    same numbers with 16-bit embeddings on disk."""
+    plan, _, _ = eval_and_calib(64, 8, 1)
+    data = {"name": "kv", "description": "d", "steps": [{"prefix": {"tokens": [], "max_tokens": 1, "bos": "always"}}],
+            "scheme": {"weights": {"bits": 8}, "activations": {"bits": 8, "mode": "dynamic-token"},
+                       "kv": {"bits": 8, "granularity": "token"}, "embeddings": {"dtype": "float16"}},
+            "calibration": {"windows": 1}}
+    simulated = apply_recipe(smollm2, parse_recipe(data), wikitext_stream, ctx=64, copy=True)
+    native = apply_recipe(smollm2, parse_recipe({**data, "backend": "native"}), wikitext_stream, ctx=64, copy=True)
+    cache = native.cache_for_batch(2)
+    assert isinstance(cache, Int8KVCache) and cache.get_seq_length() == len(native.prefix.ids) == 1
+    assert not any(getattr(a, "_sinkquant_transforms", ()) for a in adapter_for(native.model)
+                   .attention_modules(native.model))
+    embedding = native.model.get_input_embeddings().weight
+    assert torch.equal(embedding, embedding.half().float())
+    sim_ppl = simulated.evaluate(wikitext_stream, plan, progress=False).ppl
+    native_ppl = native.evaluate(wikitext_stream, plan, progress=False).ppl
+    sim64_ppl = evaluate(smollm2, wikitext_stream, plan, bos="never", prefix=simulated.prefix, progress=False,
+                         model=copy.deepcopy(simulated.model).double()).ppl
+    print(f"native kv: simulated {sim_ppl:.4f} native {native_ppl:.4f} simulated float64 {sim64_ppl:.4f}")
+    assert abs(native_ppl / sim_ppl - 1) < 3e-3 + 2 * abs(sim64_ppl / sim_ppl - 1)
+    text = native.generate("The capital of France is", max_new_tokens=5)
+    assert isinstance(text, str) and text.strip()
+    folder = save(native, tmp_path / "artifact")
+    with safe_open(str(folder / "model.safetensors"), "pt") as handle:
+        assert handle.get_tensor("model.embed_tokens.weight").dtype == torch.float16
+        assert handle.get_tensor("model.layers.0.mlp.up_proj.weight_int").dtype == torch.int8
+    reloaded = load(folder)
+    assert isinstance(reloaded.model.model.layers[0].mlp.up_proj, NativeLinear)
+    assert reloaded.evaluate(wikitext_stream, plan, progress=False).ppl == pytest.approx(native_ppl, rel=1e-6)
+

@@ -3,21 +3,25 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 from safetensors.torch import load, save
 
-from sinkquant.adapters import adapter_for
-from sinkquant.backends.native import NativeLinear, convert_to_native, native_from_simulated
+from sinkquant.backends.native import NativeLinear, convert_to_native
+from sinkquant.engine.apply import apply_recipe, quantize_model
 from sinkquant.errors import SinkquantError
 from sinkquant.perplexity import evaluate
 from sinkquant.quant.primitives import scale_zero_point
-from sinkquant.quant.qweight import quantize_rtn
-from sinkquant.quant.scheme import ActivationSpec, KeepPolicy, QuantScheme, WeightSpec
-from sinkquant.quant.simulate import fake_quant_activation, quantize_model
+from sinkquant.quant.qweight import QuantizedWeight, quantize_rtn
+from sinkquant.quant.scheme import ActivationScheme, KeepPolicy, Scheme, WeightScheme
+from sinkquant.quant.simulate import fake_quant_activation
+from sinkquant.recipes.schema import parse_recipe
 
 GRIDS = [(8, "channel", None), (8, "tensor", None), (4, "group", 64), (4, "channel", None), (8, "group", 32)]
 ACTIVATIONS = [None, ("static", True), ("static", False), ("dynamic-token", True), ("dynamic-token", False),
@@ -43,7 +47,7 @@ def _layer(weight, bias, x, keep, grid, weight_symmetric, act):
     qweight = quantize_rtn(weight, bits, granularity, group_size, weight_symmetric)
     spec = scale = zero_point = None
     if act is not None:
-        spec = ActivationSpec(bits=8, mode=act[0], symmetric=act[1])
+        spec = ActivationScheme(bits=8, mode=act[0], symmetric=act[1])
         ranged = x if keep is None else x.masked_fill(keep.unsqueeze(-1), 0.0)
         scale, zero_point = scale_zero_point(ranged.amin(), ranged.amax(), 8, act[1])
     return qweight, spec, scale, zero_point, NativeLinear(qweight, bias, spec, scale, zero_point, _keep(keep))
@@ -73,7 +77,7 @@ def test_layer_matches_simulator_on_random_data(grid, weight_symmetric, act) -> 
 
 def test_kernels_are_integer_where_the_grid_allows() -> None:
     weight = torch.randn(64, 128)
-    static = ActivationSpec(bits=8, mode="static", symmetric=True)
+    static = ActivationScheme(bits=8, mode="static", symmetric=True)
     one, zero = torch.tensor(0.1), torch.tensor(0.0)
     w8a8 = NativeLinear(quantize_rtn(weight, 8, "channel"), None, static, one, zero)
     w8a16 = NativeLinear(quantize_rtn(weight, 8, "channel"))
@@ -86,7 +90,7 @@ def test_kernels_are_integer_where_the_grid_allows() -> None:
 def test_state_dict_stores_integers_and_round_trips() -> None:
     torch.manual_seed(1)
     weight, bias, x = torch.randn(64, 128), torch.randn(64), torch.randn(3, 128)
-    static = ActivationSpec(bits=8, mode="static", symmetric=False)
+    static = ActivationScheme(bits=8, mode="static", symmetric=False)
     scale, zero_point = scale_zero_point(x.amin(), x.amax(), 8, False)
     for qweight, dtype, columns in ((quantize_rtn(weight, 8, "channel"), torch.int8, 128),
                                     (quantize_rtn(weight, 4, "group", 64, symmetric=False), torch.uint8, 64)):
@@ -128,7 +132,7 @@ def test_from_quant_linear_and_bad_input() -> None:
     with pytest.raises(SinkquantError, match="QuantizedWeight"):
         NativeLinear.from_quant_linear(torch.nn.Linear(4, 4))
     with pytest.raises(SinkquantError, match="needs act_scale"):
-        NativeLinear(qweight, activations=ActivationSpec(bits=8, mode="static"))
+        NativeLinear(qweight, activations=ActivationScheme(bits=8, mode="static"))
     with pytest.raises(SinkquantError, match="activations.mode"):
         NativeLinear(qweight, activations=SimpleNamespace(bits=8, mode="per-channel", symmetric=True))
 
@@ -166,12 +170,21 @@ def test_layer_matches_simulator_on_smollm2_inputs(smollm2, wikitext_stream, act
 
 
 SCHEMES = {
-    "w8a8-keep-sink": QuantScheme(weights=WeightSpec(8, "channel"),
-                                  activations=ActivationSpec(8, "static", symmetric=True),
-                                  keep=KeepPolicy(positions=(0,))),
-    "w8a16": QuantScheme(weights=WeightSpec(8, "channel")),
-    "w4a16-group64": QuantScheme(weights=WeightSpec(4, "group", 64, symmetric=False)),
+    "w8a8-keep-sink": (Scheme(weights=WeightScheme(bits=8, granularity="channel"),
+                              activations=ActivationScheme(bits=8, mode="static", symmetric=True)),
+                       KeepPolicy(positions=(0,))),
+    "w8a16": (Scheme(weights=WeightScheme(bits=8, granularity="channel")), KeepPolicy()),
+    "w4a16-group64": (Scheme(weights=WeightScheme(bits=4, granularity="group", group_size=64, symmetric=False)),
+                      KeepPolicy()),
 }
+
+
+def _quantized_copy(loaded, scheme: Scheme, calib: list[torch.Tensor] | None = None,
+                    keep: KeepPolicy | None = None):
+    """The engine's simulated layers on a copy of the model (the original stays untouched)."""
+    target = dataclasses.replace(loaded, model=copy.deepcopy(loaded.model))
+    quantize_model(target, scheme, calibration=None if calib is None else torch.cat(calib), keep=keep)
+    return target.model
 
 
 @pytest.mark.parametrize("recipe", list(SCHEMES))
@@ -181,40 +194,73 @@ def test_model_perplexity_matches_simulator(smollm2, wikitext_stream, eval_and_c
     far from fp32 amplifies that: the bound is then the simulator's own spread between float32 and float64
     (measured here, the same math), plus 0.3%."""
     plan, calib, _ = eval_and_calib(128, 2, 1)
-    simulated = copy.deepcopy(smollm2.model)
-    quantize_model(simulated, adapter_for(smollm2.model), SCHEMES[recipe], calib)
+    scheme, keep = SCHEMES[recipe]
+    simulated = _quantized_copy(smollm2, scheme, calib, keep)
     sim_ppl = evaluate(smollm2, wikitext_stream, plan, bos="never", model=simulated, progress=False).ppl
     tolerance = 3e-3
-    if SCHEMES[recipe].activations is not None:
+    if scheme.activations is not None:
         sim64_ppl = evaluate(smollm2, wikitext_stream, plan, bos="never", model=copy.deepcopy(simulated).double(),
                              progress=False).ppl
         tolerance += 2 * abs(sim64_ppl / sim_ppl - 1)
-    converted = native_from_simulated(simulated, smollm2.model)
+    converted = convert_to_native(simulated)
     assert len(converted) == 30 * 7
     native_ppl = evaluate(smollm2, wikitext_stream, plan, bos="never", model=simulated, progress=False).ppl
     assert abs(native_ppl / sim_ppl - 1) < tolerance, (native_ppl, sim_ppl, tolerance)
     int_bytes = sum(b.numel() * b.element_size() for n, b in simulated.named_buffers() if n.endswith(".qweight"))
     fp_bytes = sum(smollm2.model.get_submodule(n).weight.numel() * 4 for n in converted)
-    assert int_bytes <= fp_bytes * (0.25 if SCHEMES[recipe].weights.bits == 8 else 0.125)
+    assert int_bytes <= fp_bytes * (0.25 if scheme.weights.bits == 8 else 0.125)
 
 
 def test_generate_with_native_model(smollm2) -> None:
-    simulated = copy.deepcopy(smollm2.model)
-    scheme = QuantScheme(weights=WeightSpec(8, "channel"), activations=ActivationSpec(8, "dynamic-token"))
-    quantize_model(simulated, adapter_for(smollm2.model), scheme)
+    scheme = Scheme(weights=WeightScheme(bits=8, granularity="channel"),
+                    activations=ActivationScheme(bits=8, mode="dynamic-token"))
+    simulated = _quantized_copy(smollm2, scheme)
     ids = smollm2.tokenizer("The capital of France is", return_tensors="pt").input_ids
     with torch.no_grad():
         expected = simulated.generate(ids, max_new_tokens=8, do_sample=False)
-        native_from_simulated(simulated, smollm2.model)
+        convert_to_native(simulated)
         out = simulated.generate(ids, max_new_tokens=8, do_sample=False)
     assert out.shape == (1, ids.shape[1] + 8)
     assert torch.equal(out, expected)
 
 
-def test_native_from_simulated_refuses_activation_only_scheme(smollm2) -> None:
-    simulated = copy.deepcopy(smollm2.model)
-    quantize_model(simulated, adapter_for(smollm2.model),
-                   QuantScheme(weights=None, activations=ActivationSpec(8, "dynamic-token")))
-    with pytest.raises(SinkquantError, match="needs quantized weights"):
-        native_from_simulated(simulated, smollm2.model)
+def test_native_backend_refuses_what_it_cannot_run_at_parse_time() -> None:
+    base = {"name": "n", "description": "d", "backend": "native"}
+    cases = [({"activations": {"bits": 8, "mode": "dynamic-token"}}, "needs scheme.weights"),
+             ({"weights": {"bits": 4, "granularity": "group", "group_size": 64}, "activations": {"bits": 8}},
+              "scheme.weights.granularity='group' with scheme.activations"),
+             ({"weights": {"bits": 8}, "kv": {"bits": 8, "granularity": "head"}}, "scheme.kv granularity='head'"),
+             ({"weights": {"bits": 8}, "kv": {"bits": 4}}, "bits=4 is not stored")]
+    for scheme, message in cases:
+        with pytest.raises(SinkquantError, match=message):
+            parse_recipe({**base, "scheme": scheme})
+    assert parse_recipe({**base, "scheme": {"weights": {"bits": 8}, "kv": {"bits": 8}}}).backend == "native"
 
+
+FAITHFUL = ["w8a8-prefix-smooth-except", "w8a16", "w8a8-dynamic-token"]
+
+
+@pytest.mark.parametrize("name", FAITHFUL)
+def test_native_backend_recipe_matches_simulated_recipe(smollm2, wikitext_stream, eval_and_calib, name) -> None:
+    """Issue 12 item 3: the shipped W8 recipe through apply_recipe with backend simulated and native, the same
+    16 windows of 128 tokens. Weight-only: within 0.3%. With rounded activations a value within float rounding
+    of a grid boundary may land one level apart and a model this far from fp32 amplifies that (at 2 windows one
+    flipped level moves the perplexity by ~1% either way): the bound is then 0.3% plus twice the simulator's own
+    float32-vs-float64 spread (the same math, measured here)."""
+    plan, _, _ = eval_and_calib(128, 16, 1)
+    data = yaml.safe_load((Path(__file__).resolve().parent.parent / "recipes" / f"{name}.yaml").read_text())
+    recipe = parse_recipe(data)
+    simulated = apply_recipe(smollm2, recipe, wikitext_stream, ctx=128, copy=True)
+    native = apply_recipe(smollm2, parse_recipe({**data, "backend": "native"}), wikitext_stream, ctx=128, copy=True)
+    assert native.record["native"]["converted_layers"] == 30 * 7
+    assert not any(isinstance(getattr(m, "qweight", None), QuantizedWeight) for m in native.model.modules())
+    sim_ppl = simulated.evaluate(wikitext_stream, plan, progress=False).ppl
+    native_ppl = native.evaluate(wikitext_stream, plan, progress=False).ppl
+    tolerance = 3e-3
+    if recipe.scheme.activations is not None:
+        sim64_ppl = evaluate(smollm2, wikitext_stream, plan, bos="never", prefix=simulated.prefix,
+                             model=copy.deepcopy(simulated.model).double(), progress=False).ppl
+        tolerance += 2 * abs(sim64_ppl / sim_ppl - 1)
+    print(f"{name}: simulated {sim_ppl:.4f} native {native_ppl:.4f} ratio-1 {native_ppl / sim_ppl - 1:+.5f} "
+          f"bound {tolerance:.5f}")
+    assert abs(native_ppl / sim_ppl - 1) < tolerance, (native_ppl, sim_ppl, tolerance)

@@ -44,7 +44,7 @@ def test_at_least_the_promised_recipes() -> None:
         ({"steps": [{"cilp": {}}], "scheme": W8}, "steps[0]: unknown step 'cilp'; valid steps: clip, exceptions"),
         ({"stepz": [], "scheme": W8}, "stepz: unknown key; valid keys here: name, description, backend"),
         ({"scheme": {"weights": {"granularity": "group"}}}, "granularity 'group' needs group_size"),
-        ({"backend": "tensorrt"}, "unknown backend 'tensorrt'; valid: simulated, bnb-int8"),
+        ({"backend": "tensorrt"}, "unknown backend 'tensorrt'; valid: simulated, native, bnb-int8"),
         ({"backend": "bnb-nf4", "steps": [{"clip": {}}]}, "leave steps and scheme out"),
         ({"scheme": {}}, "scheme quantizes nothing"),
         # steps as components: needs, duplicates, order, conflicts, all at parse time

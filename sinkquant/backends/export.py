@@ -19,7 +19,7 @@ import json
 import os
 from collections import defaultdict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -27,10 +27,16 @@ from torch import nn
 from transformers import DynamicCache
 
 from sinkquant.artifacts import atomic_dir, atomic_write_json, library_versions, sha256_file
-from sinkquant.backends.native import NativeLinear
+from sinkquant.backends.native import NativeLinear, convert_to_native
+from sinkquant.engine.backends import BACKENDS
 from sinkquant.errors import SinkquantError
 from sinkquant.perplexity import Prefix
+from sinkquant.quant.qweight import QuantizedWeight
 
+if TYPE_CHECKING:
+    from sinkquant.engine.apply import QuantizedModel
+
+FORMATS = ("compressed-tensors",)
 PREFIX_KV = "prefix_kv.safetensors"
 PREFIX_META = "prefix.json"
 MANIFEST = "sinkquant_export.json"
@@ -169,6 +175,28 @@ def export_compressed_tensors(
             "versions": library_versions(), **(provenance or {}),
         })
     return Path(out)
+
+
+def export(quantized: QuantizedModel, out: str | os.PathLike, format: str = "compressed-tensors",
+           overwrite: bool = False) -> Path:
+    """Write an engine-made model (native or simulated layers: the same integers) for serving engines, with its
+    fp prefix KV beside it; the QuantizedModel itself is left untouched."""
+    if format not in FORMATS:
+        raise SinkquantError(f"format={format!r} is not valid; valid: {', '.join(FORMATS)}")
+    recipe = quantized.recipe
+    if not BACKENDS[recipe.backend].runs_recipes:
+        raise SinkquantError(f"backend {recipe.backend!r} quantizes by a peer library's rules and cannot be exported "
+                             "to compressed-tensors; valid: recipes with backend 'simulated' or 'native'")
+    if recipe.scheme.kv is not None:
+        raise SinkquantError("scheme.kv cannot be exported to compressed-tensors: its kv_cache_scheme has static "
+                             "per-tensor scales, sinkquant's KV is quantized per token at run time")
+    model = quantized.model
+    if any(isinstance(getattr(m, "qweight", None), QuantizedWeight) for m in model.modules()):
+        model = copy.deepcopy(model)  # simulated layers: convert a copy, the same integers and scales
+        convert_to_native(model)
+    return export_compressed_tensors(model, quantized.base.tokenizer, out, prefix=quantized.prefix,
+                                     overwrite=overwrite, provenance={"recipe": recipe.resolved(),
+                                                                      "model": quantized.base.spec})
 
 
 def _write_prefix(folder: Path, prefix: Prefix) -> None:

@@ -17,7 +17,7 @@ from sinkquant.backends.native import Keep
 from sinkquant.errors import SinkquantError
 from sinkquant.perplexity import Prefix
 from sinkquant.quant.primitives import qrange, scale_zero_point
-from sinkquant.quant.scheme import KVSpec
+from sinkquant.quant.scheme import KVScheme
 
 
 class Int8KVLayer(DynamicLayer):
@@ -26,7 +26,7 @@ class Int8KVLayer(DynamicLayer):
     `*_zero_point` per token, and full-precision copies of kept positions (`kept_keys/values` at `kept_index`,
     the union over the batch; `kept_mask` [batch, tokens] says which rows each position is kept for)."""
 
-    def __init__(self, spec: KVSpec, keep: Keep | None = None) -> None:
+    def __init__(self, spec: KVScheme, keep: Keep | None = None) -> None:
         super().__init__()
         self.spec = spec
         self.keep = keep
@@ -139,9 +139,9 @@ class Int8KVLayer(DynamicLayer):
 class Int8KVCache(Cache):
     """Int8 KV cache for every attention layer of a model, optionally behind a precomputed fp prefix."""
 
-    def __init__(self, config, spec: KVSpec | None = None, keep: Keep | None = None,
+    def __init__(self, config, spec: KVScheme | None = None, keep: Keep | None = None,
                  prefix: Prefix | None = None) -> None:
-        spec = spec or KVSpec(bits=8, granularity="token", symmetric=False)
+        spec = spec or KVScheme(bits=8, granularity="token", symmetric=False)
         if spec.granularity != "token" or spec.bits != 8:
             raise SinkquantError(f"kv granularity={spec.granularity!r} bits={spec.bits} is not stored by "
                                  "Int8KVCache; valid: granularity 'token', bits 8")

@@ -235,25 +235,3 @@ def convert_to_native(model: nn.Module) -> list[str]:
         setattr(model.get_submodule(parent), child, NativeLinear.from_quant_linear(model.get_submodule(name)))
     return names
 
-
-def native_from_simulated(simulated: nn.Module, original: nn.Module) -> list[str]:
-    """Bridge from the current simulator (`quantize_model`): each QuantLinear of `simulated` becomes a
-    NativeLinear whose integer weight is round-to-nearest of the same layer's weight in `original` (the
-    unquantized model it was copied from; bit-exact with the simulator's fake-quantized weight), keeping the
-    calibrated activation scales and the shared keep state. In place; returns the converted names."""
-    from sinkquant.quant.qweight import quantize_rtn
-    from sinkquant.quant.simulate import QuantLinear
-
-    names = [name for name, module in simulated.named_modules() if isinstance(module, QuantLinear)]
-    for name in names:
-        layer = simulated.get_submodule(name)
-        spec = layer.weights_spec
-        if spec is None:
-            raise SinkquantError(f"{name}: the native backend needs quantized weights (scheme.weights is None)")
-        weight = original.get_submodule(name).weight
-        qweight = quantize_rtn(weight, spec.bits, spec.granularity, spec.group_size, spec.symmetric)
-        native = NativeLinear(qweight, layer.bias, layer.activations, layer.act_scale, layer.act_zero_point,
-                              layer.keep)
-        parent, _, child = name.rpartition(".")
-        setattr(simulated.get_submodule(parent), child, native)
-    return names

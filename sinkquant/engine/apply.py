@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from transformers import Cache
 
 from sinkquant.data import TokenStream, WindowPlan, plan_windows
 from sinkquant.engine.backends import BACKENDS
@@ -46,7 +47,16 @@ class QuantizedModel:
         if self.prefix is not None and bos == "per-window" and self.prefix.ids[:1] != [self.base.bos_id]:
             raise SinkquantError("this recipe's prefix has no BOS; evaluate it with --bos never or auto")
         return evaluate(self.base, stream, plan, bos=bos if self.prefix is None else "never", prefix=self.prefix,
-                        model=self.model, progress=progress, desc=self.recipe.name)
+                        model=self.model, progress=progress, desc=self.recipe.name, cache=self.cache_for_batch)
+
+    def cache_for_batch(self, batch: int) -> Cache | None:
+        """The KV cache a forward over `batch` rows starts from: the prefix's fp KV, or (backend native with
+        scheme.kv) an Int8KVCache seeded with it and the keep state, which then quantizes the KV for real."""
+        if self.recipe.backend == "native" and self.recipe.scheme.kv is not None:
+            from sinkquant.backends.kv_cache import Int8KVCache
+
+            return Int8KVCache(self.model.config, self.recipe.scheme.kv, self.model._sinkquant_keep, self.prefix)
+        return None if self.prefix is None else self.prefix.cache_for_batch(batch)
 
     def step_record(self, name: str) -> dict[str, Any] | None:
         """What the step `name` recorded, or None when the recipe has no such step."""
@@ -66,7 +76,9 @@ class QuantizedModel:
                                   "pad_token_id": tokenizer.pad_token_id or tokenizer.eos_token_id}
         if self.prefix is not None:
             ids = torch.cat([torch.tensor([self.prefix.ids], device=device), ids], dim=1)
-            kwargs["past_key_values"] = self.prefix.cache_for_batch(1)
+        cache = self.cache_for_batch(1)
+        if cache is not None:
+            kwargs["past_key_values"] = cache
         out = self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kwargs)
         return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
 
@@ -93,11 +105,22 @@ def quantize_structure(session: Session, kv: bool = True) -> list[str]:
     return excluded
 
 
-def quantize_session(session: Session, pipeline: str = "sequential") -> dict[str, Any]:
+def round_embeddings(model: nn.Module, dtype: str) -> None:
+    """Round the token embedding and lm_head weights to `dtype` in place (kept float32 in memory), so that
+    calibration and evaluation see what a 16-bit artifact stores."""
+    for module in (model.get_input_embeddings(), model.get_output_embeddings()):
+        if module is not None:
+            module.weight.data.copy_(module.weight.data.to(getattr(torch, dtype)))
+
+
+def quantize_session(session: Session, pipeline: str = "sequential", kv: bool = True) -> dict[str, Any]:
     """Quantize weights and calibrate static scales (one decoder layer at a time or with whole-model forwards),
-    then switch KV quantization on: activation scales are calibrated on full-precision KV."""
+    then switch KV quantization on (unless `kv` is False: the native backend's Int8KVCache does it instead):
+    activation scales are calibrated on full-precision KV."""
     excluded = quantize_structure(session, kv=False)
     scheme = session.scheme
+    if scheme.embeddings is not None:
+        round_embeddings(session.model, scheme.embeddings.dtype)
     record: dict[str, Any] = {"quantized_layers": len(session.quantized), "excluded": excluded,
                               "pipeline": pipeline}
     if scheme.needs_calibration and not len(session.calibration):
@@ -111,7 +134,7 @@ def quantize_session(session: Session, pipeline: str = "sequential") -> dict[str
                 module.quantize_rtn()
         if scheme.needs_calibration:
             calibrate(session.model, session.quantized.values(), session.batches())
-    if scheme.kv is not None:
+    if kv and scheme.kv is not None:
         enable_kv_quant(session.model, session.loaded.adapter, scheme.kv, session.model._sinkquant_keep)
     return record
 
@@ -156,6 +179,7 @@ def apply_recipe(
         record["seconds"] = time.perf_counter() - start
         return QuantizedModel(base=loaded, model=model, recipe=recipe, prefix=None, record=record)
 
+    native = recipe.backend == "native"
     target = _working_copy(loaded, copy)
     session = Session(loaded=target, scheme=recipe.scheme, calibration=windows.to(next(target.model.parameters())
                                                                                     .device),
@@ -163,13 +187,17 @@ def apply_recipe(
     steps: list[dict[str, Any]] = []
     for stage in (Stage.TRANSFORM, None, Stage.REFINE):
         if stage is None:
-            record["quantize"] = quantize_session(session, recipe.calibration.pipeline)
+            record["quantize"] = quantize_session(session, recipe.calibration.pipeline, kv=not native)
             continue
         for step in (s for s in recipe.steps if s.stage == stage):
             clock = time.perf_counter()
             steps.append({"step": step.name, "seconds": None, **step.apply(session)})
             steps[-1]["seconds"] = time.perf_counter() - clock
     record["steps"] = steps
+    if native:
+        from sinkquant.backends.native import convert_to_native
+
+        record["native"] = {"converted_layers": len(convert_to_native(target.model))}
     record["keep"] = {"positions": list(session.keep.positions), "token_ids": list(session.keep.token_ids)}
     record["seconds"] = time.perf_counter() - start
     return QuantizedModel(base=target, model=target.model, recipe=recipe, prefix=session.prefix, record=record)

@@ -27,6 +27,7 @@ from sinkquant.artifacts import (
     to_json,
     verify_digests,
 )
+from sinkquant.backends.native import NativeLinear, convert_to_native
 from sinkquant.engine.apply import QuantizedModel, quantize_structure
 from sinkquant.engine.backends import BACKENDS
 from sinkquant.engine.session import Session
@@ -65,18 +66,27 @@ def _prefix_from(tensors: dict[str, torch.Tensor], config, device: torch.device)
 
 
 def _state(quantized: QuantizedModel) -> dict[str, torch.Tensor]:
-    """The model's tensors with every quantized weight as integers (int4 packed two per byte)."""
+    """The model's tensors with every quantized weight as integers (int4 packed two per byte), the same files
+    for the simulated and the native layers; embeddings in scheme.embeddings' dtype when it is set."""
+    model, embeddings = quantized.model, quantized.recipe.scheme.embeddings
+    embedding_ptrs = {m.weight.data_ptr() for m in (model.get_input_embeddings(), model.get_output_embeddings())
+                      if m is not None}
     state: dict[str, torch.Tensor] = {}
     seen: dict[int, str] = {}
-    for name, tensor in quantized.model.state_dict().items():
+    for name, tensor in model.state_dict().items():
         if tensor.data_ptr() in seen and tensor.numel():  # tied embeddings: stored once
             continue
         seen[tensor.data_ptr()] = name
-        if name.endswith(".weight_int") and tensor.element_size() == 1:
-            module = quantized.model.get_submodule(name.removesuffix(".weight_int"))
-            if module.weights_spec.bits <= 4:
-                state[name.removesuffix("_int") + "_packed"] = module.qweight.packed().contiguous().cpu()
-                continue
+        module_name, _, leaf = name.rpartition(".")
+        module = model.get_submodule(module_name)
+        if leaf == "weight_int" or (leaf == "qweight" and isinstance(module, NativeLinear)):
+            qweight = module.quantized_weight() if isinstance(module, NativeLinear) else module.qweight
+            packed = qweight.bits <= 4
+            state[f"{module_name}.weight_{'packed' if packed else 'int'}"] = \
+                (qweight.packed() if packed else qweight.qweight).contiguous().cpu()
+            continue
+        if embeddings is not None and tensor.data_ptr() in embedding_ptrs:
+            tensor = tensor.to(getattr(torch, embeddings.dtype))
         state[name] = tensor.contiguous().cpu()
     return state
 
@@ -208,7 +218,8 @@ def load(folder: str | Path, verify: bool = True) -> QuantizedModel:
             raise SinkquantError(f"{meta_path}: record has no entry for step {step.name!r}; the manifest is damaged")
         step.prepare_restore(session, step_record)
         step_records.append(step_record)
-    quantize_structure(session)
+    native = recipe.backend == "native"
+    quantize_structure(session, kv=not native)  # native: the Int8KVCache quantizes the KV instead
     try:
         tensors = load_file(folder / WEIGHTS)
     except (SafetensorError, OSError) as exc:
@@ -218,4 +229,6 @@ def load(folder: str | Path, verify: bool = True) -> QuantizedModel:
         session.prefix = _prefix_from(load_file(folder / PREFIX), model.config, next(model.parameters()).device)
     for step, step_record in zip(recipe.steps, step_records, strict=True):
         step.restore(session, step_record)
+    if native:
+        convert_to_native(model)
     return QuantizedModel(base=base, model=model, recipe=recipe, prefix=session.prefix, record=record)

@@ -83,6 +83,13 @@ class KVScheme(_Strict):
         return self
 
 
+class EmbeddingScheme(_Strict):
+    """The token embedding and lm_head (tied or not) rounded to a 16-bit float in memory and stored so: the
+    evaluated perplexity is what the artifact holds, which then fits a W8 model in under a third of fp32."""
+
+    dtype: Literal["float16", "bfloat16"] = "float16"
+
+
 class Scheme(_Strict):
     """A full scheme. `exclude` holds fnmatch globs on module names (e.g. 'model.layers.0.*'); lm_head and
     embeddings are never quantized because only decoder Linear layers are candidates."""
@@ -90,6 +97,7 @@ class Scheme(_Strict):
     weights: WeightScheme | None = None
     activations: ActivationScheme | None = None
     kv: KVScheme | None = None
+    embeddings: EmbeddingScheme | None = None  # default off: embeddings stay in the model's own dtype
     exclude: tuple[str, ...] = ()
 
     @property

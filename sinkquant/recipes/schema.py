@@ -154,6 +154,9 @@ def parse_recipe(data: Any, source: str = "<recipe>") -> Recipe:
     if backend is None:
         raise SinkquantError(f"{source}: invalid recipe: backend: unknown backend {raw.backend!r}; valid: "
                              f"{', '.join(BACKENDS)}")
+    refusal = backend.refuse(raw.scheme) if backend.refuse is not None else None
+    if refusal is not None:
+        raise SinkquantError(f"{source}: invalid recipe: {refusal}")
     if not backend.runs_recipes:
         if raw.steps or raw.scheme != Scheme():
             raise SinkquantError(f"{source}: invalid recipe: backend {raw.backend!r} quantizes by its own rules: "
