@@ -28,6 +28,7 @@ _API: dict[str, tuple[str, str]] = {
     "plan_windows": ("sinkquant.data", "plan_windows"),
     "tokenize": ("sinkquant.data", "tokenize"),
     "profile": ("sinkquant.profiling", "profile"),
+    "export": ("sinkquant.backends.export", "export"),
 }
 __all__ = sorted([*_API, "SinkquantError"])
 

@@ -41,7 +41,7 @@ def test_at_least_the_promised_recipes() -> None:
         ({"steps": [{"clip": {"gird": 3}}], "scheme": W8},
          "steps[0].clip.gird: unknown key; valid keys here: grid, min_ratio, samples, seed"),
         ({"steps": [{"clip": {}, "prefix": {}}], "scheme": W8}, "steps[0]: each step is a mapping with one key"),
-        ({"steps": [{"cilp": {}}], "scheme": W8}, "steps[0]: unknown step 'cilp'; valid steps: clip, exceptions"),
+        ({"steps": [{"cilp": {}}], "scheme": W8}, "steps[0]: unknown step 'cilp'; valid steps: act, clip, exceptions"),
         ({"stepz": [], "scheme": W8}, "stepz: unknown key; valid keys here: name, description, backend"),
         ({"scheme": {"weights": {"granularity": "group"}}}, "granularity 'group' needs group_size"),
         ({"backend": "tensorrt"}, "unknown backend 'tensorrt'; valid: simulated, native, bnb-int8"),

@@ -304,3 +304,17 @@ def test_rotate_step_is_exact_in_fp_and_survives_the_artifact(arch, smollm2, tmp
         after = reloaded.model(input_ids=ids, past_key_values=reloaded.prefix.cache_for_batch(1),
                                use_cache=True).logits
     torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-5)
+
+
+def test_cli_exports_an_artifact_for_serving_engines(tiny_artifact, tmp_path) -> None:
+    """`sinkquant export ARTIFACT --out DIR`: compressed-tensors config and weights, the fp prefix KV beside them."""
+    from sinkquant.cli import main
+
+    out = tmp_path / "export"
+    assert main(["export", str(tiny_artifact), "--out", str(out), "--quiet"]) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["quantization_config"]["quant_method"] == "compressed-tensors"
+    assert (out / "prefix_kv.safetensors").is_file()
+    assert main(["export", str(tiny_artifact), "--out", str(out), "--quiet"]) == 2  # exists, no --overwrite
+    assert main(["export", str(tiny_artifact), "--out", str(tmp_path / "x"), "--format", "gguf"]) == 2
+    assert not (tmp_path / "x").exists()

@@ -1,0 +1,34 @@
+"""`sinkquant export`: an artifact written by `sinkquant quantize`, in a format serving engines load."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from sinkquant.cli.args import add_output_args
+
+
+def run(args: argparse.Namespace) -> None:
+    from sinkquant.artifacts import check_output_dir
+    from sinkquant.backends.export import FORMATS, export
+    from sinkquant.engine import load
+    from sinkquant.errors import SinkquantError
+
+    if args.format not in FORMATS:
+        raise SinkquantError(f"--format {args.format!r} is not valid; valid: {', '.join(FORMATS)}")
+    check_output_dir(args.out, args.overwrite)  # before loading anything
+    quantized = load(args.artifact, verify=not args.no_verify)
+    folder = export(quantized, args.out, format=args.format, overwrite=args.overwrite)
+    prefix = f"; prefix KV beside it ({len(quantized.prefix.ids)} tokens)" if quantized.prefix is not None else ""
+    print(f"wrote {folder} ({args.format}){prefix}")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("export", help="write an artifact in a format serving engines load (compressed-tensors)")
+    p.add_argument("artifact", type=Path, help="a folder written by `sinkquant quantize`")
+    p.add_argument("--format", default="compressed-tensors", help="output format (compressed-tensors)")
+    p.add_argument("--out", type=Path, required=True, help="output folder")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument("--no-verify", action="store_true", help="skip the sha256 check of the artifact's files")
+    add_output_args(p)
+    p.set_defaults(func=run)
