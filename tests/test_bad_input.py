@@ -459,3 +459,12 @@ def test_code_hash_changes_with_any_source_file(tmp_path) -> None:
     with open(copy / "perplexity.py", "a") as handle:
         handle.write("# a one-line change\n")
     assert hash_of(copy) != code_sha256()
+
+
+def test_eval_refuses_an_unwritable_out_before_evaluating(tmp_path, capsys) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    start = time.perf_counter()
+    err = one_line_error(main(["eval", "--quiet", "--out", str(blocker / "eval.json")]), capsys)
+    assert time.perf_counter() - start < 5.0  # refused before the model loads
+    assert str(blocker) in err

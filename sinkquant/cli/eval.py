@@ -9,12 +9,14 @@ from sinkquant.cli.args import add_data_args, add_model_args, add_output_args, l
 
 
 def run(args: argparse.Namespace) -> None:
-    from sinkquant.artifacts import atomic_write_json
+    from sinkquant.artifacts import atomic_write_json, check_output_file
     from sinkquant.data import plan_windows
     from sinkquant.models import is_artifact
     from sinkquant.perplexity import evaluate
     from sinkquant.tables import print_table
 
+    if args.out:
+        check_output_file(args.out)  # an unwritable --out fails before the evaluation, not after
     if is_artifact(args.model):
         result, loaded = _evaluate_artifact(args)
     else:
