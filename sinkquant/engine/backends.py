@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from sinkquant.quant.backends import BACKENDS as PEERS
 from sinkquant.quant.scheme import Scheme
 
 
@@ -31,21 +32,10 @@ def native_refusal(scheme: Scheme) -> str | None:
     return None
 
 
-_PEERS = {
-    "bnb-int8": "bitsandbytes LLM.int8 (outlier threshold 6.0; 0 disables the fp16 outlier path)",
-    "bnb-nf4": "bitsandbytes 4-bit NormalFloat weights, fp32 compute",
-    "bnb-fp4": "bitsandbytes 4-bit float weights, fp32 compute",
-    "quanto-w8a16": "optimum-quanto int8 weights",
-    "quanto-w4a16": "optimum-quanto int4 weights (group 64)",
-    "quanto-w8a8": "optimum-quanto int8 weights + int8 static per-tensor activations (quanto Calibration)",
-    "torchao-int8wo": "torchao int8 weight-only (per row)",
-    "torchao-int8dyn": "torchao int8 dynamic per-token activations + int8 per-row weights",
-}
-
 BACKENDS: dict[str, Backend] = {
     "simulated": Backend("simulated", "quantize-dequantize in floating point: any scheme, for research", True),
     "native": Backend("native", "integer weights and CPU int8 kernels (sinkquant.backends.native), int8 KV "
                       "cache behind the fp prefix: the steps and scheme run as in 'simulated', then the quantized "
                       "layers are swapped", True, native_refusal),
-    **{name: Backend(name, text, False) for name, text in _PEERS.items()},
+    **{name: Backend(name, text, False) for name, text in PEERS.items()},
 }
