@@ -47,7 +47,10 @@ def test_mitigations_beat_naive_static(smollm2, wikitext_stream, plan, fp32_ppl)
     assert best.ppl < keep.ppl
     assert best.tokens == naive.tokens  # the prefix conditions, it is never scored
     assert best.context_cached and best.context_ids == quantized.prefix.ids
-    assert quantized.prefix.ids[0] == smollm2.bos_id and quantized.prefix.ids.count(smollm2.bos_id) == 1
+    # the prefix passed the fp calibration-loss check (at ctx 128 it is '\n': BOS raises the fp loss there)
+    record = quantized.step_record("prefix")
+    assert quantized.prefix.ids == record["ids"] and quantized.prefix.ids.count(smollm2.bos_id) <= 1
+    assert all(c["kept"] for c in record["check"]["candidates"] if c["id"] in record["ids"])
 
 
 def test_artifact_round_trip(smollm2, wikitext_stream, plan, tmp_path) -> None:
