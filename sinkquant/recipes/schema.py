@@ -54,9 +54,6 @@ class Recipe(BaseModel):
     scheme: Scheme
     calibration: CalibrationConfig
 
-    def step(self, name: str) -> Step | None:
-        return next((s for s in self.steps if s.name == name), None)
-
     def resolved(self) -> dict[str, Any]:
         """The recipe as run: only the steps given, every default filled in (what an artifact records)."""
         return {
