@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,16 @@ from sinkquant.perplexity import evaluate
 REPO = Path(__file__).resolve().parent.parent
 WIKITEXT2 = Path(os.environ.setdefault("SINKQUANT_WIKITEXT2",
                                        str(REPO.parent / "shared/data/wikitext-2-raw/wiki.test.raw")))
+
+
+@pytest.fixture(scope="module")
+def one_thread() -> Iterator[None]:
+    """Profiling hooks run hundreds of small tensor ops per window; on a shared 2-core machine each one waits for
+    a busy second thread, so one thread is several times faster there (and leaves the other core to others)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

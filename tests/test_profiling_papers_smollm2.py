@@ -5,26 +5,17 @@ the sink is chosen by position from the layer where the massive activations appe
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
-import torch
 
 from sinkquant.data import TokenStream, tokenize
 from sinkquant.models import LoadedModel
 from sinkquant.profiling import profile
 from sinkquant.profiling.domains import numbers_text
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 LENGTHS = (2, 4, 16, 64, 256, 1024)  # 2048 as well in eval/bench_papers.py; it costs as much as the rest together
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -4,12 +4,10 @@ median in the middle layers, always in the same channel), determinism, and the o
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 
 from sinkquant.cli import main
 from sinkquant.data import TokenStream
@@ -17,19 +15,11 @@ from sinkquant.errors import SinkquantError
 from sinkquant.models import LoadedModel
 from sinkquant.profiling import profile
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 MIDDLE_LAYERS = range(12, 27)  # 0-based layer outputs where token 0 carries |h| ~ 24,000 (measured)
 PEAK_CHANNEL = 507
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    """The hooks run hundreds of small tensor ops per window; on a shared 2-core machine each one waits for a
-    busy second thread, so one thread is several times faster here (and leaves the other core to others)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
