@@ -50,12 +50,12 @@ class QuantizedModel:
                         model=self.model, progress=progress, desc=self.recipe.name, cache=self.cache_for_batch)
 
     def cache_for_batch(self, batch: int) -> Cache | None:
-        """The KV cache a forward over `batch` rows starts from: the prefix's fp KV, or (backend native with
-        scheme.kv) an Int8KVCache seeded with it and the keep state, which then quantizes the KV for real."""
-        if self.recipe.backend == "native" and self.recipe.scheme.kv is not None:
-            from sinkquant.backends.kv_cache import Int8KVCache
-
-            return Int8KVCache(self.model.config, self.recipe.scheme.kv, self.model._sinkquant_keep, self.prefix)
+        """The KV cache a forward over `batch` rows starts from: the prefix's fp KV, or (a backend with a KV
+        cache of its own, e.g. native's Int8KVCache, and scheme.kv) that cache seeded with the prefix and the
+        keep state, which then quantizes the KV for real."""
+        kv_cache = BACKENDS[self.recipe.backend].kv_cache
+        if kv_cache is not None and self.recipe.scheme.kv is not None:
+            return kv_cache(self.model.config, self.recipe.scheme.kv, self.model._sinkquant_keep, self.prefix)
         return None if self.prefix is None else self.prefix.cache_for_batch(batch)
 
     def step_record(self, name: str) -> dict[str, Any] | None:
@@ -172,14 +172,12 @@ def apply_recipe(
     record: dict[str, Any] = {"calibration": {"windows": windows.shape[0], "ctx": windows.shape[1],
                                               "range": "last windows of the text (evaluation uses the first)"}}
     start = time.perf_counter()
-    if not BACKENDS[recipe.backend].runs_recipes:
-        from sinkquant.quant.backends import quantize_backend
-
-        model = quantize_backend(loaded.model, recipe.backend, calib_batches=list(windows[:, None]))
+    backend = BACKENDS[recipe.backend]
+    if backend.peer is not None:
+        model = backend.peer.quantize(loaded.model, list(windows[:, None]))
         record["seconds"] = time.perf_counter() - start
         return QuantizedModel(base=loaded, model=model, recipe=recipe, prefix=None, record=record)
 
-    native = recipe.backend == "native"
     target = _working_copy(loaded, copy)
     session = Session(loaded=target, scheme=recipe.scheme, calibration=windows.to(next(target.model.parameters())
                                                                                     .device),
@@ -187,17 +185,15 @@ def apply_recipe(
     steps: list[dict[str, Any]] = []
     for stage in (Stage.TRANSFORM, None, Stage.REFINE):
         if stage is None:
-            record["quantize"] = quantize_session(session, recipe.calibration.pipeline, kv=not native)
+            record["quantize"] = quantize_session(session, recipe.calibration.pipeline, kv=backend.kv_cache is None)
             continue
         for step in (s for s in recipe.steps if s.stage == stage):
             clock = time.perf_counter()
             steps.append({"step": step.name, "seconds": None, **step.apply(session)})
             steps[-1]["seconds"] = time.perf_counter() - clock
     record["steps"] = steps
-    if native:
-        from sinkquant.backends.native import convert_to_native
-
-        record["native"] = {"converted_layers": len(convert_to_native(target.model))}
+    if backend.finalize is not None:
+        record[backend.name] = {"converted_layers": len(backend.finalize(target.model))}
     record["keep"] = {"positions": list(session.keep.positions), "token_ids": list(session.keep.token_ids)}
     record["seconds"] = time.perf_counter() - start
     return QuantizedModel(base=target, model=target.model, recipe=recipe, prefix=session.prefix, record=record)

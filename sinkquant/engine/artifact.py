@@ -27,13 +27,14 @@ from sinkquant.artifacts import (
     to_json,
     verify_digests,
 )
-from sinkquant.backends.native import NativeLinear, convert_to_native
+from sinkquant.backends.native import NativeLinear
 from sinkquant.engine.apply import QuantizedModel, quantize_structure
 from sinkquant.engine.backends import BACKENDS
 from sinkquant.engine.session import Session
 from sinkquant.errors import SinkquantError
 from sinkquant.models import LoadedModel, empty_model
 from sinkquant.perplexity import Prefix
+from sinkquant.quant.backends import load_backend, save_backend
 from sinkquant.quant.qweight import QuantizedWeight
 from sinkquant.quant.scheme import KeepPolicy
 from sinkquant.recipes.schema import parse_recipe
@@ -96,8 +97,6 @@ def save(quantized: QuantizedModel, out: str | Path, extra: dict[str, Any] | Non
     """Everything needed to reload and re-evaluate; nothing machine-specific in the recipe."""
     base, recipe = quantized.base, quantized.recipe
     if not BACKENDS[recipe.backend].runs_recipes:
-        from sinkquant.quant.backends import save_backend
-
         with atomic_dir(out, overwrite=overwrite) as tmp:
             base.tokenizer.save_pretrained(tmp)
             save_backend(quantized.model, recipe.backend, tmp / "backend")
@@ -193,12 +192,11 @@ def load(folder: str | Path, verify: bool = True) -> QuantizedModel:
     model_meta = _field(meta, "model", dict, meta_path)
     if verify:
         _verify(folder, meta, meta_path)
-    if not (folder / "config.json").is_file() and BACKENDS[recipe.backend].runs_recipes:
+    backend = BACKENDS[recipe.backend]
+    if not (folder / "config.json").is_file() and backend.runs_recipes:
         raise SinkquantError(f"{folder / 'config.json'} is missing; the artifact is incomplete")
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    if not BACKENDS[recipe.backend].runs_recipes:
-        from sinkquant.quant.backends import load_backend
-
+    if not backend.runs_recipes:
         model = load_backend(folder / "backend")
         base = LoadedModel(model=model, tokenizer=tokenizer, adapter=adapter_for(model), spec=model_meta.get("spec"),
                            source={k: v for k, v in model_meta.items() if k not in ("spec", "adapter")})
@@ -218,8 +216,7 @@ def load(folder: str | Path, verify: bool = True) -> QuantizedModel:
             raise SinkquantError(f"{meta_path}: record has no entry for step {step.name!r}; the manifest is damaged")
         step.prepare_restore(session, step_record)
         step_records.append(step_record)
-    native = recipe.backend == "native"
-    quantize_structure(session, kv=not native)  # native: the Int8KVCache quantizes the KV instead
+    quantize_structure(session, kv=backend.kv_cache is None)  # else the backend's KV cache quantizes the KV
     try:
         tensors = load_file(folder / WEIGHTS)
     except (SafetensorError, OSError) as exc:
@@ -229,6 +226,6 @@ def load(folder: str | Path, verify: bool = True) -> QuantizedModel:
         session.prefix = _prefix_from(load_file(folder / PREFIX), model.config, next(model.parameters()).device)
     for step, step_record in zip(recipe.steps, step_records, strict=True):
         step.restore(session, step_record)
-    if native:
-        convert_to_native(model)
+    if backend.finalize is not None:
+        backend.finalize(model)
     return QuantizedModel(base=base, model=model, recipe=recipe, prefix=session.prefix, record=record)

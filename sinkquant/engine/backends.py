@@ -1,12 +1,17 @@
 """The backends a recipe can name, in one registry: sinkquant's own (the recipe's steps and scheme run through
-the engine) and peer libraries that quantize by their own rules (compared against, never mixed with steps)."""
+the engine) and peer libraries that quantize by their own rules (compared against, never mixed with steps).
+What a backend does differently is a field of its entry, so callers never branch on its name."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
-from sinkquant.quant.backends import BACKENDS as PEERS
+from torch import nn
+from transformers import Cache
+
+from sinkquant.quant.backends import PEERS, Peer
 from sinkquant.quant.scheme import Scheme
 
 
@@ -14,8 +19,16 @@ from sinkquant.quant.scheme import Scheme
 class Backend:
     name: str
     description: str
-    runs_recipes: bool  # True: sinkquant's engine applies the steps and scheme; False: a peer library's own rules
+    peer: Peer | None = None  # a peer library quantizes by its own rules; None: the engine runs the recipe
     refuse: Callable[[Scheme], str | None] | None = None  # what the backend cannot run, decided by the recipe alone
+    finalize: Callable[[nn.Module], list[str]] | None = None  # after quantizing and on reload: swap in kernels
+    # Serves scheme.kv through a KV cache of its own (config, kv scheme, keep state, prefix) instead of the
+    # simulated KV hooks.
+    kv_cache: Callable[..., Cache] | None = None
+
+    @property
+    def runs_recipes(self) -> bool:
+        return self.peer is None
 
 
 def native_refusal(scheme: Scheme) -> str | None:
@@ -32,10 +45,23 @@ def native_refusal(scheme: Scheme) -> str | None:
     return None
 
 
+def _native_layers(model: nn.Module) -> list[str]:
+    from sinkquant.backends.native import convert_to_native  # torch kernels: imported when first used
+
+    return convert_to_native(model)
+
+
+def _int8_kv_cache(*args: Any) -> Cache:
+    from sinkquant.backends.kv_cache import Int8KVCache
+
+    return Int8KVCache(*args)
+
+
 BACKENDS: dict[str, Backend] = {
-    "simulated": Backend("simulated", "quantize-dequantize in floating point: any scheme, for research", True),
+    "simulated": Backend("simulated", "quantize-dequantize in floating point: any scheme, for research"),
     "native": Backend("native", "integer weights and CPU int8 kernels (sinkquant.backends.native), int8 KV "
                       "cache behind the fp prefix: the steps and scheme run as in 'simulated', then the quantized "
-                      "layers are swapped", True, native_refusal),
-    **{name: Backend(name, text, False) for name, text in PEERS.items()},
+                      "layers are swapped", refuse=native_refusal, finalize=_native_layers,
+                      kv_cache=_int8_kv_cache),
+    **{name: Backend(name, peer.description, peer=peer) for name, peer in PEERS.items()},
 }
