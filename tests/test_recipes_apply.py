@@ -14,6 +14,7 @@ from sinkquant.data import TokenStream, plan_windows
 from sinkquant.engine import apply_recipe, load, save
 from sinkquant.errors import SinkquantError
 from sinkquant.perplexity import evaluate
+from sinkquant.quant.simulate import QuantLinear
 from sinkquant.recipes import load_recipe, parse_recipe
 from sinkquant.recipes.prefix import greedy_prefix, max_linear_input, token_id, with_bos
 from sinkquant.steps import STEPS, Stage, Step, StepConfig, register
@@ -257,6 +258,13 @@ def test_gptq_through_the_pipeline_beats_round_to_nearest(arch, smollm2) -> None
         with torch.no_grad():
             errors[method] = float((quantized.model(input_ids=ids).logits - reference).pow(2).mean())
     assert errors["gptq"] < errors["rtn"], errors
+    # With static activations GPTQ's Hessian pass runs before any activation scale exists.
+    static = parse_recipe({"name": "w4a8", "description": "int4 GPTQ weights, static int8 activations",
+                           "scheme": {"weights": {"bits": 4, "granularity": "group", "group_size": 16, "gptq": {}},
+                                      "activations": {"bits": 8, "mode": "static"}}, "calibration": {"windows": 4}})
+    quantized = apply_recipe(tiny_model(arch, smollm2.tokenizer), static, stream, ctx=64)
+    layers = [m for m in quantized.model.modules() if isinstance(m, QuantLinear)]
+    assert layers and all(m.act_scale is not None and m.weight_int is not None for m in layers)
     with pytest.raises(SinkquantError, match="set calibration.pipeline: sequential"):
         parse_recipe({"name": "g", "description": "d", "calibration": {"pipeline": "whole"},
                       "scheme": {"weights": {"bits": 4, "granularity": "channel", "gptq": {}}}})

@@ -92,6 +92,14 @@ def _state(quantized: QuantizedModel) -> dict[str, torch.Tensor]:
     return state
 
 
+def stored_bytes(quantized: QuantizedModel) -> int | None:
+    """Bytes of the tensors `save` writes for this model (integers, scales, 16-bit or fp32 rest); None for a
+    peer library's model, which its own format stores."""
+    if not BACKENDS[quantized.recipe.backend].runs_recipes:
+        return None
+    return sum(t.numel() * t.element_size() for t in _state(quantized).values())
+
+
 def save(quantized: QuantizedModel, out: str | Path, extra: dict[str, Any] | None = None,
          overwrite: bool = False) -> Path:
     """Everything needed to reload and re-evaluate; nothing machine-specific in the recipe."""

@@ -93,8 +93,9 @@ def rtn_weights(session: Session, index: int, layers: dict[str, QuantLinear], ru
 
 def gptq_weights(session: Session, index: int, layers: dict[str, QuantLinear], run: Callable[[], list]
                  ) -> dict[str, Any]:
-    """GPTQ: run the layer once with its floating-point weights to collect each Linear's Hessian from its real
-    inputs (kept positions left out), then quantize every Linear of the layer from it."""
+    """GPTQ: run the layer once with its floating-point weights and unquantized inputs (no static scale exists
+    yet) to collect each Linear's Hessian from its real inputs (kept positions left out), then quantize every
+    Linear of the layer from it."""
     from sinkquant.quant.gptq import HessianAccumulator, gptq_quantize
 
     targets = {name: m for name, m in layers.items() if m.weights_spec is not None}
@@ -108,7 +109,10 @@ def gptq_weights(session: Session, index: int, layers: dict[str, QuantLinear], r
 
     handles = [m.register_forward_pre_hook(make_hook(n, m)) for n, m in targets.items()]
     try:
-        run()
+        with contextlib.ExitStack() as stack:
+            for module in layers.values():
+                stack.enter_context(module.float_inputs())
+            run()
     finally:
         for handle in handles:
             handle.remove()

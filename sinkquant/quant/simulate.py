@@ -98,6 +98,16 @@ class QuantLinear(nn.Module):
         finally:
             self.held = None
 
+    @contextlib.contextmanager
+    def float_inputs(self) -> Iterator[None]:
+        """Inputs pass unquantized, as calibration observes them: GPTQ collects its Hessians this way, before any
+        static activation scale exists."""
+        saved, self.activations = self.activations, None
+        try:
+            yield
+        finally:
+            self.activations = saved
+
     def start_calibration(self) -> None:
         spec = self.activations
         self.observer = make_observer(spec.observer, spec.bits, spec.symmetric, spec.percentile)
