@@ -329,3 +329,38 @@ def test_cli_exports_an_artifact_for_serving_engines(tiny_artifact, tmp_path) ->
     assert main(["export", str(tiny_artifact), "--out", str(out), "--quiet"]) == 2  # exists, no --overwrite
     assert main(["export", str(tiny_artifact), "--out", str(tmp_path / "x"), "--format", "gguf"]) == 2
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_int8_embeddings_are_stored_as_integers_and_reload_exactly(arch, smollm2, tmp_path) -> None:
+    """scheme.embeddings int8: the embedding (and an untied lm_head) are int8 rows with one scale each on disk,
+    the in-memory weights are exactly what is stored, and a damaged scale is refused by name."""
+    from safetensors.torch import load_file, save_file
+
+    from sinkquant.engine.artifact import stored_bytes
+
+    stream = TokenStream(ids=torch.randint(3, 5000, (64 * 4,), generator=torch.Generator().manual_seed(0)),
+                         text_sha256="random", source={})
+    ids = stream.windows(64, [0])
+    sizes = {}
+    for dtype in ("float16", "int8"):
+        recipe = parse_recipe({"name": dtype, "description": "d", "scheme": {"weights": {"bits": 8},
+                               "embeddings": {"dtype": dtype}}, "calibration": {"windows": 1}})
+        quantized = apply_recipe(tiny_model(arch, smollm2.tokenizer), recipe, stream, ctx=64)
+        sizes[dtype] = stored_bytes(quantized)
+    folder = save(quantized, tmp_path / arch)
+    tensors = load_file(folder / "model.safetensors")
+    embedding = quantized.model.get_input_embeddings()
+    name = next(n for n, m in quantized.model.named_modules() if m is embedding)
+    assert tensors[f"{name}.weight_int8"].dtype == torch.int8 and f"{name}.weight" not in tensors
+    row = embedding.weight[7]
+    assert torch.allclose(row / (row.abs().max() / 127), (row / (row.abs().max() / 127)).round(), atol=1e-4)
+    assert sizes["int8"] < sizes["float16"]
+    with torch.no_grad():
+        expected = quantized.model(input_ids=ids).logits
+        assert torch.equal(load(folder).model(input_ids=ids).logits, expected)
+    tensors[f"{name}.weight_scale"] = tensors[f"{name}.weight_scale"][:-1]
+    save_file(tensors, str(folder / "model.safetensors"))
+    with pytest.raises(SinkquantError, match=f"the int8 embedding {name}.weight or its scale is missing or has the "
+                                             "wrong shape"):
+        load(folder, verify=False)

@@ -23,6 +23,7 @@ from sinkquant.engine.session import Session
 from sinkquant.errors import SinkquantError
 from sinkquant.models import LoadedModel
 from sinkquant.perplexity import PerplexityResult, Prefix, evaluate
+from sinkquant.quant.embeddings import round_embeddings
 from sinkquant.quant.keep import attach_keep_state
 from sinkquant.quant.kv import enable_kv_quant
 from sinkquant.quant.scheme import KeepPolicy, Scheme
@@ -103,14 +104,6 @@ def quantize_structure(session: Session, kv: bool = True) -> list[str]:
     if kv and scheme.kv is not None:
         enable_kv_quant(model, adapter, scheme.kv, state)
     return excluded
-
-
-def round_embeddings(model: nn.Module, dtype: str) -> None:
-    """Round the token embedding and lm_head weights to `dtype` in place (kept float32 in memory), so that
-    calibration and evaluation see what a 16-bit artifact stores."""
-    for module in (model.get_input_embeddings(), model.get_output_embeddings()):
-        if module is not None:
-            module.weight.data.copy_(module.weight.data.to(getattr(torch, dtype)))
 
 
 def quantize_session(session: Session, pipeline: str = "sequential", kv: bool = True) -> dict[str, Any]:

@@ -35,6 +35,9 @@ from sinkquant.errors import SinkquantError
 from sinkquant.models import LoadedModel, empty_model
 from sinkquant.perplexity import Prefix
 from sinkquant.quant.backends import load_backend, save_backend
+from sinkquant.quant.embeddings import embedding_weights
+from sinkquant.quant.embeddings import restore as restore_embedding
+from sinkquant.quant.embeddings import stored as stored_embedding
 from sinkquant.quant.qweight import QuantizedWeight
 from sinkquant.quant.scheme import KeepPolicy
 from sinkquant.recipes.schema import parse_recipe
@@ -70,8 +73,7 @@ def _state(quantized: QuantizedModel) -> dict[str, torch.Tensor]:
     """The model's tensors with every quantized weight as integers (int4 packed two per byte), the same files
     for the simulated and the native layers; embeddings in scheme.embeddings' dtype when it is set."""
     model, embeddings = quantized.model, quantized.recipe.scheme.embeddings
-    embedding_ptrs = {m.weight.data_ptr() for m in (model.get_input_embeddings(), model.get_output_embeddings())
-                      if m is not None}
+    embedding_ptrs = {w.data_ptr() for w in embedding_weights(model).values()}
     state: dict[str, torch.Tensor] = {}
     seen: dict[int, str] = {}
     for name, tensor in model.state_dict().items():
@@ -87,7 +89,8 @@ def _state(quantized: QuantizedModel) -> dict[str, torch.Tensor]:
                 (qweight.packed() if packed else qweight.qweight).contiguous().cpu()
             continue
         if embeddings is not None and tensor.data_ptr() in embedding_ptrs:
-            tensor = tensor.to(getattr(torch, embeddings.dtype))
+            state.update(stored_embedding(name, tensor, embeddings.dtype))
+            continue
         state[name] = tensor.contiguous().cpu()
     return state
 
@@ -177,6 +180,8 @@ def _restore_weights(model: torch.nn.Module, session: Session, tensors: dict[str
                 setattr(module, buffer, tensors.pop(f"{name}.{buffer}"))
         if module.activations is not None and module.activations.mode == "static" and module.act_scale is None:
             raise SinkquantError(f"{WEIGHTS}: the static activation scale of {name} is missing")
+    for name, weight in embedding_weights(model).items():
+        restore_embedding(tensors, name, tuple(weight.shape), WEIGHTS)
     missing, unexpected = model.load_state_dict(tensors, strict=False)
     missing = [m for m in missing if not m.endswith(QUANT_BUFFERS)]
     if model.config.tie_word_embeddings:

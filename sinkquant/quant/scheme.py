@@ -84,10 +84,10 @@ class KVScheme(_Strict):
 
 
 class EmbeddingScheme(_Strict):
-    """The token embedding and lm_head (tied or not) rounded to a 16-bit float in memory and stored so: the
-    evaluated perplexity is what the artifact holds, which then fits a W8 model in under a third of fp32."""
+    """The token embedding and lm_head (tied or not) rounded in memory to what the artifact stores: a 16-bit
+    float, or int8 with one scale per row (quant/embeddings.py). The evaluated perplexity is the artifact's."""
 
-    dtype: Literal["float16", "bfloat16"] = "float16"
+    dtype: Literal["float16", "bfloat16", "int8"] = "float16"
 
 
 class Scheme(_Strict):
