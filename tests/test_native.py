@@ -264,3 +264,31 @@ def test_native_backend_recipe_matches_simulated_recipe(smollm2, wikitext_stream
     print(f"{name}: simulated {sim_ppl:.4f} native {native_ppl:.4f} ratio-1 {native_ppl / sim_ppl - 1:+.5f} "
           f"bound {tolerance:.5f}")
     assert abs(native_ppl / sim_ppl - 1) < tolerance, (native_ppl, sim_ppl, tolerance)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_rotated_model_runs_natively_with_its_online_transforms(arch, smollm2, tmp_path) -> None:
+    """The online Hadamard before down_proj moves with the layer into the native backend (it was once dropped
+    silently), the logits match the simulated rotated model, and the export refuses what it cannot express."""
+    from sinkquant.backends.export import export
+    from sinkquant.data import TokenStream
+    from tests.tiny import tiny_model
+
+    stream = TokenStream(ids=torch.randint(3, 5000, (64 * 4,), generator=torch.Generator().manual_seed(0)),
+                         text_sha256="random", source={})
+    ids = stream.windows(64, [0])
+    data = {"name": "r", "description": "d", "steps": [{"rotate": {}}],
+            "scheme": {"weights": {"bits": 8, "granularity": "channel"}}, "calibration": {"windows": 1}}
+    logits = {}
+    for backend in ("simulated", "native"):
+        quantized = apply_recipe(tiny_model(arch, smollm2.tokenizer), parse_recipe({**data, "backend": backend}),
+                                 stream, ctx=64)
+        with torch.no_grad():
+            logits[backend] = quantized.model(input_ids=ids).logits
+    adapter = quantized.base.adapter
+    down = quantized.model.get_submodule(f"{adapter.layers}.0.{adapter.down_proj}")
+    assert isinstance(down, NativeLinear) and hasattr(down, "input_rotation") and down._forward_pre_hooks
+    torch.testing.assert_close(logits["native"], logits["simulated"], rtol=1e-4, atol=1e-4)
+    with pytest.raises(SinkquantError, match="rotate step's online Hadamard before down_proj.* cannot be expressed"):
+        export(quantized, tmp_path / "export")
+    assert not (tmp_path / "export").exists()

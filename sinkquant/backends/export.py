@@ -177,6 +177,16 @@ def export_compressed_tensors(
     return Path(out)
 
 
+def _online_rotation_parts(record: dict[str, Any] | None) -> list[str]:
+    """What a rotation left outside the weights: online transforms and module changes a plain model lacks. The
+    Q/K rotation is not listed: without KV quantization (refused above) it leaves Q K^T unchanged."""
+    if record is None:
+        return []
+    parts = {"down_proj": "online Hadamard before down_proj", "centered": "LayerNorms turned into RMS norms",
+             "post_norm_online": "online rotation after the post-norms", "lm_head_bias": "lm_head bias"}
+    return [text for key, text in parts.items() if record.get(key)]
+
+
 def export(quantized: QuantizedModel, out: str | os.PathLike, format: str = "compressed-tensors",
            overwrite: bool = False) -> Path:
     """Write an engine-made model (native or simulated layers: the same integers) for serving engines, with its
@@ -190,6 +200,11 @@ def export(quantized: QuantizedModel, out: str | os.PathLike, format: str = "com
     if recipe.scheme.kv is not None:
         raise SinkquantError("scheme.kv cannot be exported to compressed-tensors: its kv_cache_scheme has static "
                              "per-tensor scales, sinkquant's KV is quantized per token at run time")
+    online = _online_rotation_parts(quantized.step_record("rotate"))
+    if online:
+        raise SinkquantError(f"the rotate step's {', '.join(online)} cannot be expressed in compressed-tensors (a "
+                             "runtime would load the weights without them); valid: rotate with down_proj: false on "
+                             "a model with RMS norms and no post-norms (rotations fused into the weights only)")
     model = quantized.model
     if any(isinstance(getattr(m, "qweight", None), QuantizedWeight) for m in model.modules()):
         model = copy.deepcopy(model)  # simulated layers: convert a copy, the same integers and scales

@@ -27,6 +27,7 @@ from torch import nn
 from sinkquant.errors import SinkquantError
 from sinkquant.quant.primitives import MIN_SCALE, qrange, scale_zero_point
 from sinkquant.quant.qweight import QuantizedWeight
+from sinkquant.quant.simulate import carry_transforms
 
 ACTIVATION_MODES = ("static", "dynamic-token", "dynamic-tensor")
 # Float activations against an int8 weight: three int8 limbs, each the rounding residual of the one before,
@@ -232,6 +233,9 @@ def convert_to_native(model: nn.Module) -> list[str]:
                                                                              QuantizedWeight)]
     for name in names:
         parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent), child, NativeLinear.from_quant_linear(model.get_submodule(name)))
+        source = model.get_submodule(name)
+        native = NativeLinear.from_quant_linear(source)
+        carry_transforms(source, native)
+        setattr(model.get_submodule(parent), child, native)
     return names
 

@@ -165,6 +165,14 @@ def check_group_size(layers: dict[str, nn.Linear], weights: WeightScheme | None)
         )
 
 
+def carry_transforms(source: nn.Module, target: nn.Module) -> None:
+    """Online transforms a step put in front of a layer (a rotation of its input: a child module applied by a
+    forward pre-hook) move with it when the layer is replaced."""
+    for name, module in source.named_children():
+        target.add_module(name, module)
+    target._forward_pre_hooks.update(source._forward_pre_hooks)
+
+
 def swap_linears(model: nn.Module, layers: dict[str, nn.Linear], scheme: Scheme, keep: KeepState
                  ) -> dict[str, QuantLinear]:
     """Put a QuantLinear in place of each selected nn.Linear (weights still floating point)."""
@@ -172,10 +180,7 @@ def swap_linears(model: nn.Module, layers: dict[str, nn.Linear], scheme: Scheme,
     for name, linear in layers.items():
         parent_name, _, child = name.rpartition(".")
         quant = QuantLinear(linear, scheme.weights, scheme.activations, keep)
-        # Online transforms a step put in front of the layer (a rotation of its input) move with it.
-        for name_, module in linear.named_children():
-            quant.add_module(name_, module)
-        quant._forward_pre_hooks.update(linear._forward_pre_hooks)
+        carry_transforms(linear, quant)
         setattr(model.get_submodule(parent_name), child, quant)
         swapped[name] = quant
     return swapped
