@@ -9,9 +9,9 @@ embeddings stored once). Variants:
                                      (fp prefix, smoothing, 8 exceptions, static per-tensor int8 activations)
   native-w8a16 / native-w4a16        recipes/w8a16-native.yaml / recipes/w4a16-group64-native.yaml
   torchao-int8dyn, quanto-w8a8, bnb-int8   peers (sinkquant.quant.backends)
-The native rows are `apply_recipe` with the -native recipes (embeddings stored float16), calibrated on the
-recipe's windows from the end of the text (--calib-windows overrides their number); their artifact is
-`sinkquant.engine.save`."""
+The native rows are `apply_recipe` with the -native recipes (embedding and lm_head stored int8 per row),
+calibrated on the recipe's windows from the end of the text (--calib-windows overrides their number); their
+artifact is `sinkquant.engine.save`."""
 
 from __future__ import annotations
 
@@ -194,7 +194,8 @@ def main() -> None:
     body = "\n".join(lines) + (
         f"\n\nctx {args.ctx}, batch 1, decode {args.new_tokens} tokens after the ctx-token prompt, median of "
         f"{args.repeats}; each variant in its own process. Native models: the -native recipes through "
-        "apply_recipe (prefix, smoothing and exceptions included; embeddings stored float16), quantized in place. "
+        "apply_recipe (prefix, smoothing and exceptions included; embedding and lm_head stored int8 per row), "
+        "quantized in place. "
         "Peak RSS includes the fp32 model each peer is built from in the same process; 'weights in memory' is the "
         "model alone.")
     if measured:
