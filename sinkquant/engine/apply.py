@@ -23,6 +23,7 @@ from sinkquant.engine.session import Session
 from sinkquant.errors import SinkquantError
 from sinkquant.models import LoadedModel
 from sinkquant.perplexity import PerplexityResult, Prefix, evaluate
+from sinkquant.quant.backends import quantize_backend
 from sinkquant.quant.embeddings import round_embeddings
 from sinkquant.quant.keep import attach_keep_state
 from sinkquant.quant.kv import enable_kv_quant
@@ -167,7 +168,7 @@ def apply_recipe(
     start = time.perf_counter()
     backend = BACKENDS[recipe.backend]
     if backend.peer is not None:
-        model = backend.peer.quantize(loaded.model, list(windows[:, None]))
+        model = quantize_backend(loaded.model, recipe.backend, calib_batches=list(windows[:, None]))
         record["seconds"] = time.perf_counter() - start
         return QuantizedModel(base=loaded, model=model, recipe=recipe, prefix=None, record=record)
 
