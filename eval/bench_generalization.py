@@ -114,7 +114,7 @@ def main() -> None:
             f"of the same text (never the evaluated ones). Goals (issue 14): the auto-searched static W8A8 recipe "
             f"within +3% of fp32 and at or below dynamic per-token W8A8 on every model and text.\n\n"
             f"{markdown_table(header, body)}\n"
-            + ("".join(f"\nSkipped: {s}" for s in skipped)) + "\n\n![generalization](generalization.png)")
+            + ("".join(f"\nSkipped: {s}" for s in skipped)) + f"\n\n![generalization]({args.out.name}.png)")
     payload = {"settings": {"ctx": args.ctx, "windows": args.windows, "recipes": RECIPES, "seed": 0},
                "models": {n: vars(ZOO[n]) for n in args.models if n in ZOO}, "skipped": skipped,
                "cells": cells}

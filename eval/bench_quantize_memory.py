@@ -79,6 +79,7 @@ def main() -> None:
     parser = benchlib.parser(__doc__, windows=8, out="eval/results/quantize_memory")
     parser.add_argument("--before", default="de96285", help="git commit of the earlier engine")
     parser.add_argument("--recipe", default="w8a8-prefix-smooth-except")
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
     args = parser.parse_args()
     from sinkquant.models import load_model
 
@@ -90,7 +91,7 @@ def main() -> None:
         subprocess.run(["git", "-C", str(benchlib.REPO), "worktree", "add", "-q", "--detach", str(before),
                         args.before], check=True)
         try:
-            for model in MODELS:
+            for model in args.models:
                 for label, code in (("before", before), ("after", benchlib.REPO)):
                     result = _run(code, model, args, tokenizer_dir)
                     result["ratio"] = (result["peak"] - result["start"]) / result["weights"]
@@ -101,7 +102,7 @@ def main() -> None:
             subprocess.run(["git", "-C", str(benchlib.REPO), "worktree", "remove", "--force", str(before)],
                            check=False)
     checks = []
-    for model in MODELS:
+    for model in args.models:
         old, new = results[f"{model}/before"], results[f"{model}/after"]
         rows.append([model, f"{new['weights'] / GB:.2f}", f"{old['ratio']:.2f}x", f"{new['ratio']:.2f}x",
                      f"{old['seconds']:.1f}", f"{new['seconds']:.1f}", f"{new['seconds'] / old['seconds']:.2f}"])

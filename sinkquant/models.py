@@ -11,14 +11,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
+    GenerationConfig,
     PretrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
 from sinkquant.adapters import Adapter, adapter_for, normalize
 from sinkquant.artifacts import (
@@ -76,6 +79,19 @@ def _strip_gguf_quantizer(model: PreTrainedModel) -> None:
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
+
+
+def gguf_add_bos(path: Path) -> bool | None:
+    """`tokenizer.ggml.add_bos_token` from a GGUF file's metadata (None when absent): evidence that the model is
+    trained with BOS (recipes.prefix.bos_evidence). Read once at load, before the weights: parsing a GGUF holds
+    about 1.7x the file in memory for a moment."""
+    from gguf import GGUFReader
+
+    try:
+        field = GGUFReader(str(path)).fields.get("tokenizer.ggml.add_bos_token")
+    except Exception as exc:  # the reader raises many types for a damaged file
+        raise SinkquantError(f"could not read GGUF file {path}: {_first_line(exc)}") from exc
+    return None if field is None else bool(field.parts[field.data[0]][0])
 
 
 def _load_gguf(path: Path, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
@@ -142,12 +158,7 @@ def empty_model(folder: str | os.PathLike) -> PreTrainedModel:
     if not (Path(folder) / "config.json").is_file():
         raise SinkquantError(f"{folder} has no config.json, which holds the model's architecture; the folder is "
                              "incomplete: write it again")
-    try:
-        config = AutoConfig.from_pretrained(folder)
-    except (OSError, ValueError) as exc:  # transformers raises either for a damaged config.json
-        raise SinkquantError(f"{Path(folder) / 'config.json'} is not a readable model config: {_first_line(exc)}") \
-            from exc
-    return AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    return AutoModelForCausalLM.from_config(_folder_config(Path(folder)), dtype=torch.float32).eval()
 
 
 def random_model(config: PretrainedConfig, tokenizer: PreTrainedTokenizerBase, spec: str) -> LoadedModel:
@@ -207,16 +218,18 @@ def load_model(
     entry = embedded(spec)
     if entry is not None:
         folder, digest = _embedded_folder(entry, dtype)
-        model, tokenizer = _from_pretrained(str(folder), dtype, trust_remote_code, local=True)
-        source = {"kind": "embedded", "gguf": entry.filename, "sha256": digest}
+        source = {"kind": "embedded", "gguf": entry.filename, "sha256": digest,
+                  "gguf_add_bos_token": gguf_add_bos(entry.path())}
+        model, tokenizer = _from_folder(folder, dtype, trust_remote_code)
     elif path.suffix == ".gguf":
         if not path.is_file():
             raise SinkquantError(f"model file {path} does not exist (expected a readable .gguf file)")
+        source = {"kind": "gguf", "path": str(path), "sha256": sha256_file(path),
+                  "gguf_add_bos_token": gguf_add_bos(path)}
         model, tokenizer = _load_gguf(path, dtype)
-        source = {"kind": "gguf", "path": str(path), "sha256": sha256_file(path)}
     elif path.is_dir():
         _check_model_folder(path)
-        model, tokenizer = _from_pretrained(str(path), dtype, trust_remote_code, local=True)
+        model, tokenizer = _from_folder(path, dtype, trust_remote_code)
         source = {"kind": "folder", "path": str(path), "sha256": _folder_digest(path)}
     elif path.exists() or not HUB_ID.fullmatch(spec):
         raise _unknown_model(spec)
@@ -229,6 +242,49 @@ def load_model(
     model.eval()
     model.to(device)
     return LoadedModel(model=model, tokenizer=tokenizer, adapter=adapter, spec=spec, source=source)
+
+
+def _from_folder(folder: Path, dtype: torch.dtype, trust_remote_code: bool
+                 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """A local safetensors folder, its weights read into memory the process owns (`read_weights`); a model
+    with remote code goes through from_pretrained as it is."""
+    config = _folder_config(folder)
+    model_class = MODEL_FOR_CAUSAL_LM_MAPPING.get(type(config), None)
+    if trust_remote_code or model_class is None:
+        return _from_pretrained(str(folder), dtype, trust_remote_code, local=True)
+    try:
+        model = model_class.from_pretrained(None, config=config, state_dict=read_weights(folder), dtype=dtype)
+        if (folder / "generation_config.json").is_file():
+            model.generation_config = GenerationConfig.from_pretrained(folder)
+        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise SinkquantError(f"could not load model folder {folder}: {_first_line(exc)}") from exc
+    return model, tokenizer
+
+
+def read_weights(folder: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of the folder's safetensors files, read (pread, not mmap) into memory torch allocates.
+    from_pretrained maps the file instead: a weight the engine then replaces (smoothed, rotated, quantized)
+    stays mapped while any tensor of the file lives, so quantizing would hold the fp model twice; and
+    tensors at the file's offsets are not 64-byte aligned, so the loaded model and a copy of it round
+    differently in some kernels."""
+    state: dict[str, torch.Tensor] = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(file, framework="pt", device="cpu", backend="pread") as handle:
+                for key in handle.keys():  # noqa: SIM118 (safe_open is not iterable)
+                    state[key] = handle.get_tensor(key).clone()  # one tensor at a time in two copies
+        except Exception as exc:  # safetensors raises its own error types for a damaged file
+            raise SinkquantError(f"{file} is not a readable safetensors file: {_first_line(exc)}") from exc
+    return state
+
+
+def _folder_config(folder: Path) -> PretrainedConfig:
+    try:
+        return AutoConfig.from_pretrained(folder)
+    except (OSError, ValueError) as exc:  # transformers raises either for a damaged config.json
+        raise SinkquantError(f"{folder / 'config.json'} is not a readable model config: {_first_line(exc)}") \
+            from exc
 
 
 def _from_pretrained(

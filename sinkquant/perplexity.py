@@ -19,6 +19,7 @@ from transformers import Cache, DynamicCache
 from sinkquant.artifacts import library_versions
 from sinkquant.data import TokenStream, WindowPlan
 from sinkquant.errors import SinkquantError
+from sinkquant.memory import release_freed_memory
 from sinkquant.models import LoadedModel
 
 BosPolicy = Literal["never", "per-window", "auto"]
@@ -51,6 +52,37 @@ def build_prefix(model: torch.nn.Module, ids: list[int]) -> Prefix:
     cache = DynamicCache(config=model.config)
     model(input_ids=torch.tensor([ids], device=device), past_key_values=cache, use_cache=True)
     return Prefix(ids=list(ids), cache=cache)
+
+
+@torch.no_grad()
+def next_token_nll(model: torch.nn.Module, input_ids: torch.Tensor, start: int, chunk: int = 128
+                   ) -> tuple[float, int]:
+    """(sum of NLL in nats, token count) of every row's tokens start+1.., each predicted from all before it.
+    lm_head runs on `chunk` tokens at a time, its input, captured by a pre-hook that lets the model's own
+    head see one position only: one window's full logits (100 MB at 512 SmolLM2 tokens, again for the
+    softmax) never exist, which keeps a quantization's peak memory near the weights."""
+    head = model.get_output_embeddings()
+    captured: list[torch.Tensor] = []
+
+    def hook(_module: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        captured.append(args[0])
+        return (args[0][:, -1:],)
+
+    handle = head.register_forward_pre_hook(hook)
+    release_freed_memory()
+    try:
+        model(input_ids=input_ids, use_cache=False)
+    finally:
+        handle.remove()
+    hidden, targets = captured[0][:, start:-1].flatten(0, 1), input_ids[:, start + 1 :].flatten()
+    cap = getattr(model.config, "final_logit_softcapping", None)  # Gemma 2's, applied by its CausalLM head
+    total = 0.0
+    for part, target in zip(hidden.split(chunk), targets.split(chunk), strict=True):
+        logits = head(part).float()
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
+        total += float(F.cross_entropy(logits, target, reduction="sum"))
+    return total, targets.numel()
 
 
 def resolve_bos(policy: str, loaded: LoadedModel) -> bool:

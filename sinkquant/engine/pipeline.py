@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 from transformers import Cache
 
 from sinkquant.engine.session import Session
+from sinkquant.memory import release_freed_memory
 from sinkquant.quant.simulate import QuantLinear
 
 
@@ -63,7 +64,7 @@ def capture_calls(session: Session) -> list[list[LayerCall]]:
     try:
         for kwargs in session.batches():
             with contextlib.suppress(_StopForward):
-                model(**kwargs, logits_to_keep=1)
+                model(**kwargs)
     finally:
         for index, layer in enumerate(originals):
             layers[index] = layer
@@ -137,6 +138,7 @@ def calibrate_sequential(session: Session) -> dict[str, Any]:
     record: dict[str, Any] = {}
     bar = tqdm(range(len(decoder)), desc="calibrate", unit="layer", disable=not session.progress, leave=False)
     for index in bar:
+        release_freed_memory()
         layer, layer_calls = decoder[index], calls[index]
         quantized = layers_of(session, index)
 

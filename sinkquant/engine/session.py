@@ -3,12 +3,14 @@ calibration windows, and what the steps have decided so far (prefix, kept positi
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
+from sinkquant.memory import release_freed_memory
 from sinkquant.models import LoadedModel
 from sinkquant.perplexity import Prefix
 from sinkquant.quant.scheme import KeepPolicy, Scheme
@@ -36,11 +38,14 @@ class Session:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    def batches(self) -> list[dict[str, Any]]:
-        """Forward kwargs per calibration window, each with its own copy of the prefix KV."""
+    def batches(self) -> Iterator[dict[str, Any]]:
+        """Forward kwargs per calibration window, each with its own copy of the prefix KV, made as they are
+        consumed: a window's cache grows by the whole window's KV (24 MB at 512 SmolLM2 tokens), so caches
+        made up front would all live until the last window. Calibration reads the decoder's inputs only:
+        logits for the last position alone (a window's full logits are 100 MB)."""
         prefix = self.prefix
-        return [
-            {"input_ids": w[None].to(self.device), "past_key_values": prefix.cache_for_batch(1) if prefix else None,
-             "use_cache": prefix is not None}
-            for w in self.calibration
-        ]
+        for window in self.calibration:
+            release_freed_memory()
+            yield {"input_ids": window[None].to(self.device),
+                   "past_key_values": prefix.cache_for_batch(1) if prefix else None,
+                   "use_cache": prefix is not None, "logits_to_keep": 1}

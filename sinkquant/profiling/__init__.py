@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 from sinkquant.artifacts import check_output_dir, library_versions
 from sinkquant.data import TokenStream, WindowPlan, plan_windows
 from sinkquant.errors import SinkquantError
+from sinkquant.memory import release_freed_memory
 from sinkquant.models import LoadedModel
 from sinkquant.perplexity import resolve_bos
 from sinkquant.profiling import metrics
@@ -174,7 +175,9 @@ def profile(
     with ProfileCollector(loaded, decode) as collector:
         for ids in tqdm(_window_ids(loaded, stream, plan, add_bos), desc="profile", unit="window",
                         disable=not progress):
+            release_freed_memory()
             collector.run(ids)
+    release_freed_memory()
     collect_seconds = time.perf_counter() - clock
     seconds: dict[str, float] = {}
     summary = collector.summary()

@@ -187,11 +187,12 @@ def swap_linears(model: nn.Module, layers: dict[str, nn.Linear], scheme: Scheme,
 
 
 def forward_kwargs(batch: torch.Tensor | dict[str, Any], device: torch.device) -> dict[str, Any]:
-    """A batch is input ids [batch, seq] (or [seq]), or forward kwargs, e.g. with a prefix KV cache."""
+    """A batch is input ids [batch, seq] (or [seq]), or forward kwargs, e.g. with a prefix KV cache. Observers
+    read Linear inputs only: logits for the last position alone."""
     if isinstance(batch, dict):
-        return {**batch, "input_ids": batch["input_ids"].to(device)}
+        return {"logits_to_keep": 1, **batch, "input_ids": batch["input_ids"].to(device)}
     batch = batch.unsqueeze(0) if batch.dim() == 1 else batch
-    return {"input_ids": batch.to(device), "use_cache": False}
+    return {"input_ids": batch.to(device), "use_cache": False, "logits_to_keep": 1}
 
 
 @torch.no_grad()

@@ -19,11 +19,11 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from sinkquant.data import TokenStream
 from sinkquant.errors import SinkquantError
 from sinkquant.models import LoadedModel
+from sinkquant.perplexity import next_token_nll
 
 # Candidates for the greedy search: delimiters and weak-semantic words (An et al. 2025 find systematic
 # outliers on exactly these).
@@ -53,21 +53,6 @@ def token_id(loaded: LoadedModel, token: int | str, field: str) -> int:
     return ids[0]
 
 
-def _gguf_add_bos(loaded: LoadedModel) -> bool | None:
-    """`tokenizer.ggml.add_bos_token` of the GGUF file the model came from, None when unknown."""
-    from sinkquant.zoo import embedded
-
-    source = loaded.source
-    entry = embedded(loaded.spec) if source.get("kind") == "embedded" else None
-    path = entry.path() if entry is not None else source.get("path") if source.get("kind") == "gguf" else None
-    if path is None:
-        return None
-    from gguf import GGUFReader
-
-    field = GGUFReader(str(path)).fields.get("tokenizer.ggml.add_bos_token")
-    return None if field is None else bool(field.parts[field.data[0]][0])
-
-
 def _template_starts_with_bos(loaded: LoadedModel) -> bool | None:
     """Does the chat template put BOS first? None when the tokenizer has no template or it cannot render."""
     tokenizer = loaded.tokenizer
@@ -87,7 +72,7 @@ def bos_evidence(loaded: LoadedModel) -> dict[str, Any]:
     metadata says so, or the chat template starts with it. Any one suffices; a BOS id alone does not."""
     if loaded.bos_id is None:
         return {"bos_id": None, "trained": False, "evidence": "the tokenizer defines no BOS token"}
-    facts = {"tokenizer_adds_bos": loaded.adds_bos, "gguf_add_bos_token": _gguf_add_bos(loaded),
+    facts = {"tokenizer_adds_bos": loaded.adds_bos, "gguf_add_bos_token": loaded.source.get("gguf_add_bos_token"),
              "chat_template_starts_with_bos": _template_starts_with_bos(loaded)}
     yes = [name for name, value in facts.items() if value]
     return {"bos_id": loaded.bos_id, "bos_token": loaded.tokenizer.decode([loaded.bos_id]), **facts,
@@ -114,10 +99,9 @@ def with_bos(loaded: LoadedModel, ids: Sequence[int], mode: str) -> list[int]:
 def calibration_nll(loaded: LoadedModel, prefix: list[int], sample: torch.Tensor) -> float:
     """Mean next-token NLL (nats) of the fp model on `sample`'s tokens 1..T-1, with `prefix` in front: the
     same targets whatever the prefix, so two prefixes compare directly."""
-    head = torch.tensor([prefix] * sample.shape[0], dtype=sample.dtype).reshape(sample.shape[0], -1)
-    logits = loaded.model(input_ids=torch.cat([head, sample], dim=1), use_cache=False).logits
-    logits = logits[:, len(prefix) : len(prefix) + sample.shape[1] - 1]
-    return float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), sample[:, 1:].reshape(-1)))
+    head = torch.tensor(prefix, dtype=sample.dtype)
+    runs = [next_token_nll(loaded.model, torch.cat([head, window])[None], start=len(prefix)) for window in sample]
+    return sum(total for total, _ in runs) / sum(count for _, count in runs)
 
 
 def check_prefix(loaded: LoadedModel, head: list[int], candidates: Sequence[int], sample: torch.Tensor,

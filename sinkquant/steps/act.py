@@ -156,26 +156,25 @@ class ActStep(Step):
         attention = session.loaded.adapter.attention_modules(model)
         layer_of = {id(m): i for i, m in enumerate(attention)}
         observer = _HiddenSinks(layer_of, model.config.num_attention_heads, config.threshold, config.min_queries)
-        batches = session.batches()
-        if not batches:
+        if not len(session.calibration):
             raise SinkquantError("act needs calibration windows; give the recipe at least one (calib_windows >= 1)")
         positions: Counter[int] = Counter()
         ids: Counter[int] = Counter()
         with attention_probe(model, observer):
-            for batch in batches:
-                model(**batch, logits_to_keep=1)
+            for batch in session.batches():
+                model(**batch)
                 row = batch["input_ids"][0].tolist()
                 positions.update(observer.current)
                 ids.update(row[p] for p in observer.current)
                 observer.current.clear()
-        needed = config.head_share * len(batches)
+        needed = config.head_share * len(session.calibration)
         chosen = [[h for h in range(observer.windows.shape[1]) if observer.windows[layer, h] >= needed]
                   for layer in range(len(attention))]
         install(model, session.loaded.adapter, chosen, config)
         decode = session.loaded.tokenizer.decode
         return {
             "heads": [[layer, h] for layer, hs in enumerate(chosen) for h in hs],
-            "calibration_windows": len(batches),
+            "calibration_windows": len(session.calibration),
             "sink_positions": [{"position": p, "windows": k} for p, k in sorted(
                 positions.items(), key=lambda e: (-e[1], e[0]))[:20]],
             "sink_token_ids": [{"id": i, "token": decode([i]), "count": k} for i, k in sorted(
