@@ -12,7 +12,7 @@ import torch
 
 from sinkquant.data import plan_windows
 from sinkquant.engine import apply_recipe
-from sinkquant.engine.search import BASE_SCHEMES, Objective, auto_recipe, write_auto_recipe
+from sinkquant.engine.search import BASE_SCHEMES, Objective, _prefix_candidates, auto_recipe, write_auto_recipe
 from sinkquant.errors import SinkquantError
 from sinkquant.recipes import load_recipe, parse_recipe
 from tests.tiny import tiny_model
@@ -108,3 +108,14 @@ def test_write_auto_recipe_refuses_a_path_that_is_not_yaml(smollm2, wikitext_str
     with pytest.raises(SinkquantError, match=r"must end in \.yaml or \.yml"):
         write_auto_recipe(recipe, {}, tmp_path / "auto.json")
     assert not list(tmp_path.iterdir())
+
+
+def test_prefix_candidates_are_the_prefix_steps_even_where_the_verdict_names_none(smollm2) -> None:
+    """Qwen2.5's verdict names no prefix (no trained BOS, no outlier token counted): the search once tried no
+    prefix at all there, while the prefix step itself falls back to PrefixQuant's most frequent outliers."""
+    loaded = tiny_model("llama", smollm2.tokenizer)
+    report = {"verdict": {"prefix_ids": [], "prefix_candidates": [], "outlier_token_count": 0}}
+    candidates = _prefix_candidates(loaded, report, torch.empty(0, 0, dtype=torch.long), max_prefix=4)
+    newline = smollm2.tokenizer.encode("\n", add_special_tokens=False)
+    assert candidates and candidates[-1][-1:] == newline
+    assert all(longer[: len(shorter)] == shorter for shorter, longer in zip(candidates, candidates[1:], strict=False))

@@ -40,7 +40,7 @@ from sinkquant.models import LoadedModel
 from sinkquant.perplexity import Prefix
 from sinkquant.quant.scheme import KeepPolicy
 from sinkquant.quant.simulate import QuantLinear
-from sinkquant.recipes.prefix import with_bos
+from sinkquant.recipes.prefix import profile_candidates, with_bos
 from sinkquant.recipes.schema import Recipe, parse_recipe
 from sinkquant.steps.clip import Clip, ClipConfig
 from sinkquant.steps.exceptions import MAX_SHARE
@@ -131,9 +131,13 @@ def _prefix_step(loaded: LoadedModel, ids: list[int]) -> dict[str, Any]:
     return {"prefix": {"tokens": list(ids), "max_tokens": len(ids), "bos": bos}}
 
 
-def _prefix_candidates(loaded: LoadedModel, report: dict[str, Any], max_prefix: int) -> list[list[int]]:
-    """The prefix step's selection for max_tokens 1..max_prefix, each distinct list once."""
-    ranked = with_bos(loaded, report["verdict"]["prefix_ids"], "auto")
+def _prefix_candidates(loaded: LoadedModel, report: dict[str, Any], windows: torch.Tensor, max_prefix: int
+                       ) -> list[list[int]]:
+    """The prefix step's own selection (BOS where the model is trained with it, then PrefixQuant's content
+    tokens, with their fallbacks) cut at lengths 1..max_prefix. The verdict's prefix alone is empty where a
+    model has no trained BOS and the profile counts no outlier token (Qwen2.5), and then no prefix was tried."""
+    content, _ = profile_candidates(loaded, windows, report)
+    ranked = with_bos(loaded, content, "auto")
     return [ranked[:k] for k in range(1, min(max_prefix, len(ranked)) + 1)]
 
 
@@ -224,7 +228,8 @@ def auto_recipe(
     try:
         search.calibrated("naive", [])
         naive = search.best["objective"]
-        for ids in _prefix_candidates(loaded, report, base.max_prefix):  # longer only while longer pays
+        prefixes = _prefix_candidates(loaded, report, stream.windows(ctx, search_ids), base.max_prefix)
+        for ids in prefixes:  # longer only while longer pays
             if not search.calibrated("prefix", [_prefix_step(loaded, ids)]) and len(ids) > 1:
                 break
         ablation.append(_ablation("prefix", naive, search.best["objective"]))

@@ -191,7 +191,7 @@ def calibration_profile(loaded: LoadedModel, windows: torch.Tensor) -> dict[str,
                    probe=False)
 
 
-def _profile_candidates(loaded: LoadedModel, windows: torch.Tensor, profile_report: dict | None) -> tuple[
+def profile_candidates(loaded: LoadedModel, windows: torch.Tensor, profile_report: dict | None) -> tuple[
         list[int], dict[str, Any]]:
     """PrefixQuant's content tokens: the profile's most frequent outlier ids outside position 0, at least one
     (the positional sink needs a home even where the profile counts no outlier token), BOS excluded."""
@@ -235,7 +235,7 @@ def select_prefix_ids(
                                                    max_tokens, bos_mode)
             candidates = found[len(head):]
         elif tokens == "profile":
-            candidates, record["profile"] = _profile_candidates(loaded, calibration_windows, profile_report)
+            candidates, record["profile"] = profile_candidates(loaded, calibration_windows, profile_report)
         else:
             raise SinkquantError(f"prefix.tokens: {tokens!r} is not 'profile', 'greedy' or a list of tokens")
         ids, record["check"] = check_prefix(loaded, head, candidates, sample, max_tokens)
