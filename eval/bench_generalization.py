@@ -21,7 +21,7 @@ from typing import Any
 import benchlib
 import torch
 
-from sinkquant.artifacts import atomic_write_bytes, sha256_file
+from sinkquant.artifacts import atomic_write_bytes, code_sha256, sha256_file
 from sinkquant.comparison import compare
 from sinkquant.data import Text, load_text, tokenize
 from sinkquant.engine.search import auto_recipe, write_auto_recipe
@@ -87,7 +87,8 @@ def main() -> None:
         loaded = load_model(name)
         for text_name in args.texts:
             stream = tokenize(load_named_text(text_name), loaded.tokenizer)
-            auto_path = args.cache / f"{name}-{text_name}" / f"{AUTO}.yaml"
+            # Keyed by the code like the cached rows: a search of older code is never reused.
+            auto_path = args.cache / f"{name}-{text_name}-{code_sha256()[:12]}" / f"{AUTO}.yaml"
             if not auto_path.is_file():
                 recipe, trace = auto_recipe(loaded, stream, ctx=args.ctx, progress=False)
                 write_auto_recipe(recipe, trace, auto_path)
