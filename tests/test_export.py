@@ -43,8 +43,10 @@ def _w8(activations: ActivationScheme | None = None, symmetric: bool = True) -> 
 
 
 def test_w8a8_static_with_prefix_round_trips(smollm2, wikitext_stream, eval_and_calib, tmp_path) -> None:
-    """BOS as an fp prefix (its position kept, so calibration never sees it), static per-tensor W8A8."""
-    plan, calib, _ = eval_and_calib(128, 2, 1)
+    """BOS as an fp prefix (its position kept, so calibration never sees it), static per-tensor W8A8. 8 windows:
+    at 2, a perturbation of 1e-7 (float32 vs float64, or 64-byte aligned weights instead of file-mapped ones)
+    moved this naive static model's perplexity by 1-4% either way, more than any bound on the export itself."""
+    plan, calib, _ = eval_and_calib(128, 8, 1)
     prefix = build_prefix(smollm2.model, [smollm2.bos_id])
     scheme = _w8(ActivationScheme(bits=8, mode="static", symmetric=False))
     native = _native(smollm2, scheme, calib, KeepPolicy(positions=(0,)), prefix)
