@@ -41,6 +41,7 @@ from sinkquant.zoo import ZOO, EmbeddedModel, embedded
 
 log = logging.getLogger(__name__)
 CACHE_RECORD = "sinkquant-cache.json"  # sha256 of each file of a dequantized cache folder, written with it
+ADD_BOS = "gguf_add_bos_token"  # the GGUF's flag, in the cache record and in LoadedModel.source
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
 PICKLE_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
 
@@ -119,10 +120,11 @@ def convert(spec: str, out: str | os.PathLike, overwrite: bool = False) -> Path:
     return Path(out)
 
 
-def _embedded_folder(entry: EmbeddedModel, dtype: torch.dtype) -> tuple[Path, str]:
+def _embedded_folder(entry: EmbeddedModel, dtype: torch.dtype) -> tuple[Path, str, bool | None]:
     """Dequantizing a GGUF takes ~30 s; do it once and keep a safetensors copy in the cache, with the sha256 of
-    each file. A copy that fails that check (corrupted, truncated, or written before hashes were recorded) is
-    rebuilt, with one warning line."""
+    each file and the GGUF's `add_bos_token` (`gguf_add_bos` parses the whole file: 3-10 s). A copy that fails
+    that check (corrupted, truncated, or written before hashes were recorded) is rebuilt, with one warning
+    line; a record written before the flag was kept gets it added."""
     gguf = entry.path()
     digest = sha256_file(gguf)
     folder = cache_root() / "models" / f"{entry.name}-{digest[:16]}"
@@ -130,14 +132,20 @@ def _embedded_folder(entry: EmbeddedModel, dtype: torch.dtype) -> tuple[Path, st
     if problem is not None:
         if folder.exists():
             log.warning("sinkquant: rebuilding the model cache %s: %s", folder, problem)
+        add_bos = gguf_add_bos(gguf)
         model, tokenizer = _load_gguf(gguf, dtype)
         with atomic_dir(folder, overwrite=True) as tmp:
             model.save_pretrained(tmp, safe_serialization=True)
             tokenizer.save_pretrained(tmp)
             files = file_digests(tmp, sorted(p.name for p in tmp.iterdir() if p.is_file()))
             atomic_write_json(tmp / CACHE_RECORD, {"gguf_sha256": digest, "files": files,
-                                                   "versions": library_versions()})
-    return folder, digest
+                                                   "versions": library_versions(), ADD_BOS: add_bos})
+        return folder, digest, add_bos
+    record = read_structured(folder / CACHE_RECORD, "model cache record")
+    if not isinstance(record.get(ADD_BOS, ""), bool | None):
+        record[ADD_BOS] = gguf_add_bos(gguf)
+        atomic_write_json(folder / CACHE_RECORD, record)
+    return folder, digest, record[ADD_BOS]
 
 
 def _cache_problem(folder: Path) -> str | None:
@@ -217,15 +225,14 @@ def load_model(
     path = Path(spec).expanduser()
     entry = embedded(spec)
     if entry is not None:
-        folder, digest = _embedded_folder(entry, dtype)
-        source = {"kind": "embedded", "gguf": entry.filename, "sha256": digest,
-                  "gguf_add_bos_token": gguf_add_bos(entry.path())}
+        folder, digest, add_bos = _embedded_folder(entry, dtype)
+        source = {"kind": "embedded", "gguf": entry.filename, "sha256": digest, ADD_BOS: add_bos}
         model, tokenizer = _from_folder(folder, dtype, trust_remote_code)
     elif path.suffix == ".gguf":
         if not path.is_file():
             raise SinkquantError(f"model file {path} does not exist (expected a readable .gguf file)")
         source = {"kind": "gguf", "path": str(path), "sha256": sha256_file(path),
-                  "gguf_add_bos_token": gguf_add_bos(path)}
+                  ADD_BOS: gguf_add_bos(path)}
         model, tokenizer = _load_gguf(path, dtype)
     elif path.is_dir():
         _check_model_folder(path)

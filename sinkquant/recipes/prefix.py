@@ -22,7 +22,7 @@ import torch
 
 from sinkquant.data import TokenStream
 from sinkquant.errors import SinkquantError
-from sinkquant.models import LoadedModel
+from sinkquant.models import ADD_BOS, LoadedModel
 from sinkquant.perplexity import next_token_nll
 
 # Candidates for the greedy search: delimiters and weak-semantic words (An et al. 2025 find systematic
@@ -72,7 +72,7 @@ def bos_evidence(loaded: LoadedModel) -> dict[str, Any]:
     metadata says so, or the chat template starts with it. Any one suffices; a BOS id alone does not."""
     if loaded.bos_id is None:
         return {"bos_id": None, "trained": False, "evidence": "the tokenizer defines no BOS token"}
-    facts = {"tokenizer_adds_bos": loaded.adds_bos, "gguf_add_bos_token": loaded.source.get("gguf_add_bos_token"),
+    facts = {"tokenizer_adds_bos": loaded.adds_bos, "gguf_add_bos_token": loaded.source.get(ADD_BOS),
              "chat_template_starts_with_bos": _template_starts_with_bos(loaded)}
     yes = [name for name, value in facts.items() if value]
     return {"bos_id": loaded.bos_id, "bos_token": loaded.tokenizer.decode([loaded.bos_id]), **facts,
