@@ -221,15 +221,15 @@ def auto_recipe(
     region = list(plan_windows(stream, ctx, max_windows=1, calib_windows=calib_windows).calib_windows)
     objective = Objective(loaded, stream.windows(ctx, region[:score_windows]))
     search_ids = region[-search_windows:]
-    report = _profile(loaded, stream.windows(ctx, search_ids))
+    search_sample = stream.windows(ctx, search_ids)
+    report = _profile(loaded, search_sample)
     search = _Search(loaded, stream, base, ctx, search_windows, objective, report, progress)
     ablation: list[dict[str, Any]] = []
 
     try:
         search.calibrated("naive", [])
         naive = search.best["objective"]
-        prefixes = _prefix_candidates(loaded, report, stream.windows(ctx, search_ids), base.max_prefix)
-        for ids in prefixes:  # longer only while longer pays
+        for ids in _prefix_candidates(loaded, report, search_sample, base.max_prefix):  # longer while it pays
             if not search.calibrated("prefix", [_prefix_step(loaded, ids)]) and len(ids) > 1:
                 break
         ablation.append(_ablation("prefix", naive, search.best["objective"]))
