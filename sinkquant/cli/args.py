@@ -184,16 +184,21 @@ class _DropKnown:
 _FILTERS = {name: _DropKnown(prefixes) for name, prefixes in KNOWN_NOISE.items()}
 
 
-def quiet_libraries(quiet: bool) -> None:
-    """Before any heavy import: silence known upstream warnings and transformers' info logging."""
+def drop_known_noise() -> None:
+    """Filter KNOWN_NOISE from the loggers that emit it (the test suite's workers use it too)."""
     import logging
 
+    for name, drop in _FILTERS.items():
+        logging.getLogger(name).addFilter(drop)  # the same object each call: added once
+
+
+def quiet_libraries(quiet: bool) -> None:
+    """Before any heavy import: silence known upstream warnings and transformers' info logging."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     if quiet:
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    for name, drop in _FILTERS.items():
-        logging.getLogger(name).addFilter(drop)  # the same object each call: added once
+    drop_known_noise()
     if "transformers" in sys.modules:  # main() called in a process that imported it already: env comes too late
         hf_logging = sys.modules["transformers"].utils.logging
         hf_logging.set_verbosity_error()
