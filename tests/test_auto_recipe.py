@@ -12,7 +12,15 @@ import torch
 
 from sinkquant.data import plan_windows
 from sinkquant.engine import apply_recipe
-from sinkquant.engine.search import BASE_SCHEMES, Objective, _prefix_candidates, auto_recipe, write_auto_recipe
+from sinkquant.engine.search import (
+    BASE_SCHEMES,
+    Objective,
+    _exception_ranking,
+    _prefix_candidates,
+    _quantized_layers,
+    auto_recipe,
+    write_auto_recipe,
+)
 from sinkquant.errors import SinkquantError
 from sinkquant.recipes import load_recipe, parse_recipe
 from tests.tiny import tiny_model
@@ -119,3 +127,21 @@ def test_prefix_candidates_are_the_prefix_steps_even_where_the_verdict_names_non
     newline = smollm2.tokenizer.encode("\n", add_special_tokens=False)
     assert candidates and candidates[-1][-1:] == newline
     assert all(longer[: len(shorter)] == shorter for shorter, longer in zip(candidates, candidates[1:], strict=False))
+
+
+def test_exceptions_are_ranked_by_measured_output_error_not_range_width(smollm2, wikitext_stream) -> None:
+    """A layer whose static scale is far too small (nearly every input clips) has a narrow range, so the
+    exceptions step's width order puts it last; the search's error order must put it, with a layer whose range
+    is 1000x too wide (nearly every input rounds to zero), above every untouched layer."""
+    loaded = tiny_model("llama", smollm2.tokenizer)
+    recipe = parse_recipe({"name": "n", "description": "d", "scheme": BASE_SCHEMES["w8a8-static"].scheme,
+                           "calibration": {"windows": 2}})
+    quantized = apply_recipe(loaded, recipe, wikitext_stream, CTX, copy=True)
+    layers = _quantized_layers(quantized)
+    clipped, widened = "model.layers.0.mlp.down_proj", "model.layers.1.self_attn.q_proj"
+    layers[clipped].act_scale = layers[clipped].act_scale * 1e-3
+    layers[widened].act_scale = layers[widened].act_scale * 1e3
+    windows = wikitext_stream.windows(CTX, [0, 1])
+    ranking = _exception_ranking(quantized, layers, windows, [])
+    assert set(ranking[:2]) == {clipped, widened}
+    assert sorted(ranking) == sorted(n for n, m in layers.items() if m.activations is not None)
