@@ -81,7 +81,7 @@ def _output_error_factor(weight: torch.Tensor) -> torch.Tensor:
     out_features, in_features = weight.shape
     if out_features <= in_features:
         return weight.t()
-    return torch.linalg.qr(weight, mode="r").R.t()
+    return torch.linalg.qr(weight.float(), mode="r").R.t().to(weight.dtype)  # no QR kernel for 16-bit floats
 
 
 def _range_from(scale: torch.Tensor, zero_point: torch.Tensor, bits: int, symmetric: bool):
