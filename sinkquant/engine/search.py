@@ -39,7 +39,7 @@ from sinkquant.errors import SinkquantError
 from sinkquant.models import LoadedModel
 from sinkquant.perplexity import Prefix
 from sinkquant.quant.scheme import KeepPolicy
-from sinkquant.quant.simulate import QuantLinear, fake_quant_activation
+from sinkquant.quant.simulate import QuantLinear
 from sinkquant.recipes.prefix import profile_candidates, with_bos
 from sinkquant.recipes.schema import Recipe, parse_recipe
 from sinkquant.steps.clip import Clip, ClipConfig
@@ -167,9 +167,7 @@ def _exception_ranking(quantized: QuantizedModel, layers: dict[str, QuantLinear]
         def hook(_module, args):
             x = args[0]
             weight = layer.dense_weight(x.dtype)
-            rounded = fake_quant_activation(x, layer.activations, layer.keep.mask_for(x), layer.act_scale,
-                                            layer.act_zero_point)
-            error[name] += float(((rounded - x) @ weight.t()).pow(2).sum())
+            error[name] += float(((layer.quantize_input(x) - x) @ weight.t()).pow(2).sum())
             signal[name] += float((x @ weight.t()).pow(2).sum())
 
         return hook

@@ -123,13 +123,16 @@ class QuantLinear(nn.Module):
     def weight_device(self) -> torch.device:
         return (self.weight if self.weight is not None else self.weight_int).device
 
+    def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
+        """The input as the layer computes with it: fake-quantized on its calibrated grid, kept rows exact."""
+        return fake_quant_activation(x, self.activations, self.keep.mask_for(x), self.act_scale, self.act_zero_point)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.activations is not None:
-            keep = self.keep.mask_for(x)
             if self.observer is not None:
-                self.observer.update(x, keep)
+                self.observer.update(x, self.keep.mask_for(x))
             else:
-                x = fake_quant_activation(x, self.activations, keep, self.act_scale, self.act_zero_point)
+                x = self.quantize_input(x)
         return F.linear(x, self.dense_weight(x.dtype), self.bias)
 
     def extra_repr(self) -> str:
