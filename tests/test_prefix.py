@@ -75,6 +75,14 @@ def test_profile_selection_checks_bos_and_outlier_tokens(smollm2, calib) -> None
     assert check["candidates"][0]["id"] == 1  # BOS is the first candidate
     assert ids == [r["id"] for r in check["candidates"] if r["kept"]]
     assert calibration_nll(smollm2, ids, calib[:2]) <= check["baseline_nll"] + MAX_NLL_INCREASE
+    assert "profile" in record  # BOS left room: the profile ranked the content tokens
+
+
+def test_profile_is_skipped_when_bos_fills_the_prefix(smollm2, calib) -> None:
+    """A profile costs as much as the check: with max_tokens 1 and a BOS that passes, nothing it ranks is used."""
+    ids, record = select_prefix_ids(smollm2, calib, max_tokens=1, bos_mode="auto", tokens="profile")
+    assert ids == [1] and [r["id"] for r in record["check"]["candidates"]] == [1]
+    assert "profile" not in record
 
 
 @pytest.mark.parametrize("name, trained", [("qwen2.5-coder-0.5b", False), ("gemma3-270m", True)])

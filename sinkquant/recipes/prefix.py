@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -104,15 +104,22 @@ def calibration_nll(loaded: LoadedModel, prefix: list[int], sample: torch.Tensor
     return sum(total for total, _ in runs) / sum(count for _, count in runs)
 
 
-def check_prefix(loaded: LoadedModel, head: list[int], candidates: Sequence[int], sample: torch.Tensor,
-                 max_tokens: int, keep_all: bool = False) -> tuple[list[int], dict[str, Any]]:
+def check_prefix(loaded: LoadedModel, head: list[int], candidates: Sequence[int] | Callable[[], Sequence[int]],
+                 sample: torch.Tensor, max_tokens: int, keep_all: bool = False) -> tuple[list[int], dict[str, Any]]:
     """Grow `head` by each candidate in turn, keeping one only while the whole prefix raises the fp
-    calibration NLL by at most MAX_NLL_INCREASE over no prefix at all (`keep_all`: record, keep anyway)."""
+    calibration NLL by at most MAX_NLL_INCREASE over no prefix at all (`keep_all`: record, keep anyway).
+    `candidates` may be a function, called only if `head` leaves room: a profile costs as much as the check."""
     baseline = calibration_nll(loaded, [], sample)
     limit = baseline + MAX_NLL_INCREASE
     prefix: list[int] = []
     rows = []
-    for token in [*head, *candidates]:
+
+    def tokens() -> Iterator[int]:
+        yield from head
+        if len(prefix) < max_tokens:
+            yield from candidates() if callable(candidates) else candidates
+
+    for token in tokens():
         if len(prefix) >= max_tokens:
             break
         nll = calibration_nll(loaded, prefix + [token], sample)
@@ -235,7 +242,9 @@ def select_prefix_ids(
                                                    max_tokens, bos_mode)
             candidates = found[len(head):]
         elif tokens == "profile":
-            candidates, record["profile"] = profile_candidates(loaded, calibration_windows, profile_report)
+            def candidates() -> list[int]:  # only if BOS leaves room in the prefix or fails its check
+                found, record["profile"] = profile_candidates(loaded, calibration_windows, profile_report)
+                return found
         else:
             raise SinkquantError(f"prefix.tokens: {tokens!r} is not 'profile', 'greedy' or a list of tokens")
         ids, record["check"] = check_prefix(loaded, head, candidates, sample, max_tokens)
