@@ -130,6 +130,25 @@ def child(args) -> None:
     print("RESULT " + json.dumps(result))
 
 
+BEST_STATIC = "native-w8a8-prefix-smooth-except"
+GOALS = {"prefill_tokens_per_s": 1.7, "decode_tokens_per_s": 1.5}  # x fp32, for the best static W8A8
+
+
+def goal_checks(rows: dict[str, dict[str, Any]]) -> list[tuple[bool, str]]:
+    """The best static W8A8 against fp32 (prefill and decode goals) and against every peer measured with it."""
+    best, fp32 = rows.get(BEST_STATIC), rows.get("fp32")
+    if best is None or fp32 is None:
+        return []
+    checks = [(best[key] >= goal * fp32[key], f"{BEST_STATIC} {key.split('_')[0]} {best[key] / fp32[key]:.2f}x fp32 "
+               f"(goal >= {goal}x)") for key, goal in GOALS.items()]
+    peers = {name: row for name, row in rows.items() if name in PEERS}
+    if peers:
+        fastest = max(peers, key=lambda name: peers[name]["prefill_tokens_per_s"])
+        ratio = best["prefill_tokens_per_s"] / peers[fastest]["prefill_tokens_per_s"]
+        checks.append((ratio > 1, f"{BEST_STATIC} prefill {ratio:.3f}x the fastest peer's ({fastest}; goal > 1)"))
+    return checks
+
+
 def vs_fp32(row: dict[str, Any], fp32: dict[str, Any] | None, key: str) -> str:
     return f"{row[key] / fp32[key]:.2f}x" if fp32 else "-"
 
@@ -198,6 +217,10 @@ def main() -> None:
         "quantized in place. "
         "Peak RSS includes the fp32 model each peer is built from in the same process; 'weights in memory' is the "
         "model alone.")
+    checks = goal_checks(measured)
+    if checks:
+        body += "\n\nGoals (issue 12), this run:\n\n" + "\n".join(f"- {'PASS' if ok else 'FAIL'}: {text}"
+                                                             for ok, text in checks)
     if measured:
         plot(measured, args.out)
     write_result(args.out, "Runtime of real quantized models (CPU)", body,

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 import yaml
 from safetensors.torch import load, save
 
-from sinkquant.backends.native import NativeLinear, convert_to_native
+from sinkquant.backends.native import Int8Head, NativeLinear, convert_to_native
 from sinkquant.engine.apply import apply_recipe, quantize_model
 from sinkquant.errors import SinkquantError
 from sinkquant.perplexity import evaluate
@@ -222,6 +222,63 @@ def test_generate_with_native_model(smollm2) -> None:
         out = simulated.generate(ids, max_new_tokens=8, do_sample=False)
     assert out.shape == (1, ids.shape[1] + 8)
     assert torch.equal(out, expected)
+
+
+@pytest.mark.parametrize("recipe", ["w8a8-keep-sink", "w8a16"])
+def test_sibling_groups_are_bit_identical_to_layers_run_alone(smollm2, wikitext_stream, eval_and_calib,
+                                                                recipe) -> None:
+    """q/k/v and gate/up run as one quantization and one GEMM: integer sums are exact and the rest is
+    elementwise, so the logits must equal those of the same layers run one by one, to the bit; a member
+    called alone, and a reload of new integers in place, stay correct; the members' weights are views."""
+    _, calib, _ = eval_and_calib(64, 1, 1)
+    scheme, keep = SCHEMES[recipe]
+    grouped = _quantized_copy(smollm2, scheme, calib, keep)
+    convert_to_native(grouped)
+    alone = copy.deepcopy(grouped)
+    layers = [m for m in alone.modules() if isinstance(m, NativeLinear)]
+    assert sum(m.group is not None for m in layers) == 30 * 5  # q, k, v, gate, up of every layer
+    for module in layers:
+        module.group = None
+    ids = wikitext_stream.windows(64, [0])
+    with torch.inference_mode():  # inference tensors have no version counter
+        assert torch.equal(grouped(input_ids=ids).logits, alone(input_ids=ids).logits)
+    with torch.no_grad():
+        assert torch.equal(grouped(input_ids=ids).logits, alone(input_ids=ids).logits)
+        k_grouped = grouped.model.layers[3].self_attn.k_proj
+        k_alone = alone.model.layers[3].self_attn.k_proj
+        x = torch.randn(1, 64, 576)  # the keep mask of the last forward covers 64 positions
+        assert torch.equal(k_grouped(x), k_alone(x))  # alone: computed afresh, not someone else's columns
+        v = grouped.model.layers[3].self_attn.v_proj
+        assert v.qweight.untyped_storage().data_ptr() == k_grouped.qweight.untyped_storage().data_ptr()
+        before = v(x)
+        state = {**v.state_dict(), "qweight": -v.qweight}
+        v.load_state_dict(state)  # in place, through the view: the fused kernels must be derived again
+        v_alone = alone.model.layers[3].self_attn.v_proj
+        v_alone.load_state_dict(state)
+        assert torch.equal(v(x), v_alone(x)) and not torch.allclose(v(x), before)
+
+
+def test_int8_head_runs_the_lm_head_on_its_int8_rows_and_reloads(smollm2, wikitext_stream, tmp_path) -> None:
+    """scheme.embeddings int8 under the native backend: the (tied) lm_head runs on the int8 rows it is rounded
+    to, within limb precision of the float product, adds nothing to the state dict and comes back on reload."""
+    from sinkquant.engine import load, save
+
+    data = yaml.safe_load((Path(__file__).resolve().parent.parent / "recipes" /
+                           "w8a8-prefix-smooth-except-native.yaml").read_text())
+    native = apply_recipe(smollm2, parse_recipe({**data, "calibration": {"windows": 1}}), wikitext_stream, ctx=64,
+                          copy=True)
+    head = native.model.get_output_embeddings()
+    assert isinstance(head, Int8Head) and head.weight is native.model.get_input_embeddings().weight
+    x = torch.randn(2, 3, 576)
+    with torch.no_grad():
+        assert _relative(head(x), F.linear(x, head.weight)) < 1e-5
+        assert head._w_int8.dtype == torch.int8 and not any("_w_int8" in k for k in native.model.state_dict())
+        ids = wikitext_stream.windows(64, [0])
+        expected = native.model(input_ids=ids, past_key_values=native.cache_for_batch(1)).logits
+        reloaded = load(save(native, tmp_path / "artifact"))
+        assert isinstance(reloaded.model.get_output_embeddings(), Int8Head)
+        assert torch.equal(reloaded.model(input_ids=ids, past_key_values=reloaded.cache_for_batch(1)).logits,
+                           expected)
 
 
 def test_native_backend_refuses_what_it_cannot_run_at_parse_time() -> None:

@@ -142,6 +142,33 @@ def _edit(folder, change) -> None:
     (folder / "sinkquant.json").write_text(json.dumps(meta))
 
 
+def test_missing_static_scale_is_refused_by_name_and_exceptions_need_none(tiny_artifact, smollm2, tmp_path
+                                                                           ) -> None:
+    """A static layer's act_scale is required; an exception layer (released by its step on reload) has none to
+    give, which once made every native artifact with exceptions unloadable."""
+    from safetensors.torch import load_file, save_file
+
+    folder = Path(shutil.copytree(tiny_artifact, tmp_path / "copy"))
+    tensors = load_file(folder / "model.safetensors")
+    released = json.loads((folder / "sinkquant.json").read_text())["record"]["steps"][1]["layers"]
+    static = next(k[: -len(".act_scale")] for k in tensors if k.endswith(".act_scale")
+                  and k[: -len(".act_scale")] not in released)
+    for name in (*released, static):
+        tensors.pop(f"{name}.act_scale", None)
+    save_file(tensors, str(folder / "model.safetensors"))
+    with pytest.raises(SinkquantError, match=f"the static activation scale of {static} is missing"):
+        load(folder, verify=False)
+    stream = TokenStream(ids=torch.randint(3, 5000, (64 * 12,), generator=torch.Generator().manual_seed(0)),
+                         text_sha256="random", source={})
+    recipe = parse_recipe({"name": "tiny", "description": "native W8A8 with exceptions", "backend": "native",
+                           "steps": [{"exceptions": {"top": 2}}], "scheme": W8A8, "calibration": {"windows": 2}})
+    native = apply_recipe(tiny_model("llama", smollm2.tokenizer), recipe, stream, ctx=64)
+    ids = stream.windows(64, [0])
+    with torch.no_grad():
+        assert torch.equal(load(save(native, tmp_path / "native")).model(input_ids=ids).logits,
+                           native.model(input_ids=ids).logits)
+
+
 def test_unverified_load_still_checks_names_and_shapes(tiny_artifact, tmp_path) -> None:
 
 

@@ -187,7 +187,7 @@ def apply_recipe(
             steps[-1]["seconds"] = time.perf_counter() - clock
     record["steps"] = steps
     if backend.finalize is not None:
-        record[backend.name] = {"converted_layers": len(backend.finalize(target.model))}
+        record[backend.name] = {"converted_layers": len(backend.finalize(target.model, recipe.scheme))}
     record["keep"] = {"positions": list(session.keep.positions), "token_ids": list(session.keep.token_ids)}
     record["seconds"] = time.perf_counter() - start
     return QuantizedModel(base=target, model=target.model, recipe=recipe, prefix=session.prefix, record=record)

@@ -178,8 +178,6 @@ def _restore_weights(model: torch.nn.Module, session: Session, tensors: dict[str
         for buffer in ("act_scale", "act_zero_point"):
             if f"{name}.{buffer}" in tensors:
                 setattr(module, buffer, tensors.pop(f"{name}.{buffer}"))
-        if module.activations is not None and module.activations.mode == "static" and module.act_scale is None:
-            raise SinkquantError(f"{WEIGHTS}: the static activation scale of {name} is missing")
     for name, weight in embedding_weights(model).items():
         restore_embedding(tensors, name, tuple(weight.shape), WEIGHTS)
     missing, unexpected = model.load_state_dict(tensors, strict=False)
@@ -239,6 +237,9 @@ def load(folder: str | Path, verify: bool = True) -> QuantizedModel:
         session.prefix = _prefix_from(load_file(folder / PREFIX), model.config, next(model.parameters()).device)
     for step, step_record in zip(recipe.steps, step_records, strict=True):
         step.restore(session, step_record)
+    for name, module in session.quantized.items():  # after the steps: an exception layer has no static scale
+        if module.activations is not None and module.activations.mode == "static" and module.act_scale is None:
+            raise SinkquantError(f"{WEIGHTS}: the static activation scale of {name} is missing")
     if backend.finalize is not None:
-        backend.finalize(model)
+        backend.finalize(model, recipe.scheme)
     return QuantizedModel(base=base, model=model, recipe=recipe, prefix=session.prefix, record=record)

@@ -21,7 +21,7 @@ class Backend:
     description: str
     peer: Peer | None = None  # a peer library quantizes by its own rules; None: the engine runs the recipe
     refuse: Callable[[Scheme], str | None] | None = None  # what the backend cannot run, decided by the recipe alone
-    finalize: Callable[[nn.Module], list[str]] | None = None  # after quantizing and on reload: swap in kernels
+    finalize: Callable[[nn.Module, Scheme], list[str]] | None = None  # after quantizing and on reload: kernels
     # Serves scheme.kv through a KV cache of its own (config, kv scheme, keep state, prefix) instead of the
     # simulated KV hooks.
     kv_cache: Callable[..., Cache] | None = None
@@ -45,10 +45,11 @@ def native_refusal(scheme: Scheme) -> str | None:
     return None
 
 
-def _native_layers(model: nn.Module) -> list[str]:
+def _native_layers(model: nn.Module, scheme: Scheme) -> list[str]:
     from sinkquant.backends.native import convert_to_native  # torch kernels: imported when first used
 
-    return convert_to_native(model)
+    embeddings = scheme.embeddings
+    return convert_to_native(model, int8_head=embeddings is not None and embeddings.dtype == "int8")
 
 
 def _int8_kv_cache(*args: Any) -> Cache:

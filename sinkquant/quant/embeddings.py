@@ -22,7 +22,7 @@ def embedding_weights(model: nn.Module) -> dict[str, nn.Parameter]:
     return weights
 
 
-def _int8_rows(weight: torch.Tensor) -> QuantizedWeight:
+def int8_rows(weight: torch.Tensor) -> QuantizedWeight:
     return quantize_rtn(weight, 8, "channel", None, symmetric=True)
 
 
@@ -30,14 +30,14 @@ def _int8_rows(weight: torch.Tensor) -> QuantizedWeight:
 def round_embeddings(model: nn.Module, dtype: str) -> None:
     """Round the embedding weights in place (kept float32 in memory) to what `stored` writes."""
     for weight in embedding_weights(model).values():
-        rounded = _int8_rows(weight).dequantize(weight.dtype) if dtype == "int8" else weight.to(getattr(torch, dtype))
+        rounded = int8_rows(weight).dequantize(weight.dtype) if dtype == "int8" else weight.to(getattr(torch, dtype))
         weight.copy_(rounded)
 
 
 def stored(name: str, weight: torch.Tensor, dtype: str) -> dict[str, torch.Tensor]:
     """The tensors an artifact holds for the embedding weight `name`: int8 values and row scales, or 16-bit."""
     if dtype == "int8":
-        q = _int8_rows(weight)
+        q = int8_rows(weight)
         return {f"{name}_int8": q.qweight.contiguous().cpu(), f"{name}_scale": q.scale.contiguous().cpu()}
     return {name: weight.to(getattr(torch, dtype)).contiguous().cpu()}
 
