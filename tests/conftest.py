@@ -27,6 +27,12 @@ if "PYTEST_XDIST_WORKER" in os.environ:
     torch.set_num_threads(1)
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Longest first (`long` marker): a two-minute test collected last would keep one pytest-xdist worker busy
+    while the others idle."""
+    items.sort(key=lambda item: item.get_closest_marker("long") is None)
+
+
 @pytest.fixture(scope="module")
 def one_thread() -> Iterator[None]:
     """Profiling hooks run hundreds of small tensor ops per window; on a shared 2-core machine each one waits for

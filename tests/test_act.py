@@ -152,6 +152,7 @@ def test_act_bad_config_and_record(smollm2: LoadedModel) -> None:
         ActStep(ActConfig()).apply(_session(loaded, torch.zeros(0, CTX, dtype=torch.long)))
 
 
+@pytest.mark.long
 @pytest.mark.slow
 def test_act_on_smollm2(smollm2: LoadedModel, wikitext_stream: TokenStream, eval_and_calib) -> None:
     """Heads chosen on the calibration windows (the end of the text) only; perplexity on the first 8 windows."""

@@ -82,6 +82,7 @@ def test_int4_base_schemes_search_the_same_space(smollm2, wikitext_stream, schem
     assert trace["chosen_objective"] <= trace["naive_objective"]
 
 
+@pytest.mark.long
 def test_auto_recipe_beats_naive_static_on_smollm2(smollm2, wikitext_stream) -> None:
     ctx = 128
     recipe, trace = auto_recipe(smollm2, wikitext_stream, ctx=ctx, calib_windows=3, score_windows=1,

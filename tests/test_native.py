@@ -297,6 +297,7 @@ def test_native_backend_refuses_what_it_cannot_run_at_parse_time() -> None:
 FAITHFUL = ["w8a8-prefix-smooth-except", "w8a16", "w8a8-dynamic-token"]
 
 
+@pytest.mark.long
 @pytest.mark.parametrize("name", FAITHFUL)
 def test_native_backend_recipe_matches_simulated_recipe(smollm2, wikitext_stream, eval_and_calib, name) -> None:
     """Issue 12 item 3: the shipped W8 recipe through apply_recipe with backend simulated and native, the same

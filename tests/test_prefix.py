@@ -17,6 +17,7 @@ from sinkquant.recipes.prefix import (
     token_id,
     with_bos,
 )
+from sinkquant.recipes.schema import parse_recipe
 from sinkquant.zoo import ZOO
 
 CTX = 128
@@ -53,6 +54,15 @@ def test_explicit_list_is_honoured_and_its_check_recorded(smollm2, calib) -> Non
     assert rows[-1]["nll"] == pytest.approx(calibration_nll(smollm2, ids, calib[:2]), rel=1e-5)
     with pytest.raises(SinkquantError, match="max_tokens is 2"):
         select_prefix_ids(smollm2, calib, max_tokens=2, bos_mode="always", tokens=["\n", 30])
+
+
+def test_an_explicit_list_may_skip_its_check_but_an_automatic_choice_may_not(smollm2, calib) -> None:
+    ids, record = select_prefix_ids(smollm2, calib, max_tokens=2, bos_mode="auto", tokens=["\n"], check=False)
+    assert ids == [1, token_id(smollm2, "\n", "prefix.tokens[0]")] and "check" not in record
+    base = {"name": "p", "description": "d", "scheme": {"weights": {"bits": 8}}}
+    assert parse_recipe({**base, "steps": [{"prefix": {"tokens": [1], "check": False}}]})
+    with pytest.raises(SinkquantError, match=r"steps\[0\].*check: false needs an explicit tokens list"):
+        parse_recipe({**base, "steps": [{"prefix": {"tokens": "profile", "check": False}}]})
 
 
 def test_check_drops_a_candidate_that_raises_the_fp_loss(smollm2, calib) -> None:

@@ -41,6 +41,7 @@ def _ppl(smollm2, stream, plan, name: str):
     return quantized, quantized.evaluate(stream, plan, bos="never", progress=False)
 
 
+@pytest.mark.long
 def test_mitigations_beat_naive_static(smollm2, wikitext_stream, plan, fp32_ppl) -> None:
     _, naive = _ppl(smollm2, wikitext_stream, plan, "w8a8-naive")
     _, keep = _ppl(smollm2, wikitext_stream, plan, "w8a8-keep-sink")
@@ -56,6 +57,7 @@ def test_mitigations_beat_naive_static(smollm2, wikitext_stream, plan, fp32_ppl)
     assert all(c["kept"] for c in record["check"]["candidates"] if c["id"] in record["ids"])
 
 
+@pytest.mark.long
 def test_a_loaded_model_and_its_copy_compute_bit_identically(wikitext_stream, plan) -> None:
     """`quantize` works in place, `compare` on copies: both must give the same numbers. Weights read into
     memory torch allocates (not mapped from the file at unaligned offsets) make a model and its deepcopy round

@@ -26,6 +26,7 @@ QUICK = next(p for p in BASELINES if p.stem == "w8a8-dynamic-token")
 SMALL = {"ctx": 64, "windows": 1}
 
 
+@pytest.mark.long
 @pytest.mark.parametrize("baseline", BASELINES, ids=lambda p: p.stem)
 def test_shipped_recipe_baselines(ppl_regression, baseline: Path) -> None:
     outcome = ppl_regression(baseline)
@@ -135,6 +136,7 @@ def test_baseline_for_other_data_is_refused(tmp_path: Path) -> None:
         check_baseline(_copy(QUICK, tmp_path, data_sha256="0" * 64, ppl=50.0))
 
 
+@pytest.mark.long
 def test_update_measures_every_kernel_path(tmp_path: Path) -> None:
     path = _copy(QUICK, tmp_path, **SMALL, kernels={}, ppl=1.0, model_sha256="stale")
     outcome = check_baseline(path, update=True)

@@ -132,9 +132,11 @@ def _recipe(name: str, description: str, steps: list[dict[str, Any]], base: Base
 
 
 def _prefix_step(loaded: LoadedModel, ids: list[int]) -> dict[str, Any]:
-    """An explicit prefix that the prefix step honours as given (BOS only where the list starts with it)."""
+    """An explicit prefix that the prefix step honours as given (BOS only where the list starts with it). Its
+    fp-loss check is off: the objective (KL to the fp model without prefix) already counts what a prefix does to
+    the fp model, and the check would cost four fp forwards per candidate."""
     bos = "auto" if ids[:1] == [loaded.bos_id] else "never"
-    return {"prefix": {"tokens": list(ids), "max_tokens": len(ids), "bos": bos}}
+    return {"prefix": {"tokens": list(ids), "max_tokens": len(ids), "bos": bos, "check": False}}
 
 
 def _prefix_candidates(loaded: LoadedModel, report: dict[str, Any], windows: torch.Tensor, max_prefix: int

@@ -219,11 +219,13 @@ def select_prefix_ids(
     bos_mode: str = "auto",
     tokens: str | Sequence[int | str] = "profile",
     profile_report: dict | None = None,
+    check: bool = True,
 ) -> tuple[list[int], dict[str, Any]]:
     """The prefix step's choice: `tokens` is 'profile' (PrefixQuant: BOS where trained with one, then the
     profile's most frequent outlier tokens), 'greedy' (CushionCache) or an explicit list (ids or one-token
     strings), honoured as given or refused with a reason. Automatic choices pass the fp calibration-loss check
-    (`check_prefix`); the record says where the ids came from, the BOS evidence and every check."""
+    (`check_prefix`); an explicit list is checked and recorded unless `check` is False (`--recipe auto` measures
+    each prefix's effect itself); the record says where the ids came from, the BOS evidence and every check."""
     start = time.perf_counter()
     sample = calibration_windows[:CHECK_WINDOWS]
     record: dict[str, Any] = {"bos": {"mode": bos_mode, **bos_evidence(loaded)}}
@@ -233,7 +235,8 @@ def select_prefix_ids(
         if len(ids) > max_tokens:
             raise SinkquantError(f"prefix.tokens gives {len(ids)} tokens {ids} (BOS included) but prefix.max_tokens "
                                  f"is {max_tokens}; list fewer tokens or raise max_tokens")
-        ids, record["check"] = check_prefix(loaded, [], ids, sample, max_tokens, keep_all=True)
+        if check:
+            ids, record["check"] = check_prefix(loaded, [], ids, sample, max_tokens, keep_all=True)
         record["source"] = "recipe"
     else:
         head = with_bos(loaded, [], bos_mode)
