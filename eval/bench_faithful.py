@@ -44,15 +44,18 @@ def main() -> None:
                              model=copy.deepcopy(simulated.model).double(), progress=False).ppl
         delta = 100 * (nat / sim - 1)
         spread = None if sim64 is None else 100 * (sim64 / sim - 1)
-        payload[name] = {"simulated": sim, "native": nat, "simulated_float64": sim64, "delta_pct": delta}
+        exact = None if sim64 is None else 100 * (nat / sim64 - 1)
+        payload[name] = {"simulated": sim, "native": nat, "simulated_float64": sim64, "delta_pct": delta,
+                         "native_vs_float64_pct": exact}
         rows.append([name, f"{sim:.4f}", f"{nat:.4f}", f"{delta:+.3f}%", "-" if spread is None else f"{spread:+.3f}%",
-                     "PASS" if abs(delta) <= GOAL else "FAIL"])
+                     "-" if exact is None else f"{exact:+.3f}%", "PASS" if abs(delta) <= GOAL else "FAIL"])
         print(rows[-1], flush=True)
     body = (f"SmolLM2-135M, WikiText-2 test, ctx {args.ctx}, first {args.windows} windows, no BOS (a prefix recipe "
             f"brings its own); calibration on each recipe's windows from the end of the text. Goal: native within "
-            f"{GOAL}% of simulated.\n\n"
+            f"{GOAL}% of simulated. The native backend's integer sums are exact, so the simulator in float64 is the "
+            "reference that shows which of the two float32 results moved.\n\n"
             + markdown_table(["recipe", "simulated", "native", "native vs simulated", "simulated float64 vs float32",
-                              f"within {GOAL}%"], rows))
+                              "native vs simulated float64", f"within {GOAL}%"], rows))
     benchlib.write_result(args.out, "Native backend vs simulator", body, {"rows": payload, "ctx": args.ctx,
                                                                            "windows": args.windows})
 
