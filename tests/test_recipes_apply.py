@@ -19,6 +19,7 @@ from sinkquant.perplexity import build_prefix, evaluate
 from sinkquant.quant.simulate import QuantLinear
 from sinkquant.recipes import load_recipe, parse_recipe
 from sinkquant.recipes.prefix import greedy_prefix, max_linear_input, token_id, with_bos
+from sinkquant.recipes.schema import Recipe
 from sinkquant.steps import STEPS, Stage, Step, StepConfig, register
 from tests.tiny import ARCHS, tiny_model
 
@@ -169,6 +170,29 @@ def test_missing_static_scale_is_refused_by_name_and_exceptions_need_none(tiny_a
     with torch.no_grad():
         assert torch.equal(load(save(native, tmp_path / "native")).model(input_ids=ids).logits,
                            native.model(input_ids=ids).logits)
+
+
+def test_smoothing_maxima_shared_through_a_memo_give_the_same_model(smollm2) -> None:
+    """The auto search's alpha candidates measure the activation maxima once (`memo`): the second recipe must
+    come out bit-identical to applying it alone, and a different prefix must not reuse the entry."""
+    stream = TokenStream(ids=torch.randint(3, 5000, (64 * 4,), generator=torch.Generator().manual_seed(0)),
+                         text_sha256="random", source={})
+    loaded = tiny_model("llama", smollm2.tokenizer)
+
+    def recipe(alpha: float, prefix: list[str]) -> Recipe:
+        return parse_recipe({"name": "s", "description": "d", "scheme": W8A8, "calibration": {"windows": 2},
+                             "steps": [{"prefix": {"tokens": prefix, "bos": "never", "check": False}},
+                                       {"smooth": {"alpha": alpha}}]})
+
+    memo: dict = {}
+    apply_recipe(loaded, recipe(0.5, ["\n"]), stream, ctx=64, copy=True, memo=memo)
+    shared = apply_recipe(loaded, recipe(0.8, ["\n"]), stream, ctx=64, copy=True, memo=memo)
+    assert len(memo) == 1
+    alone = apply_recipe(loaded, recipe(0.8, ["\n"]), stream, ctx=64, copy=True)
+    for (name, a), b in zip(shared.model.state_dict().items(), alone.model.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    apply_recipe(loaded, recipe(0.8, ["."]), stream, ctx=64, copy=True, memo=memo)
+    assert len(memo) == 2
 
 
 def test_unverified_load_still_checks_names_and_shapes(tiny_artifact, tmp_path) -> None:

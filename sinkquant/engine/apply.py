@@ -157,10 +157,11 @@ def _working_copy(loaded: LoadedModel, copy: bool) -> LoadedModel:
 
 def apply_recipe(
     loaded: LoadedModel, recipe: Recipe, stream: TokenStream, ctx: int, profile_report: dict | None = None,
-    copy: bool = False, progress: bool = False,
+    copy: bool = False, progress: bool = False, memo: dict | None = None,
 ) -> QuantizedModel:
     """Quantize `loaded.model` by `recipe` (in place; `copy=True` keeps the original), calibrating on windows
-    disjoint from evaluation."""
+    disjoint from evaluation. `memo` (with `copy=True` on one unchanged model) lets steps reuse what an earlier
+    call measured on the same state (`Session.memo`)."""
     torch.manual_seed(0)
     windows = calibration_windows(stream, recipe, ctx)
     record: dict[str, Any] = {"calibration": {"windows": windows.shape[0], "ctx": windows.shape[1],
@@ -175,7 +176,7 @@ def apply_recipe(
     target = _working_copy(loaded, copy)
     session = Session(loaded=target, scheme=recipe.scheme, calibration=windows.to(next(target.model.parameters())
                                                                                     .device),
-                      profile_report=profile_report, progress=progress)
+                      profile_report=profile_report, progress=progress, memo=memo)
     steps: list[dict[str, Any]] = []
     for stage in (Stage.TRANSFORM, None, Stage.REFINE):
         if stage is None:

@@ -213,6 +213,7 @@ class _Search:
         self.bar = tqdm(desc="auto recipe", unit="candidate", disable=not progress, leave=False)
         self.best: dict[str, Any] | None = None
         self.model: QuantizedModel | None = None
+        self.memo: dict[Any, Any] = {}  # every candidate is a copy of the untouched loaded model
 
     def record(self, stage: str, what: dict[str, Any], score: dict[str, float], start: float) -> dict[str, Any]:
         entry = {"stage": stage, **what, **score, "seconds": time.perf_counter() - start}
@@ -226,7 +227,8 @@ class _Search:
         start = time.perf_counter()
         recipe = _recipe(f"search-{len(self.candidates)}", "auto recipe candidate", steps, self.base,
                          self.search_windows, self.ctx)
-        quantized = apply_recipe(self.loaded, recipe, self.stream, self.ctx, profile_report=self.report, copy=True)
+        quantized = apply_recipe(self.loaded, recipe, self.stream, self.ctx, profile_report=self.report, copy=True,
+                                 memo=self.memo)
         entry = self.record(stage, {"steps": steps}, self.objective(quantized.model, quantized.prefix), start)
         if self.best is not None and entry["objective"] >= self.best["objective"]:
             return False

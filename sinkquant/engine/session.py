@@ -29,6 +29,9 @@ class Session:
     profile_report: dict[str, Any] | None = None  # a profile the caller already has (the prefix step reuses it)
     progress: bool = True
     record: dict[str, Any] = field(default_factory=dict)  # what quantization did (layers, pipeline, seconds)
+    # Measurements a caller shares between recipes applied to copies of one model (the auto search's candidates),
+    # keyed by everything they depend on besides that model; None: nothing is shared.
+    memo: dict[Any, Any] | None = None
 
     @property
     def model(self) -> nn.Module:

@@ -4,6 +4,7 @@ Sink tokens are left out of the activation statistics, or their peaks alone woul
 
 from __future__ import annotations
 
+import hashlib
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -34,6 +35,37 @@ class Smooth(Step):
         """Returns the largest migration scale per group, for the report."""
         adapter, model = session.loaded.adapter, session.model
         layers = adapter.decoder_layers(model)
+        # The maxima depend on the model before smoothing, its prefix, kept positions and windows, not on alpha:
+        # the auto search's alpha candidates share one measurement through the session's memo.
+        if session.memo is None:
+            act_max = self._activation_maxima(session)
+        else:
+            prefix = tuple(session.prefix.ids) if session.prefix is not None else ()
+            key = ("smooth", prefix, session.keep, session.calibration.shape,
+                   hashlib.sha256(session.calibration.cpu().numpy().tobytes()).hexdigest())
+            if key not in session.memo:
+                session.memo[key] = self._activation_maxima(session)
+            act_max = session.memo[key]
+
+        largest: dict[str, float] = {}
+        alpha = self.config.alpha
+        for index, layer in enumerate(layers):
+            for source_name, targets in adapter.smooth_groups:
+                source = layer.get_submodule(source_name)
+                linears = [layer.get_submodule(t) for t in targets]
+                w_max = torch.stack([lin.weight.abs().amax(dim=0) for lin in linears]).amax(dim=0)
+                scale = (act_max[(index, source_name)].pow(alpha) / w_max.pow(1 - alpha)).clamp(min=1e-5)
+                _divide_output(source, scale, adapter.norm_weight_offset)
+                for lin in linears:
+                    lin.weight.mul_(scale)
+                largest[f"{adapter.layers}.{index}.{source_name}"] = float(scale.max())
+        return {"alpha": alpha, "largest_scale": largest}
+
+    @staticmethod
+    def _activation_maxima(session: Session) -> dict[tuple[int, str], torch.Tensor]:
+        """Per (layer, group source): each input channel's largest |x| over the calibration windows."""
+        adapter, model = session.loaded.adapter, session.model
+        layers = adapter.decoder_layers(model)
         keep = KeepState(session.keep)
         act_max: dict[tuple[int, str], torch.Tensor] = {}
 
@@ -56,20 +88,7 @@ class Smooth(Step):
         finally:
             for handle in handles:
                 handle.remove()
-
-        largest: dict[str, float] = {}
-        alpha = self.config.alpha
-        for index, layer in enumerate(layers):
-            for source_name, targets in adapter.smooth_groups:
-                source = layer.get_submodule(source_name)
-                linears = [layer.get_submodule(t) for t in targets]
-                w_max = torch.stack([lin.weight.abs().amax(dim=0) for lin in linears]).amax(dim=0)
-                scale = (act_max[(index, source_name)].pow(alpha) / w_max.pow(1 - alpha)).clamp(min=1e-5)
-                _divide_output(source, scale, adapter.norm_weight_offset)
-                for lin in linears:
-                    lin.weight.mul_(scale)
-                largest[f"{adapter.layers}.{index}.{source_name}"] = float(scale.max())
-        return {"alpha": alpha, "largest_scale": largest}
+        return act_max
 
 
 def _divide_output(source: torch.nn.Module, scale: torch.Tensor, norm_offset: float) -> None:
