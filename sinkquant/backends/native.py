@@ -43,6 +43,9 @@ ACTIVATION_MODES = ("static", "dynamic-token", "dynamic-tensor")
 LIMBS = 3
 # Offset that maps an unsigned 8-bit grid onto int8, which is what the int8 GEMM takes.
 UINT8_SHIFT = 128
+# SmolLM2's lm_head (576 -> 49152, 2 threads), ms per call by rows: F.linear 11.0 / 34.6 / 62.0 / 208.5 and the
+# int8 limbs 2.4 / 28.0 / 73.6 / 404.6 at 1 / 64 / 128 / 512 rows; the integer kernel wins up to 64.
+INT8_HEAD_MAX_ROWS = 64
 
 
 def limb_matmul(x: torch.Tensor, w_int8: torch.Tensor, rowscale: torch.Tensor, w_zero: torch.Tensor | None = None
@@ -336,9 +339,10 @@ class SiblingGroup:
 
 class Int8Head(nn.Linear):
     """The output embedding (lm_head) on the int8 per-row grid that scheme.embeddings 'int8' rounds it to, run by
-    the weight-only integer kernel. `.weight` stays the float parameter (tied to the input embedding, saved and
-    reloaded as before); the int8 values are non-persistent buffers derived from it, again whenever it changes
-    or moves. A decode step's lm_head on SmolLM2 (2 threads): F.linear 10.3 ms, the int8 limbs 2.7 ms."""
+    the weight-only integer kernel for up to INT8_HEAD_MAX_ROWS rows (decode, a prefill's last logit) and as the
+    float GEMM on the same rounded weight beyond (a perplexity window's 512 rows). `.weight` stays the float
+    parameter (tied to the input embedding, saved and reloaded as before); the int8 values are non-persistent
+    buffers derived from it, again whenever it changes or moves."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -347,6 +351,8 @@ class Int8Head(nn.Linear):
         self._derived_from: tuple[Any, ...] = ()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.numel() > INT8_HEAD_MAX_ROWS * self.in_features:
+            return super().forward(x)
         weight = self.weight
         key = (weight.data_ptr(), weight._version, weight.device)
         if key != self._derived_from:
