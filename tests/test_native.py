@@ -250,10 +250,11 @@ def test_sibling_groups_are_bit_identical_to_layers_run_alone(smollm2, wikitext_
         assert torch.equal(k_grouped(x), k_alone(x))  # alone: computed afresh, not someone else's columns
         v = grouped.model.layers[3].self_attn.v_proj
         assert v.qweight.untyped_storage().data_ptr() == k_grouped.qweight.untyped_storage().data_ptr()
-        before = v(x)
-        state = {**v.state_dict(), "qweight": -v.qweight}
-        v.load_state_dict(state)  # in place, through the view: the fused kernels must be derived again
         v_alone = alone.model.layers[3].self_attn.v_proj
+        before = v_alone(x)
+        k_grouped(x)  # the group now holds v's columns for x, computed with the old integers
+        state = {**v.state_dict(), "qweight": -v.qweight}
+        v.load_state_dict(state)  # in place, through the view: the fused kernels and that output must go
         v_alone.load_state_dict(state)
         assert torch.equal(v(x), v_alone(x)) and not torch.allclose(v(x), before)
 

@@ -120,7 +120,7 @@ class NativeLinear(nn.Module):
         """New integers or scales were loaded in place: derive the kernels again, the group's fused ones too."""
         self.prepare()
         if self.group is not None:
-            self.group.fused = None
+            self.group.invalidate()
 
     def _load_from_state_dict(self, state_dict: dict[str, torch.Tensor], prefix: str, *args: Any) -> None:
         """Refuse a missing, mis-shaped or mis-typed integer tensor or scale with one line naming it (an artifact
@@ -281,6 +281,13 @@ class SiblingGroup:
         self._version: int | None = None
         self._output: torch.Tensor | None = None
         self._waiting: set[int] = set()
+
+    def invalidate(self) -> None:
+        """A member's integers or scales changed in place: rebuild the fused layer, and drop an output computed
+        with the old ones that siblings had yet to take."""
+        self.fused = None
+        self._input = self._output = None
+        self._waiting = set()
 
     @staticmethod
     def fusable(members: list[NativeLinear]) -> bool:
