@@ -15,6 +15,7 @@ from sinkquant.engine import apply_recipe
 from sinkquant.engine.search import (
     BASE_SCHEMES,
     Objective,
+    _counts,
     _exception_ranking,
     _prefix_candidates,
     _quantized_layers,
@@ -39,12 +40,20 @@ def _state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 def test_search_writes_a_recipe_that_reloads_and_reproduces(smollm2, wikitext_stream, tmp_path, arch) -> None:
     loaded = tiny_model(arch, smollm2.tokenizer)
     before = _state(loaded.model)
-    # A budget no random model meets forces the exception search through doubling and its fallback.
+    # A budget no random model meets: the exception search scores only its largest count.
     recipe, trace = auto_recipe(loaded, wikitext_stream, budget=1e-12, **SEARCH)
     assert all(torch.equal(v, before[k]) for k, v in _state(loaded.model).items())  # the search used copies
     ablation = {a["step"]: a for a in trace["ablation"]}
     assert [a["step"] for a in trace["ablation"] if a["step"] != "keep_sink"] == ["prefix", "smooth", "exceptions",
-                                                                                 "clip"]
+                                                                                 "alpha", "clip"]
+    # the alpha walk starts from the grid's first value, and carries the exceptions chosen before it
+    assert [c for c in trace["candidates"] if c["stage"] == "smooth"][0]["steps"][-1] == {"smooth": {"alpha": 0.5}}
+    walk = [c for c in trace["candidates"] if c["stage"] == "alpha"]
+    assert walk and all(c["steps"][-2 if ablation["exceptions"]["kept"] else -1]["smooth"]["alpha"] != 0.5
+                        for c in walk)
+    assert all("exceptions" in c["steps"][-1] for c in walk) == ablation["exceptions"]["kept"]
+    # an unmet budget: the largest count allowed is the only one scored
+    assert len([c for c in trace["candidates"] if c["stage"] == "exceptions"]) <= 1
     assert ("keep_sink" in ablation) == (not ablation["prefix"]["kept"] and bool(trace["verdict"]["sink_positions"]))
     assert all(a["after"] <= a["before"] and a["kept"] == (a["after"] < a["before"]) for a in ablation.values())
     stages = {c["stage"] for c in trace["candidates"]}
@@ -146,3 +155,16 @@ def test_exceptions_are_ranked_by_measured_output_error_not_range_width(smollm2,
     ranking = _exception_ranking(quantized, layers, windows, [])
     assert set(ranking[:2]) == {clipped, widened}
     assert sorted(ranking) == sorted(n for n, m in layers.items() if m.activations is not None)
+
+
+@pytest.mark.parametrize("limit", [1, 2, 5, 16])
+def test_exception_count_is_the_smallest_that_meets_in_logarithmic_steps(limit) -> None:
+    for smallest in range(1, limit + 1):
+        asked: list[int] = []
+
+        def meets(k: int, smallest: int = smallest, asked: list[int] = asked) -> bool:
+            asked.append(k)
+            return k >= smallest
+
+        assert _counts(limit, meets) == smallest
+        assert len(asked) <= 2 * math.ceil(math.log2(limit)) + 1
