@@ -172,6 +172,11 @@ KNOWN_NOISE = {
 }
 
 
+# Upstream deprecation warnings (warnings module) with the same policy. transformers 5.23 renames the forward's
+# `past_key_values` to `cache`; the range sinkquant supports (>=5.0) starts before the new name exists.
+KNOWN_WARNINGS = (r"`past_key_values` is deprecated",)
+
+
 class _DropKnown:
     def __init__(self, prefixes: tuple[str, ...]) -> None:
         self.prefixes = prefixes
@@ -185,11 +190,14 @@ _FILTERS = {name: _DropKnown(prefixes) for name, prefixes in KNOWN_NOISE.items()
 
 
 def drop_known_noise() -> None:
-    """Filter KNOWN_NOISE from the loggers that emit it (the test suite's workers use it too)."""
+    """Filter KNOWN_NOISE from the loggers that emit it, and KNOWN_WARNINGS (the test suite's workers use it too)."""
     import logging
+    import warnings
 
     for name, drop in _FILTERS.items():
         logging.getLogger(name).addFilter(drop)  # the same object each call: added once
+    for message in KNOWN_WARNINGS:
+        warnings.filterwarnings("ignore", message=message, category=FutureWarning)
 
 
 def quiet_libraries(quiet: bool) -> None:
