@@ -59,7 +59,7 @@ def main() -> None:
     rows.append({"recipe": f"auto ({args.scheme})", "ppl": quantized.evaluate(stream, plan, progress=False).ppl,
                  "quantize_s": search_s + apply_s, "quantize_cpu_s": search_cpu + apply_cpu})
     print(rows[-1], flush=True)
-    best = rows[-2]
+    best = next(r for r in rows if r["recipe"] == fixed[-1])
     ratio = rows[-1]["quantize_s"] / best["quantize_s"]
     cpu_ratio = rows[-1]["quantize_cpu_s"] / best["quantize_cpu_s"]
     fp32 = rows[0]["ppl"]

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import itertools
 import statistics
 from collections.abc import Callable
 
@@ -21,7 +22,7 @@ import benchlib
 import torch
 import yaml
 
-from sinkquant.data import plan_windows
+from sinkquant.data import TokenStream, WindowPlan, plan_windows
 from sinkquant.engine import QuantizedModel, apply_recipe
 from sinkquant.perplexity import evaluate
 from sinkquant.recipes import parse_recipe
@@ -35,7 +36,7 @@ JITTER = 1e-7  # relative, about one float32 ulp
 def jittered(quantized: QuantizedModel, seed: int, run: Callable[[], float]) -> float:
     """run() with the input embeddings' output multiplied by (1 + JITTER * N(0, 1)), the noise drawn per call from
     (seed, call number): the same draws for every backend, as the windows arrive in the same order."""
-    calls = iter(range(1 << 30))
+    calls = itertools.count()
 
     def hook(_module, _args, out):
         generator = torch.Generator().manual_seed(seed * 1_000_003 + next(calls))
@@ -46,6 +47,10 @@ def jittered(quantized: QuantizedModel, seed: int, run: Callable[[], float]) -> 
         return run()
     finally:
         handle.remove()
+
+
+def perplexity(quantized: QuantizedModel, stream: TokenStream, plan: WindowPlan) -> float:
+    return quantized.evaluate(stream, plan, progress=False).ppl
 
 
 def main() -> None:
@@ -63,7 +68,7 @@ def main() -> None:
         native = apply_recipe(loaded, parse_recipe({**data, "backend": "native"}), stream, ctx=args.ctx, copy=True)
         runs: dict[str, list[float]] = {}
         for backend, quantized in (("simulated", simulated), ("native", native)):
-            ppl = functools.partial(lambda q, w: q.evaluate(stream, w, progress=False).ppl, quantized, plan)
+            ppl = functools.partial(perplexity, quantized, stream, plan)
             runs[backend] = [ppl()] + [jittered(quantized, seed, ppl) for seed in range(args.jitter)]
             print(backend, [round(r, 4) for r in runs[backend]], flush=True)
         sim, nat = runs["simulated"][0], runs["native"][0]
