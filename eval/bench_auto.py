@@ -21,8 +21,8 @@ from sinkquant.recipes import load_recipe
 # back; the cost goal is a multiple of it).
 FIXED = {
     "w8a8-static": ("w8a8-naive", "w8a8-dynamic-token", "w8a8-prefix-smooth-except"),
-    "w4a8kv8": ("w4a8kv8-prefix-clip", "w4a8kv8-prefix-smooth-except"),
-    "w4a4kv4": ("w4a4kv4-rotate-dynamic", "w4a4kv4-prefix-clip"),
+    "w4a8kv8": ("w4a8kv8-prefix-clip", "w4a8kv8-prefix-smooth-except", "w4a8kv8-rotate-prefix-gptq"),
+    "w4a4kv4": ("w4a4kv4-rotate-dynamic", "w4a4kv4-prefix-clip", "w4a4kv4-rotate-prefix-gptq"),
 }
 
 

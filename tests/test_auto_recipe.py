@@ -83,11 +83,27 @@ def test_search_writes_a_recipe_that_reloads_and_reproduces(smollm2, wikitext_st
 
 
 @pytest.mark.parametrize("scheme", ["w4a8kv8", "w4a4kv4"])
-def test_int4_base_schemes_search_the_same_space(smollm2, wikitext_stream, scheme) -> None:
+def test_int4_base_schemes_add_rotation_and_gptq(smollm2, wikitext_stream, scheme) -> None:
     loaded = tiny_model("llama", smollm2.tokenizer)
-    recipe, trace = auto_recipe(loaded, wikitext_stream, scheme=scheme, **SEARCH)
-    base = parse_recipe({"name": "b", "description": "b", "scheme": BASE_SCHEMES[scheme].scheme})
-    assert recipe.scheme == base.scheme and recipe.scheme.kv is not None
+    recipe, trace = auto_recipe(loaded, wikitext_stream, scheme=scheme, budget=1e-12, **SEARCH)
+    ablation = {a["step"]: a for a in trace["ablation"]}
+    assert [a["step"] for a in trace["ablation"] if a["step"] != "keep_sink"] == [
+        "prefix", "rotate", "smooth", "exceptions", "alpha", "clip", "gptq"]
+    assert all(a["after"] <= a["before"] and a["kept"] == (a["after"] < a["before"]) for a in ablation.values())
+    # rotation goes in front of the prefix chosen before it; GPTQ re-runs everything chosen with GPTQ weights
+    rotate = next(c for c in trace["candidates"] if c["stage"] == "rotate")
+    assert rotate["steps"][0] == {"rotate": {}}
+    gptq = next(c for c in trace["candidates"] if c["stage"] == "gptq")
+    assert gptq["scheme"]["weights"]["gptq"] == {} and "gptq" not in BASE_SCHEMES[scheme].scheme["weights"]
+    assert ("rotate" in recipe.resolved()["steps"][0]) == ablation["rotate"]["kept"]
+    assert (recipe.scheme.weights.gptq is not None) == ablation["gptq"]["kept"]
+    assert recipe.scheme.kv is not None and recipe.scheme.activations == parse_recipe(
+        {"name": "b", "description": "b", "scheme": BASE_SCHEMES[scheme].scheme}).scheme.activations
+    # the calibrating windows are the search's own here, so the recipe reproduces the trace's objective
+    quantized = apply_recipe(loaded, recipe, wikitext_stream, CTX, copy=True)
+    objective = Objective(loaded, wikitext_stream.windows(CTX, trace["windows"]["score"]))
+    assert objective(quantized.model, quantized.prefix)["objective"] == pytest.approx(
+        trace["chosen_objective"], rel=1e-4, abs=1e-9)
     assert trace["chosen_objective"] <= trace["naive_objective"]
 
 

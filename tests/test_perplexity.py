@@ -70,3 +70,23 @@ def test_batching_does_not_change_the_result(smollm2, wikitext_stream, plan) -> 
     one = evaluate(smollm2, wikitext_stream, plan, bos="never", progress=False)
     three = evaluate(smollm2, wikitext_stream, plan, bos="never", progress=False, batch_size=3)
     assert three.ppl == pytest.approx(one.ppl, rel=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_a_fresh_prefix_cache_shares_tensors_but_never_changes_the_prefix(smollm2, arch) -> None:
+    """cache_for_batch shares the prefix KV tensors instead of copying them; a forward must still leave the
+    prefix as built, so a second forward from a fresh cache gives the same logits (sliding layers included)."""
+    from tests.tiny import tiny_model
+
+    model = tiny_model(arch, smollm2.tokenizer).model
+    prefix = build_prefix(model, [1, 2, 3])
+    built = [(layer.keys.clone(), layer.values.clone()) for layer in prefix.cache.layers]
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        first = model(input_ids=ids, past_key_values=prefix.cache_for_batch(1), use_cache=True).logits
+        batched = model(input_ids=ids.repeat(2, 1), past_key_values=prefix.cache_for_batch(2), use_cache=True).logits
+        second = model(input_ids=ids, past_key_values=prefix.cache_for_batch(1), use_cache=True).logits
+    assert prefix.cache_for_batch(1).layers[0].keys is prefix.cache.layers[0].keys
+    assert all(torch.equal(layer.keys, k) and torch.equal(layer.values, v)
+               for layer, (k, v) in zip(prefix.cache.layers, built, strict=True))
+    assert torch.equal(first, second) and torch.allclose(batched[1:], first, atol=1e-6)

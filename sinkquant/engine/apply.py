@@ -186,6 +186,7 @@ def apply_recipe(
             clock = time.perf_counter()
             steps.append({"step": step.name, "seconds": None, **step.apply(session)})
             steps[-1]["seconds"] = time.perf_counter() - clock
+            session.applied.append(step.resolved())
     record["steps"] = steps
     if backend.finalize is not None:
         record[backend.name] = {"converted_layers": len(backend.finalize(target.model, recipe.scheme))}

@@ -15,10 +15,12 @@ ranges the evaluation windows reach (+5.7% against +3.8% for the same recipe cal
 Search, each stage kept only if it lowers the objective (the trace's `ablation`):
     naive scheme -> prefix length 0..max (the prefix step's own selection from the verdict, lengthened while
     each token pays; where none pays, keep_sink on the verdict's sink positions)
+    -> [int4 schemes] rotation in front of that prefix
     -> smoothing at the grid's first alpha -> exception layers (the smallest top-k, ranked by each layer's
     measured output error, whose objective meets `budget`; a release needs no recalibration)
     -> the rest of the alpha grid, walked from the first value with those exceptions in every candidate
-    -> clipping on/off (on the calibrated model, undone by restoring the scales).
+    -> clipping on/off (on the calibrated model, undone by restoring the scales)
+    -> [int4 schemes] GPTQ weights in place of round-to-nearest.
 Alpha and exceptions interact, so alpha is walked after them: on SmolLM2 alpha 0.65 beat 0.5 without exceptions
 (0.111 against 0.127 nats) and lost with them (0.094 against 0.071); walking alpha first and keeping 0.65 gave
 +5.1% perplexity on the evaluation windows, 0.5 with exceptions +2.4%."""
@@ -63,18 +65,25 @@ class BaseScheme:
     alphas: tuple[float, ...] = (0.5, 0.65, 0.8, 0.35)  # walked from the first, one neighbour at a time
     # Clipping's cost is its per-layer grid (layers x grid x rows), not the windows: a coarse grid on few rows.
     clip: ClipConfig = ClipConfig(grid=6, samples=16, min_ratio=0.5)
+    # Stages that pay at 4 bits (the fixed int4 recipes' rotation and GPTQ weights): each costs about as much as
+    # the rest of the search on SmolLM2, and at W8A8 the fixed recipes do not need them.
+    rotate: bool = False
+    gptq: bool = False
+
+    def with_gptq(self) -> dict[str, Any]:
+        return {**self.scheme, "weights": {**self.scheme["weights"], "gptq": {}}}
 
 
 W8A8 = {"weights": {"bits": 8, "granularity": "channel"}, "activations": {"bits": 8, "mode": "static"}}
-# The int4 schemes use the same search. On SmolLM2 (eval/results/auto-int4.md) w4a8kv8 reached +36.9% against
-# +40.2% for the fixed w4a8kv8-prefix-smooth-except; rotation and GPTQ, which take the fixed int4 recipes to
-# +17.4%, are not in this search space.
+# The int4 schemes add rotation and GPTQ to the same search.
 BASE_SCHEMES: dict[str, BaseScheme] = {
     "w8a8-static": BaseScheme(W8A8),
     "w4a8kv8": BaseScheme({"weights": {"bits": 4, "granularity": "group", "group_size": 64},
-                           "activations": {"bits": 8, "mode": "static"}, "kv": {"bits": 8, "granularity": "token"}}),
+                           "activations": {"bits": 8, "mode": "static"}, "kv": {"bits": 8, "granularity": "token"}},
+                          rotate=True, gptq=True),
     "w4a4kv4": BaseScheme({"weights": {"bits": 4, "granularity": "group", "group_size": 64},
-                           "activations": {"bits": 4, "mode": "static"}, "kv": {"bits": 4, "granularity": "token"}}),
+                           "activations": {"bits": 4, "mode": "static"}, "kv": {"bits": 4, "granularity": "token"}},
+                          rotate=True, gptq=True),
 }
 DEFAULT_BUDGET = 0.02
 # Doubling stops here (1, 2, 4, 8, 16): beyond 16 released inputs the search costs more than they are worth.
@@ -138,9 +147,9 @@ class Objective:
         return {"objective": kl / tokens, "nll": nll / tokens}
 
 
-def _recipe(name: str, description: str, steps: list[dict[str, Any]], base: BaseScheme, windows: int, ctx: int
-            ) -> Recipe:
-    return parse_recipe({"name": name, "description": description, "steps": steps, "scheme": base.scheme,
+def _recipe(name: str, description: str, steps: list[dict[str, Any]], scheme: dict[str, Any], windows: int,
+            ctx: int) -> Recipe:
+    return parse_recipe({"name": name, "description": description, "steps": steps, "scheme": scheme,
                          "calibration": {"windows": windows, "ctx": ctx}}, f"auto recipe {name}")
 
 
@@ -232,17 +241,19 @@ class _Search:
         self.bar.set_postfix(stage=stage, kl=f"{score['objective']:.4f}")
         return entry
 
-    def calibrated(self, stage: str, steps: list[dict[str, Any]]) -> bool:
-        """Quantize and calibrate a candidate on the search windows; keep it if it beats the best so far."""
+    def calibrated(self, stage: str, steps: list[dict[str, Any]], scheme: dict[str, Any] | None = None) -> bool:
+        """Quantize and calibrate a candidate on the search windows (the base scheme unless `scheme` is given);
+        keep it if it beats the best so far."""
         start = time.perf_counter()
-        recipe = _recipe(f"search-{len(self.candidates)}", "auto recipe candidate", steps, self.base,
-                         self.search_windows, self.ctx)
+        recipe = _recipe(f"search-{len(self.candidates)}", "auto recipe candidate", steps,
+                         scheme or self.base.scheme, self.search_windows, self.ctx)
         quantized = apply_recipe(self.loaded, recipe, self.stream, self.ctx, profile_report=self.report, copy=True,
                                  memo=self.memo)
-        entry = self.record(stage, {"steps": steps}, self.objective(quantized.model, quantized.prefix), start)
+        what = {"steps": steps} if scheme is None else {"steps": steps, "scheme": scheme}
+        entry = self.record(stage, what, self.objective(quantized.model, quantized.prefix), start)
         if self.best is not None and entry["objective"] >= self.best["objective"]:
             return False
-        self.best, self.model = {**entry, "exceptions": [], "clip": False}, quantized
+        self.best, self.model = {"scheme": self.base.scheme, **entry, "exceptions": [], "clip": False}, quantized
         return True
 
 
@@ -282,22 +293,22 @@ def auto_recipe(
         if not search.best["steps"] and sinks:  # no prefix pays: keep the verdict's sink positions instead
             search.calibrated("keep_sink", [{"keep_sink": {"positions": sinks}}])
             ablation.append(_ablation("keep_sink", naive, search.best["objective"]))
+        if base.rotate:
+            _rotate(search, budget, ablation)
         _smooth(search, ablation)
         _exceptions(search, budget, ablation)
         _alpha_walk(search, ablation)
         _clip(search, budget, ablation)
+        if base.gptq:
+            _gptq(search, budget, ablation)
     finally:
         search.bar.close()
 
     best = search.best
-    steps = list(best["steps"])
-    if best["exceptions"]:
-        steps.append({"exceptions": {"layers": best["exceptions"]}})
-    if best["clip"]:
-        steps.append({"clip": base.clip.model_dump(mode="json")})
     kept = [s["step"] for s in ablation if s["kept"]] or ["none"]
     recipe = _recipe(f"auto-{scheme}", f"Searched by --recipe auto for {loaded.spec} on calibration data "
-                     f"(kept: {', '.join(kept)}); see the trace beside this file.", steps, base, final_windows, ctx)
+                     f"(kept: {', '.join(kept)}); see the trace beside this file.", _steps(search),
+                     best["scheme"], final_windows, ctx)
     trace = {
         "scheme": scheme, "model": loaded.spec, "data_sha256": stream.text_sha256, "ctx": ctx, "budget": budget,
         "objective": OBJECTIVE,
@@ -318,6 +329,39 @@ def _profile(loaded: LoadedModel, windows: torch.Tensor) -> dict[str, Any]:
     sample = TokenStream(ids=windows.reshape(-1), text_sha256="calibration windows", source={"kind": "calibration"})
     return profile(loaded, sample, ctx=windows.shape[1], windows=windows.shape[0], bos="never", progress=False,
                    probe=False)
+
+
+def _steps(search: _Search) -> list[dict[str, Any]]:
+    """The best candidate's steps with the exceptions and clipping the search applied to it in place."""
+    best = search.best
+    steps = list(best["steps"])
+    if best["exceptions"]:
+        steps.append({"exceptions": {"layers": list(best["exceptions"])}})
+    if best["clip"]:
+        steps.append({"clip": search.base.clip.model_dump(mode="json")})
+    return steps
+
+
+def _rotate(search: _Search, budget: float, ablation: list[dict[str, Any]]) -> None:
+    """Rotation in front of the chosen prefix (PrefixQuant's order; rotation is exact in floating point, so the
+    prefix candidates chosen on the fp model stand), kept if it pays."""
+    before = search.best["objective"]
+    if before <= budget:
+        ablation.append({**_ablation("rotate", before, before), "reason": "budget already met"})
+        return
+    search.calibrated("rotate", [{"rotate": {}}, *search.best["steps"]])
+    ablation.append(_ablation("rotate", before, search.best["objective"]))
+
+
+def _gptq(search: _Search, budget: float, ablation: list[dict[str, Any]]) -> None:
+    """The chosen recipe again with GPTQ weights in place of round-to-nearest, kept if it pays. Last, because
+    each GPTQ candidate costs as much as the rest of the int4 search."""
+    before = search.best["objective"]
+    if before <= budget:
+        ablation.append({**_ablation("gptq", before, before), "reason": "budget already met"})
+        return
+    search.calibrated("gptq", _steps(search), scheme=search.base.with_gptq())
+    ablation.append(_ablation("gptq", before, search.best["objective"]))
 
 
 def _smooth(search: _Search, ablation: list[dict[str, Any]]) -> None:

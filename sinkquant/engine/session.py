@@ -32,6 +32,7 @@ class Session:
     # Measurements a caller shares between recipes applied to copies of one model (the auto search's candidates),
     # keyed by everything they depend on besides that model; None: nothing is shared.
     memo: dict[Any, Any] | None = None
+    applied: list[dict[str, Any]] = field(default_factory=list)  # resolved steps run so far, in order (memo keys)
 
     @property
     def model(self) -> nn.Module:

@@ -22,7 +22,7 @@ def _unkept_rows(x: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
         return rows
     if keep.shape != x.shape[:-1]:
         raise SinkquantError(f"keep mask shape {tuple(keep.shape)} does not match activations {tuple(x.shape[:-1])}")
-    return rows[~keep.reshape(-1)]
+    return rows[~keep.reshape(-1)] if keep.any() else rows  # the mask's copy only where it removes a row
 
 
 class Observer:

@@ -5,6 +5,7 @@ Sink tokens are left out of the activation statistics, or their peaks alone woul
 from __future__ import annotations
 
 import hashlib
+import json
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -35,14 +36,15 @@ class Smooth(Step):
         """Returns the largest migration scale per group, for the report."""
         adapter, model = session.loaded.adapter, session.model
         layers = adapter.decoder_layers(model)
-        # The maxima depend on the model before smoothing, its prefix, kept positions and windows, not on alpha:
-        # the auto search's alpha candidates share one measurement through the session's memo.
+        # The maxima depend on the model before smoothing (the steps run so far, e.g. a rotation), its prefix,
+        # kept positions and windows, not on alpha: the auto search's alpha candidates share one measurement
+        # through the session's memo.
         if session.memo is None:
             act_max = self._activation_maxima(session)
         else:
             prefix = tuple(session.prefix.ids) if session.prefix is not None else ()
-            key = ("smooth", prefix, session.keep, session.calibration.shape,
-                   hashlib.sha256(session.calibration.cpu().numpy().tobytes()).hexdigest())
+            key = ("smooth", json.dumps(session.applied, sort_keys=True), prefix, session.keep,
+                   session.calibration.shape, hashlib.sha256(session.calibration.cpu().numpy().tobytes()).hexdigest())
             if key not in session.memo:
                 session.memo[key] = self._activation_maxima(session)
             act_max = session.memo[key]
