@@ -123,7 +123,8 @@ def add_auto_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--scheme", default="w8a8-static",
                         help="base scheme searched by --recipe auto: w8a8-static, w4a8kv8 or w4a4kv4")
     parser.add_argument("--budget", type=float, default=None,
-                        help="--recipe auto: error budget (mean KL to fp32, nats per token) the exceptions must meet")
+                        help="--recipe auto: error budget (mean KL to fp32, nats per token): the fewest exception "
+                             "layers that meet it; later stages are skipped once it is met")
 
 
 def auto_recipe_file(args: argparse.Namespace, loaded: LoadedModel, stream: TokenStream, folder: Any) -> Any:
