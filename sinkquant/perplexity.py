@@ -43,9 +43,8 @@ class Prefix:
         layer and window (240 on SmolLM2), and copying every layer's KV each time cost ~1 s of a quantize."""
         if self.cache is None:
             return None
-        layers = getattr(self.cache, "layers", [])
-        shared = {id(t): t for layer in layers if type(layer) in _REBINDING_LAYERS
-                  for t in (getattr(layer, "keys", None), getattr(layer, "values", None)) if t is not None}
+        shared = {id(t): t for layer in self.cache.layers if type(layer) in _REBINDING_LAYERS
+                  for t in (layer.keys, layer.values) if t is not None}
         cache = copy.deepcopy(self.cache, memo=shared)
         if batch > 1:
             cache.batch_repeat_interleave(batch)

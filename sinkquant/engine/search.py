@@ -261,6 +261,14 @@ def _ablation(stage: str, before: float, after: float) -> dict[str, Any]:
     return {"step": stage, "before": before, "after": after, "kept": after < before}
 
 
+def _budget_met(stage: str, before: float, budget: float, ablation: list[dict[str, Any]]) -> bool:
+    """Rotation, exceptions, clipping and GPTQ run only while the budget is unmet; a skipped one is recorded."""
+    if before > budget:
+        return False
+    ablation.append({**_ablation(stage, before, before), "reason": "budget already met"})
+    return True
+
+
 def auto_recipe(
     loaded: LoadedModel, stream: TokenStream, scheme: str = "w8a8-static", ctx: int = 512, calib_windows: int = 8,
     budget: float = DEFAULT_BUDGET, progress: bool = True, *, score_windows: int = 1, search_windows: int = 2,
@@ -346,8 +354,7 @@ def _rotate(search: _Search, budget: float, ablation: list[dict[str, Any]]) -> N
     """Rotation in front of the chosen prefix (PrefixQuant's order; rotation is exact in floating point, so the
     prefix candidates chosen on the fp model stand), kept if it pays."""
     before = search.best["objective"]
-    if before <= budget:
-        ablation.append({**_ablation("rotate", before, before), "reason": "budget already met"})
+    if _budget_met("rotate", before, budget, ablation):
         return
     search.calibrated("rotate", [{"rotate": {}}, *search.best["steps"]])
     ablation.append(_ablation("rotate", before, search.best["objective"]))
@@ -357,8 +364,7 @@ def _gptq(search: _Search, budget: float, ablation: list[dict[str, Any]]) -> Non
     """The chosen recipe again with GPTQ weights in place of round-to-nearest, kept if it pays. Last, because
     each GPTQ candidate costs as much as the rest of the int4 search."""
     before = search.best["objective"]
-    if before <= budget:
-        ablation.append({**_ablation("gptq", before, before), "reason": "budget already met"})
+    if _budget_met("gptq", before, budget, ablation):
         return
     search.calibrated("gptq", _steps(search), scheme=search.base.with_gptq())
     ablation.append(_ablation("gptq", before, search.best["objective"]))
@@ -402,8 +408,7 @@ def _exceptions(search: _Search, budget: float, ablation: list[dict[str, Any]]) 
     first: if even it misses the budget (SmolLM2 at 0.02), it is the choice, without the doubling's four more
     forwards. Released layers get their activation scheme back afterwards."""
     before = search.best["objective"]
-    if before <= budget:
-        ablation.append({**_ablation("exceptions", before, before), "reason": "budget already met"})
+    if _budget_met("exceptions", before, budget, ablation):
         return
     layers = _quantized_layers(search.model)
     ranking = _exception_ranking(search.model, layers, search.calibration, search.objective.context)
@@ -438,8 +443,7 @@ def _exceptions(search: _Search, budget: float, ablation: list[dict[str, Any]]) 
 def _clip(search: _Search, budget: float, ablation: list[dict[str, Any]]) -> None:
     """Clipping on the calibrated best candidate; its scales are restored when clipping does not pay."""
     before, quantized, start = search.best["objective"], search.model, time.perf_counter()
-    if before <= budget:
-        ablation.append({**_ablation("clip", before, before), "reason": "budget already met"})
+    if _budget_met("clip", before, budget, ablation):
         return
     layers = _quantized_layers(quantized)
     saved = {n: (m.act_scale, m.act_zero_point) for n, m in layers.items()}
