@@ -100,7 +100,8 @@ def base_scheme(name: str) -> BaseScheme:
 def check_budget(budget: float) -> float:
     if isinstance(budget, bool) or not isinstance(budget, int | float) or not math.isfinite(budget) or budget <= 0:
         raise SinkquantError(f"budget={budget!r} is not valid; valid: a positive number, the mean KL to fp32 in "
-                             f"nats per token that exceptions must reach (default {DEFAULT_BUDGET})")
+                             f"nats per token: the fewest exception layers that reach it, and no later stage once it "
+                             f"is met (default {DEFAULT_BUDGET})")
     return float(budget)
 
 
