@@ -45,13 +45,20 @@ def test_search_writes_a_recipe_that_reloads_and_reproduces(smollm2, wikitext_st
     assert all(torch.equal(v, before[k]) for k, v in _state(loaded.model).items())  # the search used copies
     ablation = {a["step"]: a for a in trace["ablation"]}
     assert [a["step"] for a in trace["ablation"] if a["step"] != "keep_sink"] == ["prefix", "smooth", "exceptions",
-                                                                                 "alpha", "clip"]
+                                                                                 "alpha", "layer_alpha", "clip"]
     # the alpha walk starts from the grid's first value, and carries the exceptions chosen before it
     assert [c for c in trace["candidates"] if c["stage"] == "smooth"][0]["steps"][-1] == {"smooth": {"alpha": 0.5}}
     walk = [c for c in trace["candidates"] if c["stage"] == "alpha"]
     assert walk and all(c["steps"][-2 if ablation["exceptions"]["kept"] else -1]["smooth"]["alpha"] != 0.5
                         for c in walk)
     assert all("exceptions" in c["steps"][-1] for c in walk) == ablation["exceptions"]["kept"]
+    # per-layer alphas: a grid searched by the smooth step; kept, the recipe names them (no search on reload)
+    smooth = [s["smooth"] for s in recipe.resolved()["steps"] if "smooth" in s]
+    if "reason" not in ablation["layer_alpha"]:
+        layer = next(c for c in trace["candidates"] if c["stage"] == "layer_alpha")
+        assert next(s["smooth"] for s in layer["steps"] if "smooth" in s)["layer_grid"]
+    assert bool(smooth and "layers" in smooth[0]) == ablation["layer_alpha"]["kept"]
+    assert not any("layer_grid" in s for s in smooth)
     # an unmet budget: the largest count allowed is the only one scored
     assert len([c for c in trace["candidates"] if c["stage"] == "exceptions"]) <= 1
     assert ("keep_sink" in ablation) == (not ablation["prefix"]["kept"] and bool(trace["verdict"]["sink_positions"]))
@@ -88,7 +95,7 @@ def test_int4_base_schemes_add_rotation_and_gptq(smollm2, wikitext_stream, schem
     recipe, trace = auto_recipe(loaded, wikitext_stream, scheme=scheme, budget=1e-12, **SEARCH)
     ablation = {a["step"]: a for a in trace["ablation"]}
     assert [a["step"] for a in trace["ablation"] if a["step"] != "keep_sink"] == [
-        "prefix", "rotate", "smooth", "exceptions", "alpha", "clip", "gptq"]
+        "prefix", "rotate", "smooth", "exceptions", "alpha", "layer_alpha", "clip", "gptq"]
     assert all(a["after"] <= a["before"] and a["kept"] == (a["after"] < a["before"]) for a in ablation.values())
     # rotation goes in front of the prefix chosen before it; GPTQ re-runs everything chosen with GPTQ weights
     rotate = next(c for c in trace["candidates"] if c["stage"] == "rotate")

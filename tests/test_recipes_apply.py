@@ -195,6 +195,36 @@ def test_smoothing_maxima_shared_through_a_memo_give_the_same_model(smollm2) -> 
     assert len(memo) == 2
 
 
+def test_per_layer_alphas_chosen_on_a_grid_reapply_bit_exactly_when_named(smollm2) -> None:
+    """`layer_grid` chooses each group's alpha; the record's choices, given back as `layers`, must rebuild the
+    same model without searching, and a recipe with one alpha still resolves to that alpha alone."""
+    stream = TokenStream(ids=torch.randint(3, 5000, (64 * 4,), generator=torch.Generator().manual_seed(0)),
+                         text_sha256="random", source={})
+    loaded = tiny_model("llama", smollm2.tokenizer)
+
+    def recipe(smooth: dict) -> Recipe:
+        return parse_recipe({"name": "s", "description": "d", "scheme": W8A8, "calibration": {"windows": 2},
+                             "steps": [{"smooth": smooth}]})
+
+    grid = [0.1, 0.5, 0.9]
+    searched = apply_recipe(loaded, recipe({"alpha": 0.5, "layer_grid": grid}), stream, ctx=64, copy=True)
+    alphas = searched.record["steps"][0]["alphas"]
+    assert len(alphas) == len(loaded.adapter.smooth_groups) * loaded.model.config.num_hidden_layers
+    assert set(alphas.values()) <= set(grid)
+    named = apply_recipe(loaded, recipe({"alpha": 0.5, "layers": alphas}), stream, ctx=64, copy=True)
+    for (name, a), b in zip(searched.model.state_dict().items(), named.model.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    one = apply_recipe(loaded, recipe({"alpha": 0.5}), stream, ctx=64, copy=True)
+    assert recipe({"alpha": 0.5}).resolved()["steps"] == [{"smooth": {"alpha": 0.5}}]
+    assert "alphas" not in one.record["steps"][0]
+    if set(alphas.values()) != {0.5}:
+        assert any(not torch.equal(a, b) for a, b in zip(one.model.state_dict().values(),
+                                                         searched.model.state_dict().values(), strict=True))
+    with pytest.raises(SinkquantError, match=r"smooth.layers: 'model.layers.99.input_layernorm' is not a smoothing "
+                                             r"group of this model; valid: \d+ names like 'model.layers.0.input_"):
+        apply_recipe(loaded, recipe({"layers": {"model.layers.99.input_layernorm": 0.5}}), stream, ctx=64, copy=True)
+
+
 def test_unverified_load_still_checks_names_and_shapes(tiny_artifact, tmp_path) -> None:
 
 

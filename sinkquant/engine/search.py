@@ -19,6 +19,7 @@ Search, each stage kept only if it lowers the objective (the trace's `ablation`)
     -> smoothing at the grid's first alpha -> exception layers (the smallest top-k, ranked by each layer's
     measured output error, whose objective meets `budget`; a release needs no recalibration)
     -> the rest of the alpha grid, walked from the first value with those exceptions in every candidate
+    -> each smoothing group's own alpha (the smooth step's layer-wise choice on `layer_alphas`)
     -> clipping on/off (on the calibrated model, undone by restoring the scales)
     -> [int4 schemes] GPTQ weights in place of round-to-nearest.
 Alpha and exceptions interact, so alpha is walked after them: on SmolLM2 alpha 0.65 beat 0.5 without exceptions
@@ -63,6 +64,7 @@ class BaseScheme:
     scheme: dict[str, Any]
     max_prefix: int = 4
     alphas: tuple[float, ...] = (0.5, 0.65, 0.8, 0.35)  # walked from the first, one neighbour at a time
+    layer_alphas: tuple[float, ...] = (0.3, 0.45, 0.6, 0.75, 0.9)  # coarse: its cost is layers x grid x Linears
     # Clipping's cost is its per-layer grid (layers x grid x rows), not the windows: a coarse grid on few rows.
     clip: ClipConfig = ClipConfig(grid=6, samples=16, min_ratio=0.5)
     # Stages the fixed int4 recipes need: on SmolLM2 w4a8kv8 rotation took the objective from 0.95 to 0.67 nats
@@ -307,6 +309,7 @@ def auto_recipe(
         _smooth(search, ablation)
         _exceptions(search, budget, ablation)
         _alpha_walk(search, ablation)
+        _layer_alpha(search, ablation)
         _clip(search, budget, ablation)
         if base.gptq:
             _gptq(search, budget, ablation)
@@ -402,6 +405,25 @@ def _alpha_walk(search: _Search, ablation: list[dict[str, Any]]) -> None:
         if min(tried, key=tried.get) != alphas[0]:
             break
     ablation.append(_ablation("alpha", before, search.best["objective"]))
+
+
+def _layer_alpha(search: _Search, ablation: list[dict[str, Any]]) -> None:
+    """Each group's alpha chosen by the smooth step on the group's own output error, in place of the walk's one
+    alpha, kept if it pays; the kept recipe names the chosen alphas, so applying it does not search again."""
+    before = search.best["objective"]
+    smooth = next((s["smooth"] for s in search.best["steps"] if "smooth" in s), None)
+    if smooth is None:
+        ablation.append({**_ablation("layer_alpha", before, before), "reason": "no smoothing kept"})
+        return
+    steps = [{"smooth": {"alpha": smooth["alpha"], "layer_grid": list(search.base.layer_alphas)}} if "smooth" in s
+             else s for s in search.best["steps"]]
+    if search.best["exceptions"]:
+        steps.append({"exceptions": {"layers": list(search.best["exceptions"])}})
+    if search.calibrated("layer_alpha", steps):
+        alphas = next(s["alphas"] for s in search.model.record["steps"] if s["step"] == "smooth")
+        search.best["steps"] = [{"smooth": {"alpha": smooth["alpha"], "layers": alphas}} if "smooth" in s else s
+                                for s in steps]
+    ablation.append(_ablation("layer_alpha", before, search.best["objective"]))
 
 
 def _exceptions(search: _Search, budget: float, ablation: list[dict[str, Any]]) -> None:

@@ -1,27 +1,44 @@
 """SmoothQuant migration (metrics.md item 11): move activation outliers into the weights, channel by channel,
 through the norm in front of each Linear group, or through up_proj into down_proj (the adapter lists where).
-Sink tokens are left out of the activation statistics, or their peaks alone would set every scale."""
+Sink tokens are left out of the activation statistics, or their peaks alone would set every scale.
+
+One alpha suits every group only roughly: a group may name its own (`layers`), or the step chooses it from
+`layer_grid`, per group, as the value whose quantized Linears (the scheme's weights, rounded to nearest, and its
+activations) best reproduce the group's fp outputs on calibration tokens, the layer-wise alpha of Intel Neural
+Compressor's SmoothQuant. The step's record lists the choices, so a recipe can name them and skip the search."""
 
 from __future__ import annotations
 
 import hashlib
 import json
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import torch
 from pydantic import Field
 
+from sinkquant.errors import SinkquantError
 from sinkquant.quant.keep import KeepState, keep_hooks
+from sinkquant.quant.primitives import scale_zero_point
+from sinkquant.quant.qweight import quantize_rtn
+from sinkquant.quant.simulate import fake_quant_activation
 from sinkquant.steps.base import Stage, Step, StepConfig, register
 
 if TYPE_CHECKING:
     from sinkquant.engine.session import Session
+    from sinkquant.quant.scheme import Scheme
+
+Alpha = Annotated[float, Field(ge=0.0, le=1.0)]
+# Calibration rows per group the layer-wise choice scores on (sink rows left out), sampled with a fixed seed.
+LAYER_SAMPLES = 128
 
 
 class SmoothConfig(StepConfig):
-    """s_j = max|X_j|^alpha / max|W_j|^(1-alpha)."""
+    """s_j = max|X_j|^alpha / max|W_j|^(1-alpha), with `alpha` for every group but those `layers` names (by the
+    group's source, as the record's `largest_scale` lists them) or, given `layer_grid`, those the step chooses."""
 
-    alpha: float = Field(default=0.5, ge=0.0, le=1.0)
+    alpha: Alpha = 0.5
+    layers: dict[str, Alpha] = Field(default_factory=dict)
+    layer_grid: tuple[Alpha, ...] = ()
 
 
 @register
@@ -31,57 +48,85 @@ class Smooth(Step):
     stage = Stage.TRANSFORM
     needs = ("activations",)
 
+    def resolved(self) -> dict[str, Any]:
+        """One-alpha recipes resolve as they always did (their artifacts and baselines still match)."""
+        config = self.config.model_dump(mode="json")
+        return {self.name: {k: v for k, v in config.items() if k == "alpha" or v}}
+
     @torch.no_grad()
     def apply(self, session: Session) -> dict[str, Any]:
-        """Returns the largest migration scale per group, for the report."""
-        adapter, model = session.loaded.adapter, session.model
+        """Returns each group's alpha and largest migration scale, for the report."""
+        adapter, model, cfg = session.loaded.adapter, session.model, self.config
         layers = adapter.decoder_layers(model)
-        # The maxima depend on the model before smoothing (the steps run so far, e.g. a rotation), its prefix,
-        # kept positions and windows, not on alpha: the auto search's alpha candidates share one measurement
-        # through the session's memo.
-        if session.memo is None:
-            act_max = self._activation_maxima(session)
-        else:
-            prefix = tuple(session.prefix.ids) if session.prefix is not None else ()
-            key = ("smooth", json.dumps(session.applied, sort_keys=True), prefix, session.keep,
-                   session.calibration.shape, hashlib.sha256(session.calibration.cpu().numpy().tobytes()).hexdigest())
-            if key not in session.memo:
-                session.memo[key] = self._activation_maxima(session)
-            act_max = session.memo[key]
+        groups = {f"{adapter.layers}.{index}.{source}": (layer, source, targets)
+                  for index, layer in enumerate(layers) for source, targets in adapter.smooth_groups}
+        unknown = sorted(set(cfg.layers) - set(groups))
+        if unknown:
+            raise SinkquantError(f"smooth.layers: {unknown[0]!r} is not a smoothing group of this model; valid: "
+                                 f"{len(groups)} names like {next(iter(groups))!r} (the record's largest_scale keys)")
+        chosen = [name for name in groups if name not in cfg.layers] if cfg.layer_grid else []
+        # Under a memo (the auto search) rows are sampled with the maxima, so its layer-wise candidate reuses them
+        act_max, rows = self._statistics(session, LAYER_SAMPLES if chosen or session.memo is not None else 0)
 
+        alphas = {name: cfg.layers.get(name, cfg.alpha) for name in groups}
+        for name in chosen:
+            layer, source, targets = groups[name]
+            alphas[name] = _least_error_alpha(rows[name], act_max[name], [layer.get_submodule(t) for t in targets],
+                                              cfg.layer_grid, session.scheme)
         largest: dict[str, float] = {}
-        alpha = self.config.alpha
-        for index, layer in enumerate(layers):
-            for source_name, targets in adapter.smooth_groups:
-                source = layer.get_submodule(source_name)
-                linears = [layer.get_submodule(t) for t in targets]
-                w_max = torch.stack([lin.weight.abs().amax(dim=0) for lin in linears]).amax(dim=0)
-                scale = (act_max[(index, source_name)].pow(alpha) / w_max.pow(1 - alpha)).clamp(min=1e-5)
-                _divide_output(source, scale, adapter.norm_weight_offset)
-                for lin in linears:
-                    lin.weight.mul_(scale)
-                largest[f"{adapter.layers}.{index}.{source_name}"] = float(scale.max())
-        return {"alpha": alpha, "largest_scale": largest}
+        for name, (layer, source, targets) in groups.items():
+            linears = [layer.get_submodule(t) for t in targets]
+            scale = _migration_scale(act_max[name], _weight_max(linears), alphas[name])
+            _divide_output(layer.get_submodule(source), scale, adapter.norm_weight_offset)
+            for lin in linears:
+                lin.weight.mul_(scale)
+            largest[name] = float(scale.max())
+        record: dict[str, Any] = {"alpha": cfg.alpha, "largest_scale": largest}
+        if cfg.layers or chosen:
+            record["alphas"] = alphas
+        return record
 
     @staticmethod
-    def _activation_maxima(session: Session) -> dict[tuple[int, str], torch.Tensor]:
-        """Per (layer, group source): each input channel's largest |x| over the calibration windows."""
+    def _statistics(session: Session, samples: int) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """Activation maxima (and `samples` rows) per group. They depend on the model before smoothing (the steps
+        run so far, e.g. a rotation), its prefix, kept positions and windows, not on alpha: the auto search's
+        candidates share one measurement through the session's memo."""
+        if session.memo is None:
+            return Smooth._measure(session, samples)
+        prefix = tuple(session.prefix.ids) if session.prefix is not None else ()
+        key = ("smooth", json.dumps(session.applied, sort_keys=True), prefix, session.keep, samples,
+               session.calibration.shape, hashlib.sha256(session.calibration.cpu().numpy().tobytes()).hexdigest())
+        if key not in session.memo:
+            session.memo[key] = Smooth._measure(session, samples)
+        return session.memo[key]
+
+    @staticmethod
+    def _measure(session: Session, samples: int) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """Per group, by its source's name: each input channel's largest |x| over the calibration windows, and
+        up to `samples` of the rows, drawn with a fixed seed (sink rows left out of both)."""
         adapter, model = session.loaded.adapter, session.model
         layers = adapter.decoder_layers(model)
         keep = KeepState(session.keep)
-        act_max: dict[tuple[int, str], torch.Tensor] = {}
+        act_max: dict[str, torch.Tensor] = {}
+        rows: dict[str, list[torch.Tensor]] = {}
+        generator = torch.Generator().manual_seed(0)
 
-        def make_hook(key: tuple[int, str]):
+        def make_hook(key: str):
             def hook(_module, args):
                 x = args[0]
                 mask = keep.mask_for(x)
                 flat = x.abs() if mask is None else x.abs().masked_fill(mask.unsqueeze(-1), 0.0)
                 current = flat.reshape(-1, x.shape[-1]).amax(dim=0)
                 act_max[key] = current if key not in act_max else torch.maximum(act_max[key], current)
+                if samples:
+                    unkept = x.reshape(-1, x.shape[-1]) if mask is None else x[~mask]
+                    pick = torch.randperm(unkept.shape[0], generator=generator)[:samples].to(unkept.device)
+                    rows.setdefault(key, []).append(unkept[pick].float())
 
             return hook
 
-        handles = [layer.get_submodule(targets[0]).register_forward_pre_hook(make_hook((index, source)))
+        handles = [layer.get_submodule(targets[0]).register_forward_pre_hook(
+                       make_hook(f"{adapter.layers}.{index}.{source}"))
                    for index, layer in enumerate(layers) for source, targets in adapter.smooth_groups]
         try:
             with keep_hooks(model, adapter, keep):
@@ -90,7 +135,44 @@ class Smooth(Step):
         finally:
             for handle in handles:
                 handle.remove()
-        return act_max
+        picked = {}
+        for key, parts in rows.items():
+            stacked = torch.cat(parts)
+            picked[key] = stacked[torch.randperm(stacked.shape[0], generator=generator)[:samples].to(stacked.device)]
+        return act_max, picked
+
+
+def _weight_max(linears: list[torch.nn.Module]) -> torch.Tensor:
+    """Each input channel's largest |w| over the group's Linears."""
+    return torch.stack([lin.weight.abs().amax(dim=0) for lin in linears]).amax(dim=0)
+
+
+def _migration_scale(act_max: torch.Tensor, w_max: torch.Tensor, alpha: float) -> torch.Tensor:
+    return (act_max.pow(alpha) / w_max.pow(1 - alpha)).clamp(min=1e-5)
+
+
+def _least_error_alpha(x: torch.Tensor, act_max: torch.Tensor, linears: list[torch.nn.Module],
+                       grid: tuple[float, ...], scheme: Scheme) -> float:
+    """The grid's alpha with the least ||Q(x / s) Q(W s)^T - x W^T||^2 summed over the group's Linears: weights
+    rounded to nearest on the scheme's grid (GPTQ would round better, alike for every alpha), activations on the
+    static range the smoothed maxima give (absmax observer) or the scheme's dynamic one."""
+    exact = [x @ lin.weight.float().t() for lin in linears]
+    spec, weights, w_max = scheme.activations, scheme.weights, _weight_max(linears).float()
+    errors = []
+    for alpha in grid:
+        scale = _migration_scale(act_max.float(), w_max, alpha)
+        peak = (act_max.float() / scale).amax()
+        act_scale, zero_point = scale_zero_point(-peak, peak, spec.bits, spec.symmetric)
+        xq = fake_quant_activation(x / scale, spec, None, act_scale, zero_point)
+        error = 0.0
+        for lin, out in zip(linears, exact, strict=True):
+            w = lin.weight.float() * scale
+            if weights is not None:
+                w = quantize_rtn(w, weights.bits, weights.granularity, weights.group_size,
+                                 weights.symmetric).dequantize(torch.float32)
+            error += float((xq @ w.t() - out).pow(2).sum())
+        errors.append(error)
+    return float(grid[min(range(len(grid)), key=errors.__getitem__)])
 
 
 def _divide_output(source: torch.nn.Module, scale: torch.Tensor, norm_offset: float) -> None:
