@@ -87,7 +87,11 @@ BASE_SCHEMES: dict[str, BaseScheme] = {
                            "activations": {"bits": 4, "mode": "static"}, "kv": {"bits": 4, "granularity": "token"}},
                           rotate=True, gptq=True),
 }
-DEFAULT_BUDGET = 0.02
+# A third of the +3% perplexity goal in nats (ln 1.03 = 0.030): the KL on calibration windows understates the
+# evaluation windows' loss (Gemma 3 on torch-docs: 0.0195 nats of KL against 0.053 nats of cross-entropy, +5.5%),
+# and a budget met too early stops releasing exception layers. At 0.02 that case kept 6 exceptions (+5.5%); at
+# 0.01 it keeps 16 (+2.0%); the other five model/text cases never met 0.02, so their searches are unchanged.
+DEFAULT_BUDGET = 0.01
 # Doubling stops here (1, 2, 4, 8, 16): beyond 16 released inputs the search costs more than they are worth.
 MAX_EXCEPTIONS = 16
 
@@ -428,7 +432,7 @@ def _layer_alpha(search: _Search, ablation: list[dict[str, Any]]) -> None:
 
 def _exceptions(search: _Search, budget: float, ablation: list[dict[str, Any]]) -> None:
     """The smallest top-k of the exceptions step's ranking that meets `budget`. The largest k allowed is scored
-    first: if even it misses the budget (SmolLM2 at 0.02), it is the choice, without the doubling's four more
+    first: if even it misses the budget (SmolLM2 at 0.01), it is the choice, without the doubling's four more
     forwards. Released layers get their activation scheme back afterwards."""
     before = search.best["objective"]
     if _budget_met("exceptions", before, budget, ablation):
