@@ -56,6 +56,21 @@ def test_bad_input_is_one_line(args, message, tmp_path, capsys, wikitext_path) -
     assert not out.exists()
 
 
+@pytest.mark.parametrize("command", ["quantize", "compare"])
+@pytest.mark.parametrize(("args", "message"), [
+    (["--scheme", "w4a9"], "scheme='w4a9' is not a base scheme for --recipe auto; valid: w8a8-static"),
+    (["--budget", "-1"], "budget=-1.0 is not valid; valid: a positive number"),
+])
+def test_bad_auto_settings_fail_before_the_model_loads(command, args, message, tmp_path, capsys) -> None:
+    # the model does not exist: an error about --scheme/--budget, not the model, shows they are checked first
+    recipe = ["--recipe", "auto"] if command == "quantize" else ["--recipes", "auto"]
+    out = tmp_path / "out"
+    code = main([command, "--quiet", *recipe, *args, "--model", "missing.gguf", "--out", str(out)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and message in err and "\n" not in err
+    assert not out.exists()
+
+
 def test_text_shorter_than_a_window(tmp_path, capsys) -> None:
     short = tmp_path / "short.txt"
     short.write_text("Only a few words here.")

@@ -127,17 +127,25 @@ def add_auto_args(parser: argparse.ArgumentParser) -> None:
                              "layers that meet it; later stages are skipped once it is met")
 
 
+def check_auto_args(args: argparse.Namespace) -> None:
+    """--scheme and --budget refused before the model loads, not after a minute of loading it."""
+    from sinkquant.engine.search import DEFAULT_BUDGET, base_scheme, check_budget
+
+    base_scheme(args.scheme)
+    args.budget = check_budget(DEFAULT_BUDGET if args.budget is None else args.budget)
+
+
 def auto_recipe_file(args: argparse.Namespace, loaded: LoadedModel, stream: TokenStream, folder: Any) -> Any:
     """Run the `--recipe auto` search on calibration windows and write the chosen recipe (and its trace) into
     `folder`; returns the recipe file, so the result is reproducible without searching again."""
     from pathlib import Path
 
-    from sinkquant.engine.search import DEFAULT_BUDGET, auto_recipe, write_auto_recipe
+    from sinkquant.engine.search import auto_recipe, write_auto_recipe
 
+    check_auto_args(args)
     recipe, trace = auto_recipe(loaded, stream, scheme=args.scheme, ctx=args.ctx,
                                 calib_windows=getattr(args, "calib_windows", None) or 8,
-                                budget=DEFAULT_BUDGET if args.budget is None else args.budget,
-                                progress=not args.quiet)
+                                budget=args.budget, progress=not args.quiet)
     path, _ = write_auto_recipe(recipe, trace, Path(folder) / f"auto-{args.scheme}.yaml")
     print(f"sinkquant: --recipe auto chose {[s.name for s in recipe.steps]}; wrote {path} and its trace",
           file=sys.stderr)

@@ -13,6 +13,7 @@ from sinkquant.cli.args import (
     add_output_args,
     auto_recipe_file,
     bos_override,
+    check_auto_args,
     load_inputs,
     max_windows,
 )
@@ -22,6 +23,8 @@ def run(args: argparse.Namespace) -> None:
     from sinkquant.comparison import HEADERS, compare, table_rows, write_comparison
     from sinkquant.tables import print_table
 
+    if any(str(r) == AUTO for r in args.recipes):
+        check_auto_args(args)  # a bad --scheme or --budget fails before the model loads
     loaded, stream = load_inputs(args)
     cache = args.cache or args.out / "cache"
     recipes = [auto_recipe_file(args, loaded, stream, args.out) if str(r) == AUTO else r for r in args.recipes]

@@ -13,6 +13,7 @@ from sinkquant.cli.args import (
     add_output_args,
     auto_recipe_file,
     bos_override,
+    check_auto_args,
     load_inputs,
     max_windows,
     with_calib_windows,
@@ -27,7 +28,9 @@ def run(args: argparse.Namespace) -> None:
     from sinkquant.tables import print_table
 
     auto = str(args.recipe) == AUTO
-    if not auto:
+    if auto:
+        check_auto_args(args)  # a bad --scheme or --budget fails first
+    else:
         recipe = with_calib_windows(load_recipe(args.recipe), args.calib_windows)  # a bad recipe fails first
     check_output_dir(args.out, args.overwrite)
     loaded, stream = load_inputs(args)
