@@ -13,7 +13,7 @@ from benchlib import REPO, parser, setup, write_result
 
 from sinkquant.data import plan_windows
 from sinkquant.engine import apply_recipe
-from sinkquant.engine.search import DEFAULT_BUDGET, auto_recipe, write_auto_recipe
+from sinkquant.engine.search import DEFAULT_BUDGET, DEFAULT_MAX_EXCEPTIONS, auto_recipe, write_auto_recipe
 from sinkquant.perplexity import evaluate
 from sinkquant.recipes import load_recipe
 
@@ -38,6 +38,7 @@ def main() -> None:
     p.add_argument("--scheme", default="w8a8-static", choices=list(FIXED))
     p.add_argument("--calib-windows", type=int, default=8)
     p.add_argument("--budget", type=float, default=DEFAULT_BUDGET)
+    p.add_argument("--max-exceptions", type=int, default=DEFAULT_MAX_EXCEPTIONS)
     args = p.parse_args()
     loaded, stream = setup(args)
     plan = plan_windows(stream, args.ctx, max_windows=args.windows, calib_windows=args.calib_windows)
@@ -53,7 +54,8 @@ def main() -> None:
         print(rows[-1], flush=True)
         del quantized
     (recipe, trace), search_s, search_cpu = timed(auto_recipe, loaded, stream, scheme=args.scheme, ctx=args.ctx,
-                                                  calib_windows=args.calib_windows, budget=args.budget)
+                                                  calib_windows=args.calib_windows, budget=args.budget,
+                                                  max_exceptions=args.max_exceptions)
     path, _ = write_auto_recipe(recipe, trace, args.out.with_name(f"{args.out.name}-{args.scheme}.yaml"))
     quantized, apply_s, apply_cpu = timed(apply_recipe, loaded, recipe, stream, args.ctx, copy=True)
     rows.append({"recipe": f"auto ({args.scheme})", "ppl": quantized.evaluate(stream, plan, progress=False).ppl,

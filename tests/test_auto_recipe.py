@@ -14,12 +14,14 @@ from sinkquant.data import plan_windows
 from sinkquant.engine import apply_recipe
 from sinkquant.engine.search import (
     BASE_SCHEMES,
+    NOISE_Z,
     Objective,
     _counts,
     _exception_ranking,
     _prefix_candidates,
     _quantized_layers,
     auto_recipe,
+    improvement_z,
     write_auto_recipe,
 )
 from sinkquant.errors import SinkquantError
@@ -67,6 +69,9 @@ def test_search_writes_a_recipe_that_reloads_and_reproduces(smollm2, wikitext_st
     assert {"naive", "smooth", "exceptions", "clip"} <= stages
     assert all(c["seconds"] >= 0 and math.isfinite(c["objective"]) for c in trace["candidates"])
     assert not trace["budget_met"]
+    # the first candidate has nothing to beat; a stage is kept only beyond the objective's noise
+    assert trace["candidates"][0]["z"] is None and all(c["z"] is not None for c in trace["candidates"][1:])
+    assert all(c["z"] > NOISE_Z for c in trace["candidates"] if c["stage"] == "smooth") == ablation["smooth"]["kept"]
 
     path, trace_path = write_auto_recipe(recipe, trace, tmp_path / "auto.yaml")
     reread = load_recipe(path)
@@ -129,12 +134,40 @@ def test_auto_recipe_beats_naive_static_on_smollm2(smollm2, wikitext_stream) -> 
     assert auto.ppl < naive.ppl
 
 
+def test_improvement_z_separates_a_steady_gain_from_noise() -> None:
+    """Paired on the same tokens: a small gain on every token is far beyond the noise, a larger mean gain carried
+    by noise is not, and the sign follows the direction."""
+    g = torch.Generator().manual_seed(0)
+    best = torch.rand(511, generator=g, dtype=torch.float64) * 0.2
+    noise = torch.randn(511, generator=g, dtype=torch.float64) * 0.05
+    assert improvement_z(best - 0.002, best) > 1e6  # the same gain on every token
+    assert improvement_z(best - 0.002 + noise, best) < NOISE_Z < improvement_z(best - 0.02 + noise, best)
+    assert improvement_z(best + 0.02 + noise, best) < -NOISE_Z
+    assert improvement_z(best, best) == 0.0
+    assert math.isfinite(improvement_z(best[:3] - 0.1, best[:3]))  # too few tokens for 32-token runs
+
+
+@pytest.mark.parametrize("cap", [0, 2])
+def test_max_exceptions_caps_the_released_inputs(smollm2, wikitext_stream, cap) -> None:
+    """An unmet budget releases the largest count allowed: `max_exceptions` when it is below the quarter of the
+    layers, and none at all at 0."""
+    loaded = tiny_model("llama", smollm2.tokenizer)
+    recipe, trace = auto_recipe(loaded, wikitext_stream, budget=1e-12, max_exceptions=cap, **SEARCH)
+    scored = [c["count"] for c in trace["candidates"] if c["stage"] == "exceptions"]
+    assert scored == ([cap] if cap else []) and trace["max_exceptions"] == cap
+    released = [s["exceptions"]["layers"] for s in recipe.resolved()["steps"] if "exceptions" in s]
+    assert len(released[0] if released else []) <= cap
+    assert bool(released) == next(a["kept"] for a in trace["ablation"] if a["step"] == "exceptions")
+
+
 @pytest.mark.parametrize(("kwargs", "match"), [
     ({"scheme": "w8a8"}, r"scheme='w8a8' is not a base scheme .*valid: w8a8-static"),
     ({"budget": 0}, r"budget=0 is not valid; valid: a positive number"),
     ({"budget": -0.1}, r"budget=-0.1 is not valid"),
     ({"budget": float("nan")}, r"budget=nan is not valid"),
     ({"budget": "small"}, r"budget='small' is not valid"),
+    ({"max_exceptions": -1}, r"max_exceptions=-1 is not valid; valid: a whole number >= 0"),
+    ({"max_exceptions": 2.5}, r"max_exceptions=2.5 is not valid"),
     ({"calib_windows": 2, "score_windows": 1, "search_windows": 2}, r"calib_windows=2 must hold"),
 ])
 def test_bad_scheme_budget_and_windows_are_one_line_errors(smollm2, wikitext_stream, kwargs, match) -> None:

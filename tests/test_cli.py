@@ -60,6 +60,7 @@ def test_bad_input_is_one_line(args, message, tmp_path, capsys, wikitext_path) -
 @pytest.mark.parametrize(("args", "message"), [
     (["--scheme", "w4a9"], "scheme='w4a9' is not a base scheme for --recipe auto; valid: w8a8-static"),
     (["--budget", "-1"], "budget=-1.0 is not valid; valid: a positive number"),
+    (["--max-exceptions", "-3"], "max_exceptions=-3 is not valid; valid: a whole number >= 0"),
 ])
 def test_bad_auto_settings_fail_before_the_model_loads(command, args, message, tmp_path, capsys) -> None:
     # the model does not exist: an error about --scheme/--budget, not the model, shows they are checked first

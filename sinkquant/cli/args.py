@@ -125,14 +125,25 @@ def add_auto_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--budget", type=float, default=None,
                         help="--recipe auto: error budget (mean KL to fp32, nats per token): the fewest exception "
                              "layers that meet it; later stages are skipped once it is met")
+    parser.add_argument("--max-exceptions", type=int, default=None,
+                        help="--recipe auto: the most Linear inputs it may keep in full precision while the budget "
+                             "is unmet (default 32; 0: none); each one runs its GEMM on float activations")
 
 
 def check_auto_args(args: argparse.Namespace) -> None:
-    """--scheme and --budget refused before the model loads, not after a minute of loading it."""
-    from sinkquant.engine.search import DEFAULT_BUDGET, base_scheme, check_budget
+    """--scheme, --budget and --max-exceptions refused before the model loads, not after a minute of loading it."""
+    from sinkquant.engine.search import (
+        DEFAULT_BUDGET,
+        DEFAULT_MAX_EXCEPTIONS,
+        base_scheme,
+        check_budget,
+        check_max_exceptions,
+    )
 
     base_scheme(args.scheme)
     args.budget = check_budget(DEFAULT_BUDGET if args.budget is None else args.budget)
+    args.max_exceptions = check_max_exceptions(DEFAULT_MAX_EXCEPTIONS if args.max_exceptions is None
+                                               else args.max_exceptions)
 
 
 def auto_recipe_file(args: argparse.Namespace, loaded: LoadedModel, stream: TokenStream, folder: Any) -> Any:
@@ -145,7 +156,7 @@ def auto_recipe_file(args: argparse.Namespace, loaded: LoadedModel, stream: Toke
     check_auto_args(args)
     recipe, trace = auto_recipe(loaded, stream, scheme=args.scheme, ctx=args.ctx,
                                 calib_windows=getattr(args, "calib_windows", None) or 8,
-                                budget=args.budget, progress=not args.quiet)
+                                budget=args.budget, max_exceptions=args.max_exceptions, progress=not args.quiet)
     path, _ = write_auto_recipe(recipe, trace, Path(folder) / f"auto-{args.scheme}.yaml")
     print(f"sinkquant: --recipe auto chose {[s.name for s in recipe.steps]}; wrote {path} and its trace",
           file=sys.stderr)
