@@ -148,12 +148,12 @@ def check_auto_args(args: argparse.Namespace) -> None:
 
 def auto_recipe_file(args: argparse.Namespace, loaded: LoadedModel, stream: TokenStream, folder: Any) -> Any:
     """Run the `--recipe auto` search on calibration windows and write the chosen recipe (and its trace) into
-    `folder`; returns the recipe file, so the result is reproducible without searching again."""
+    `folder`; returns the recipe file, so the result is reproducible without searching again. The caller has run
+    `check_auto_args` before loading the model."""
     from pathlib import Path
 
     from sinkquant.engine.search import auto_recipe, write_auto_recipe
 
-    check_auto_args(args)
     recipe, trace = auto_recipe(loaded, stream, scheme=args.scheme, ctx=args.ctx,
                                 calib_windows=getattr(args, "calib_windows", None) or 8,
                                 budget=args.budget, max_exceptions=args.max_exceptions, progress=not args.quiet)
