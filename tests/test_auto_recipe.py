@@ -16,10 +16,13 @@ from sinkquant.engine.search import (
     BASE_SCHEMES,
     NOISE_Z,
     Objective,
+    _alpha_walk,
     _counts,
     _exception_ranking,
+    _layer_alpha,
     _prefix_candidates,
     _quantized_layers,
+    _Search,
     auto_recipe,
     improvement_z,
     write_auto_recipe,
@@ -46,16 +49,25 @@ def test_search_writes_a_recipe_that_reloads_and_reproduces(smollm2, wikitext_st
     recipe, trace = auto_recipe(loaded, wikitext_stream, budget=1e-12, **SEARCH)
     assert all(torch.equal(v, before[k]) for k, v in _state(loaded.model).items())  # the search used copies
     ablation = {a["step"]: a for a in trace["ablation"]}
-    assert [a["step"] for a in trace["ablation"] if a["step"] != "keep_sink"] == ["prefix", "smooth", "exceptions",
-                                                                                 "alpha", "layer_alpha", "clip"]
-    # the alpha walk starts from the grid's first value, and carries the exceptions chosen before it
-    assert [c for c in trace["candidates"] if c["stage"] == "smooth"][0]["steps"][-1] == {"smooth": {"alpha": 0.5}}
+    assert [a["step"] for a in trace["ablation"] if a["step"] != "keep_sink"] == [
+        "prefix", "rotate", "smooth", "exceptions", "alpha", "layer_alpha", "clip"]
+    # smoothing is tried at the grid's first value only where rotation was not kept; the alpha walk starts from
+    # there, only where smoothing was kept, and carries the exceptions chosen before it
+    smoothing = [c for c in trace["candidates"] if c["stage"] == "smooth"]
+    assert bool(smoothing) != ablation["rotate"]["kept"] == (ablation["smooth"].get("reason") == "rotation kept")
+    assert all(c["steps"][-1] == {"smooth": {"alpha": 0.5}} for c in smoothing)
     walk = [c for c in trace["candidates"] if c["stage"] == "alpha"]
-    assert walk and all(c["steps"][-2 if ablation["exceptions"]["kept"] else -1]["smooth"]["alpha"] != 0.5
+    assert bool(walk) == ablation["smooth"]["kept"] == ("reason" not in ablation["alpha"])
+    assert all(c["steps"][-2 if ablation["exceptions"]["kept"] else -1]["smooth"]["alpha"] != 0.5
                         for c in walk)
-    assert all("exceptions" in c["steps"][-1] for c in walk) == ablation["exceptions"]["kept"]
+    assert all(("exceptions" in c["steps"][-1]) == ablation["exceptions"]["kept"] for c in walk)
+    # rotation goes in front of the prefix chosen before it
+    rotate = next(c for c in trace["candidates"] if c["stage"] == "rotate")
+    assert rotate["steps"][0] == {"rotate": {}}
+    steps = recipe.resolved()["steps"]
+    assert bool(steps and "rotate" in steps[0]) == ablation["rotate"]["kept"]
     # per-layer alphas: a grid searched by the smooth step; kept, the recipe names them (no search on reload)
-    smooth = [s["smooth"] for s in recipe.resolved()["steps"] if "smooth" in s]
+    smooth = [s["smooth"] for s in steps if "smooth" in s]
     if "reason" not in ablation["layer_alpha"]:
         layer = next(c for c in trace["candidates"] if c["stage"] == "layer_alpha")
         assert next(s["smooth"] for s in layer["steps"] if "smooth" in s)["layer_grid"]
@@ -66,12 +78,12 @@ def test_search_writes_a_recipe_that_reloads_and_reproduces(smollm2, wikitext_st
     assert ("keep_sink" in ablation) == (not ablation["prefix"]["kept"] and bool(trace["verdict"]["sink_positions"]))
     assert all(a["after"] <= a["before"] and a["kept"] == (a["after"] < a["before"]) for a in ablation.values())
     stages = {c["stage"] for c in trace["candidates"]}
-    assert {"naive", "smooth", "exceptions", "clip"} <= stages
+    assert {"naive", "rotate", "exceptions", "clip"} <= stages
     assert all(c["seconds"] >= 0 and math.isfinite(c["objective"]) for c in trace["candidates"])
     assert not trace["budget_met"]
     # the first candidate has nothing to beat; a stage is kept only beyond the objective's noise
     assert trace["candidates"][0]["z"] is None and all(c["z"] is not None for c in trace["candidates"][1:])
-    assert all(c["z"] > NOISE_Z for c in trace["candidates"] if c["stage"] == "smooth") == ablation["smooth"]["kept"]
+    assert not smoothing or (smoothing[0]["z"] > NOISE_Z) == ablation["smooth"]["kept"]
 
     path, trace_path = write_auto_recipe(recipe, trace, tmp_path / "auto.yaml")
     reread = load_recipe(path)
@@ -94,20 +106,40 @@ def test_search_writes_a_recipe_that_reloads_and_reproduces(smollm2, wikitext_st
     assert chosen <= naive
 
 
+def test_alpha_walk_and_group_alphas_start_from_kept_smoothing(smollm2, wikitext_stream) -> None:
+    """No tiny model keeps smoothing in the full search (rotation wins, or smoothing loses), so the walk and the
+    per-group stage start here from a search whose first candidate, kept with nothing to beat, is smoothing."""
+    loaded = tiny_model("llama", smollm2.tokenizer)
+    score = list(plan_windows(wikitext_stream, CTX, max_windows=1, calib_windows=3).calib_windows)[:1]
+    base = BASE_SCHEMES["w8a8-static"]
+    search = _Search(loaded, wikitext_stream, base, CTX, 2, Objective(loaded, wikitext_stream.windows(CTX, score)),
+                     None, progress=False)
+    assert search.calibrated("smooth", [{"smooth": {"alpha": base.alphas[0]}}])
+    ablation: list[dict] = []
+    _alpha_walk(search, ablation)
+    _layer_alpha(search, ablation)
+    assert [a["step"] for a in ablation] == ["alpha", "layer_alpha"] and not any("reason" in a for a in ablation)
+    walk = [c["steps"][-1]["smooth"]["alpha"] for c in search.candidates if c["stage"] == "alpha"]
+    assert walk[0] == min(a for a in base.alphas if a > base.alphas[0])  # upwards first, one grid step
+    assert base.alphas[0] not in walk and len(set(walk)) == len(walk)
+    group = next(c for c in search.candidates if c["stage"] == "layer_alpha")
+    assert group["steps"][-1]["smooth"]["layer_grid"] == list(base.layer_alphas)
+    chosen = next(s["smooth"] for s in search.best["steps"] if "smooth" in s)
+    assert ("layers" in chosen) == ablation[1]["kept"] and "layer_grid" not in chosen
+
+
 @pytest.mark.parametrize("scheme", ["w4a8kv8", "w4a4kv4"])
-def test_int4_base_schemes_add_rotation_and_gptq(smollm2, wikitext_stream, scheme) -> None:
+def test_int4_base_schemes_add_gptq(smollm2, wikitext_stream, scheme) -> None:
     loaded = tiny_model("llama", smollm2.tokenizer)
     recipe, trace = auto_recipe(loaded, wikitext_stream, scheme=scheme, budget=1e-12, **SEARCH)
     ablation = {a["step"]: a for a in trace["ablation"]}
     assert [a["step"] for a in trace["ablation"] if a["step"] != "keep_sink"] == [
         "prefix", "rotate", "smooth", "exceptions", "alpha", "layer_alpha", "clip", "gptq"]
+    assert bool([c for c in trace["candidates"] if c["stage"] == "alpha"]) == ablation["smooth"]["kept"]
     assert all(a["after"] <= a["before"] and a["kept"] == (a["after"] < a["before"]) for a in ablation.values())
-    # rotation goes in front of the prefix chosen before it; GPTQ re-runs everything chosen with GPTQ weights
-    rotate = next(c for c in trace["candidates"] if c["stage"] == "rotate")
-    assert rotate["steps"][0] == {"rotate": {}}
+    # GPTQ re-runs everything chosen with GPTQ weights
     gptq = next(c for c in trace["candidates"] if c["stage"] == "gptq")
     assert gptq["scheme"]["weights"]["gptq"] == {} and "gptq" not in BASE_SCHEMES[scheme].scheme["weights"]
-    assert ("rotate" in recipe.resolved()["steps"][0]) == ablation["rotate"]["kept"]
     assert (recipe.scheme.weights.gptq is not None) == ablation["gptq"]["kept"]
     assert recipe.scheme.kv is not None and recipe.scheme.activations == parse_recipe(
         {"name": "b", "description": "b", "scheme": BASE_SCHEMES[scheme].scheme}).scheme.activations
