@@ -295,6 +295,10 @@ class _Search:
     def beats(entry: dict[str, Any]) -> bool:
         return entry["z"] is None or entry["z"] > NOISE_Z
 
+    def kept(self, step: str) -> dict[str, Any] | None:
+        """The best's settings for `step`, None where it has none: later stages depend on what was kept."""
+        return next((s[step] for s in self.best["steps"] if step in s), None)
+
     def promote(self, best: dict[str, Any], tokens: torch.Tensor) -> None:
         """The new best and its per-token KL, which later candidates are paired against."""
         self.best, self.best_tokens = best, tokens
@@ -321,11 +325,16 @@ def _ablation(stage: str, before: float, after: float) -> dict[str, Any]:
     return {"step": stage, "before": before, "after": after, "kept": after < before}
 
 
+def _skipped(stage: str, before: float, reason: str) -> dict[str, Any]:
+    """A stage not tried, with why: the ablation still lists every stage in order."""
+    return {**_ablation(stage, before, before), "reason": reason}
+
+
 def _budget_met(stage: str, before: float, budget: float, ablation: list[dict[str, Any]]) -> bool:
     """Rotation, exceptions, clipping and GPTQ run only while the budget is unmet; a skipped one is recorded."""
     if before > budget:
         return False
-    ablation.append({**_ablation(stage, before, before), "reason": "budget already met"})
+    ablation.append(_skipped(stage, before, "budget already met"))
     return True
 
 
@@ -442,8 +451,8 @@ def _smooth(search: _Search, ablation: list[dict[str, Any]]) -> None:
     the search's dearest candidate (rotation again, then a fresh smoothing measurement: 21 s of SmolLM2's 87 s,
     121 s of Qwen2.5's 373 s), so it is not tried there."""
     before = search.best["objective"]
-    if any("rotate" in s for s in search.best["steps"]):
-        ablation.append({**_ablation("smooth", before, before), "reason": "rotation kept"})
+    if search.kept("rotate") is not None:
+        ablation.append(_skipped("smooth", before, "rotation kept"))
         return
     search.calibrated("smooth", [*search.best["steps"], {"smooth": {"alpha": search.base.alphas[0]}}])
     ablation.append(_ablation("smooth", before, search.best["objective"]))
@@ -455,8 +464,8 @@ def _alpha_walk(search: _Search, ablation: list[dict[str, Any]]) -> None:
     where smoothing at the first alpha was kept: in the four searches where it was not (Qwen2.5 on torch-docs,
     SmolLM2 at w4a8kv8 and w4a4kv4, SmolLM2's torch-docs after rotation), no other alpha was kept either."""
     before = search.best["objective"]
-    if not any("smooth" in s for s in search.best["steps"]):
-        ablation.append({**_ablation("alpha", before, before), "reason": "no smoothing kept"})
+    if search.kept("smooth") is None:
+        ablation.append(_skipped("alpha", before, "no smoothing kept"))
         return
     steps = [s for s in search.best["steps"] if "smooth" not in s]
     tail = [{"exceptions": {"layers": list(search.best["exceptions"])}}] if search.best["exceptions"] else []
@@ -484,9 +493,9 @@ def _layer_alpha(search: _Search, ablation: list[dict[str, Any]]) -> None:
     """Each group's alpha chosen by the smooth step on the group's own output error, in place of the walk's one
     alpha, kept if it pays; the kept recipe names the chosen alphas, so applying it does not search again."""
     before = search.best["objective"]
-    smooth = next((s["smooth"] for s in search.best["steps"] if "smooth" in s), None)
+    smooth = search.kept("smooth")
     if smooth is None:
-        ablation.append({**_ablation("layer_alpha", before, before), "reason": "no smoothing kept"})
+        ablation.append(_skipped("layer_alpha", before, "no smoothing kept"))
         return
     steps = [{"smooth": {"alpha": smooth["alpha"], "layer_grid": list(search.base.layer_alphas)}} if "smooth" in s
              else s for s in search.best["steps"]]
