@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy as copy_module
 import time
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -31,6 +31,9 @@ from sinkquant.quant.scheme import KeepPolicy, Scheme
 from sinkquant.quant.simulate import calibrate, candidate_layers, check_group_size, swap_linears
 from sinkquant.recipes.schema import Recipe
 from sinkquant.steps import Stage
+
+if TYPE_CHECKING:
+    from sinkquant.engine.stream import LayerStream
 
 
 @dataclass
@@ -120,7 +123,7 @@ def quantize_session(session: Session, pipeline: str = "sequential", kv: bool = 
     if scheme.needs_calibration and not len(session.calibration):
         raise SinkquantError("static activations need calibration windows (token ids disjoint from evaluation)")
     gptq = scheme.weights is not None and scheme.weights.gptq is not None
-    if pipeline == "sequential" and (scheme.needs_calibration or gptq):
+    if session.stream is not None or (pipeline == "sequential" and (scheme.needs_calibration or gptq)):
         record.update(calibrate_sequential(session))
     else:
         for module in session.quantized.values():
@@ -157,11 +160,12 @@ def _working_copy(loaded: LoadedModel, copy: bool) -> LoadedModel:
 
 def apply_recipe(
     loaded: LoadedModel, recipe: Recipe, stream: TokenStream, ctx: int, profile_report: dict | None = None,
-    copy: bool = False, progress: bool = False, memo: dict | None = None,
+    copy: bool = False, progress: bool = False, memo: dict | None = None, layers: LayerStream | None = None,
 ) -> QuantizedModel:
     """Quantize `loaded.model` by `recipe` (in place; `copy=True` keeps the original), calibrating on windows
     disjoint from evaluation. `memo` (with `copy=True` on one unchanged model) lets steps reuse what an earlier
-    call measured on the same state (`Session.memo`)."""
+    call measured on the same state (`Session.memo`). `layers`: the decoder layers are read from disk one at a
+    time and written out as they are done (engine/stream.py `quantize_streaming`)."""
     torch.manual_seed(0)
     windows = calibration_windows(stream, recipe, ctx)
     record: dict[str, Any] = {"calibration": {"windows": windows.shape[0], "ctx": windows.shape[1],
@@ -176,7 +180,7 @@ def apply_recipe(
     target = _working_copy(loaded, copy)
     session = Session(loaded=target, scheme=recipe.scheme, calibration=windows.to(next(target.model.parameters())
                                                                                     .device),
-                      profile_report=profile_report, progress=progress, memo=memo)
+                      profile_report=profile_report, progress=progress, memo=memo, stream=layers)
     steps: list[dict[str, Any]] = []
     for stage in (Stage.TRANSFORM, None, Stage.REFINE):
         if stage is None:

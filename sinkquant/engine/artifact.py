@@ -5,6 +5,7 @@ each step restore what the tensors alone do not hold."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ from sinkquant.artifacts import (
     file_digests,
     library_versions,
     read_manifest,
+    read_structured,
     sha256_bytes,
     to_json,
     verify_digests,
@@ -45,6 +47,7 @@ from sinkquant.recipes.schema import parse_recipe
 FORMAT_VERSION = 2
 META = ARTIFACT_MANIFEST
 WEIGHTS = "model.safetensors"
+WEIGHTS_INDEX = "model.safetensors.index.json"  # a streamed quantization's shards, as hub checkpoints name them
 PREFIX = "prefix.safetensors"
 RECIPE = "recipe.yaml"
 QUANT_BUFFERS = ("weight_int", "weight_scale", "weight_zero_point", "act_scale", "act_zero_point")
@@ -72,11 +75,19 @@ def _prefix_from(tensors: dict[str, torch.Tensor], config, device: torch.device)
 def _state(quantized: QuantizedModel) -> dict[str, torch.Tensor]:
     """The model's tensors with every quantized weight as integers (int4 packed two per byte), the same files
     for the simulated and the native layers; embeddings in scheme.embeddings' dtype when it is set."""
-    model, embeddings = quantized.model, quantized.recipe.scheme.embeddings
+    return state_tensors(quantized.model, quantized.recipe.scheme.embeddings)
+
+
+def state_tensors(model: torch.nn.Module, embeddings: Any, include: Callable[[str], bool] | None = None
+                  ) -> dict[str, torch.Tensor]:
+    """`_state` of the tensors whose names `include` accepts (all by default): streaming writes each decoder
+    layer's as it is done and the rest once."""
     embedding_ptrs = {w.data_ptr() for w in embedding_weights(model).values()}
     state: dict[str, torch.Tensor] = {}
     seen: dict[int, str] = {}
     for name, tensor in model.state_dict().items():
+        if include is not None and not include(name):
+            continue
         if tensor.data_ptr() in seen and tensor.numel():  # tied embeddings: stored once
             continue
         seen[tensor.data_ptr()] = name
@@ -114,15 +125,20 @@ def save(quantized: QuantizedModel, out: str | Path, extra: dict[str, Any] | Non
             _write_manifest(tmp, quantized, extra, files=[])
         return Path(out)
     with atomic_dir(out, overwrite=overwrite) as tmp:
-        base.tokenizer.save_pretrained(tmp)
-        quantized.model.config.save_pretrained(tmp)
         save_file(_state(quantized), str(tmp / WEIGHTS))
-        files = [WEIGHTS, "config.json"]
-        if quantized.prefix is not None:
-            save_file(_prefix_tensors(quantized.prefix), str(tmp / PREFIX))
-            files.append(PREFIX)
-        _write_manifest(tmp, quantized, extra, files)
+        write_artifact(tmp, quantized, extra, [WEIGHTS])
     return Path(out)
+
+
+def write_artifact(tmp: Path, quantized: QuantizedModel, extra: dict[str, Any] | None, weights: list[str]) -> None:
+    """Everything but the weights, which are in `tmp` already (one file, or streaming's shards and index)."""
+    quantized.base.tokenizer.save_pretrained(tmp)
+    quantized.model.config.save_pretrained(tmp)
+    files = [*weights, "config.json"]
+    if quantized.prefix is not None:
+        save_file(_prefix_tensors(quantized.prefix), str(tmp / PREFIX))
+        files.append(PREFIX)
+    _write_manifest(tmp, quantized, extra, files)
 
 
 def _write_manifest(tmp: Path, quantized: QuantizedModel, extra: dict[str, Any] | None, files: list[str]) -> None:
@@ -190,6 +206,27 @@ def _restore_weights(model: torch.nn.Module, session: Session, tensors: dict[str
     model.tie_weights()
 
 
+def weight_files(folder: Path) -> list[Path]:
+    """The artifact's weight files: `model.safetensors`, or the shards its index names (a streamed quantization)."""
+    if (folder / WEIGHTS).is_file() or not (folder / WEIGHTS_INDEX).is_file():
+        return [folder / WEIGHTS]
+    index = read_structured(folder / WEIGHTS_INDEX, "weight index")
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(f, str) and "/" not in f for f in weight_map.values()):
+        raise SinkquantError(f"{folder / WEIGHTS_INDEX}: no valid weight_map; the artifact is damaged")
+    return [folder / name for name in sorted(set(weight_map.values()))]
+
+
+def read_artifact_weights(folder: Path) -> dict[str, torch.Tensor]:
+    tensors: dict[str, torch.Tensor] = {}
+    for file in weight_files(folder):
+        try:
+            tensors.update(load_file(file))
+        except (SafetensorError, OSError) as exc:
+            raise SinkquantError(f"{file}: not a readable safetensors file ({exc})") from None
+    return tensors
+
+
 def load(folder: str | Path, verify: bool = True) -> QuantizedModel:
     """Reload an artifact written by `save` (or `sinkquant quantize`); `verify` checks every file's sha256."""
     folder = Path(folder)
@@ -228,11 +265,7 @@ def load(folder: str | Path, verify: bool = True) -> QuantizedModel:
         step.prepare_restore(session, step_record)
         step_records.append(step_record)
     quantize_structure(session, kv=backend.kv_cache is None)  # else the backend's KV cache quantizes the KV
-    try:
-        tensors = load_file(folder / WEIGHTS)
-    except (SafetensorError, OSError) as exc:
-        raise SinkquantError(f"{folder / WEIGHTS}: not a readable safetensors file ({exc})") from None
-    _restore_weights(model, session, tensors)
+    _restore_weights(model, session, read_artifact_weights(folder))
     if (folder / PREFIX).is_file():
         session.prefix = _prefix_from(load_file(folder / PREFIX), model.config, next(model.parameters()).device)
     for step, step_record in zip(recipe.steps, step_records, strict=True):

@@ -139,6 +139,8 @@ def calibrate_sequential(session: Session) -> dict[str, Any]:
     bar = tqdm(range(len(decoder)), desc="calibrate", unit="layer", disable=not session.progress, leave=False)
     for index in bar:
         release_freed_memory()
+        if session.stream is not None:  # read from disk (with the steps' weight changes) for this layer's turn
+            session.stream.load(index)
         layer, layer_calls = decoder[index], calls[index]
         quantized = layers_of(session, index)
 
@@ -169,4 +171,6 @@ def calibrate_sequential(session: Session) -> dict[str, Any]:
             raise
         for module in observed:
             module.finish_calibration()
+        if session.stream is not None:  # written to the artifact and freed
+            session.stream.finish(index)
     return record

@@ -3,9 +3,9 @@ calibration windows, and what the steps have decided so far (prefix, kept positi
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -14,6 +14,9 @@ from sinkquant.memory import release_freed_memory
 from sinkquant.models import LoadedModel
 from sinkquant.perplexity import Prefix
 from sinkquant.quant.scheme import KeepPolicy, Scheme
+
+if TYPE_CHECKING:
+    from sinkquant.engine.stream import LayerStream
 
 
 @dataclass
@@ -33,6 +36,8 @@ class Session:
     # keyed by everything they depend on besides that model; None: nothing is shared.
     memo: dict[Any, Any] | None = None
     applied: list[dict[str, Any]] = field(default_factory=list)  # resolved steps run so far, in order (memo keys)
+    # Streaming (engine/stream.py): the decoder layers live on disk and are read one at a time; None: in memory.
+    stream: LayerStream | None = None
 
     @property
     def model(self) -> nn.Module:
@@ -41,6 +46,15 @@ class Session:
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
+
+    def transform_layers(self, transform: Callable[[int, nn.Module], None]) -> None:
+        """A weight change a step makes to every decoder layer, `transform(index, layer)`: applied to each layer
+        now, or, when streaming, to each layer every time it is read from disk (the layer is not in memory now)."""
+        if self.stream is not None:
+            self.stream.add_transform(transform)
+            return
+        for index, layer in enumerate(self.loaded.adapter.decoder_layers(self.model)):
+            transform(index, layer)
 
     def batches(self) -> Iterator[dict[str, Any]]:
         """Forward kwargs per calibration window, each with its own copy of the prefix KV, made as they are

@@ -20,7 +20,7 @@ from sinkquant.errors import SinkquantError
 from sinkquant.quant.keep import KeepState, keep_hooks
 from sinkquant.quant.primitives import scale_zero_point
 from sinkquant.quant.qweight import quantize_rtn
-from sinkquant.quant.simulate import fake_quant_activation
+from sinkquant.quant.simulate import QuantLinear, fake_quant_activation
 from sinkquant.steps.base import Stage, Step, StepConfig, register
 
 if TYPE_CHECKING:
@@ -64,23 +64,32 @@ class Smooth(Step):
         if unknown:
             raise SinkquantError(f"smooth.layers: {unknown[0]!r} is not a smoothing group of this model; valid: "
                                  f"{len(groups)} names like {next(iter(groups))!r} (the record's largest_scale keys)")
-        chosen = [name for name in groups if name not in cfg.layers] if cfg.layer_grid else []
+        chosen = {name for name in groups if name not in cfg.layers} if cfg.layer_grid else set()
         # Under a memo (the auto search) rows are sampled with the maxima, so its layer-wise candidate reuses them
         act_max, rows = self._statistics(session, LAYER_SAMPLES if chosen or session.memo is not None else 0)
 
         alphas = {name: cfg.layers.get(name, cfg.alpha) for name in groups}
-        for name in chosen:
-            layer, source, targets = groups[name]
-            alphas[name] = _least_error_alpha(rows[name], act_max[name], [layer.get_submodule(t) for t in targets],
-                                              cfg.layer_grid, session.scheme)
         largest: dict[str, float] = {}
-        for name, (layer, source, targets) in groups.items():
-            linears = [layer.get_submodule(t) for t in targets]
-            scale = _migration_scale(act_max[name], _weight_max(linears), alphas[name])
-            _divide_output(layer.get_submodule(source), scale, adapter.norm_weight_offset)
-            for lin in linears:
-                lin.weight.mul_(scale)
-            largest[name] = float(scale.max())
+
+        def smooth_layer(index: int, layer: torch.nn.Module) -> None:
+            """One layer's groups (their weights and statistics are the layer's own): alphas first, then scales.
+            Streaming reads a layer more than once; each read gives the same values."""
+            names = [(f"{adapter.layers}.{index}.{source}", source, targets)
+                     for source, targets in adapter.smooth_groups]
+            for name, _, targets in names:
+                if name in chosen:
+                    alphas[name] = _least_error_alpha(rows[name], act_max[name],
+                                                      [layer.get_submodule(t) for t in targets], cfg.layer_grid,
+                                                      session.scheme)
+            for name, source, targets in names:
+                linears = [layer.get_submodule(t) for t in targets]
+                scale = _migration_scale(act_max[name], _weight_max(linears), alphas[name])
+                _divide_output(layer.get_submodule(source), scale, adapter.norm_weight_offset)
+                for lin in linears:
+                    lin.weight.mul_(scale)
+                largest[name] = float(scale.max())
+
+        session.transform_layers(smooth_layer)
         record: dict[str, Any] = {"alpha": cfg.alpha, "largest_scale": largest}
         if cfg.layers or chosen:
             record["alphas"] = alphas
@@ -176,8 +185,9 @@ def _least_error_alpha(x: torch.Tensor, act_max: torch.Tensor, linears: list[tor
 
 
 def _divide_output(source: torch.nn.Module, scale: torch.Tensor, norm_offset: float) -> None:
-    """Divide the source's output channels by `scale`: a Linear's weight rows, or a norm's gain."""
-    if isinstance(source, torch.nn.Linear):
+    """Divide the source's output channels by `scale`: a Linear's weight rows (a QuantLinear's too: streaming
+    smooths a layer as it is read, after its Linears were swapped), or a norm's gain."""
+    if isinstance(source, torch.nn.Linear | QuantLinear):
         source.weight.div_(scale[:, None])
     else:
         source.weight.copy_((source.weight + norm_offset) / scale - norm_offset)

@@ -1,0 +1,282 @@
+"""Streaming: quantize (and evaluate) a model larger than memory, one decoder layer at a time from its safetensors
+shards. The model is an empty skeleton (accelerate's `init_empty_weights`: parameters on the meta device, buffers
+real) with only the embeddings, the final norm and lm_head read in; a decoder layer's tensors are read with
+safetensors' lazy `safe_open` when the layer is needed and dropped after.
+
+Two ways a layer is needed, both with the recipe's weight changes so far replayed on it (`Session.transform_layers`):
+
+- the sequential pipeline (engine/pipeline.py) reads layer i, quantizes and calibrates it, writes its tensors to
+  the artifact's shard i and frees it: each layer is read once and never held beside another;
+- a whole-model forward before quantization (prefix selection and its profile, smoothing statistics, ACT, the fp
+  reference perplexity) reads each layer in a pre-hook and frees it in a post-hook: one read of the weights per
+  forward, the same arithmetic in the same order as in memory, so the artifact is bit-identical (tests check it).
+
+Why not from_pretrained's own disk offload (device_map "disk") or accelerate's AlignDevicesHook: both reload the
+checkpoint's tensors as they are, while a streamed layer must come back with the steps' changes (smoothing) and
+after quantization must go to the artifact instead of back to the checkpoint; the hooks here are the few lines
+that add that. Memory: the embeddings and lm_head, one decoder layer (fp and, while it is quantized, its
+integers), and the calibration windows' activations for one layer."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import init_empty_weights
+from accelerate.utils import set_module_tensor_to_device
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
+from sinkquant.adapters import adapter_for, normalize
+from sinkquant.artifacts import atomic_dir, atomic_write_json, check_output_dir
+from sinkquant.data import TokenStream
+from sinkquant.engine.apply import QuantizedModel, apply_recipe
+from sinkquant.engine.artifact import WEIGHTS_INDEX, state_tensors, write_artifact
+from sinkquant.engine.backends import BACKENDS
+from sinkquant.errors import SinkquantError
+from sinkquant.memory import release_freed_memory
+from sinkquant.models import LoadedModel, _check_model_folder, _first_line, _folder_config, _folder_digest
+from sinkquant.quant.simulate import QuantLinear
+from sinkquant.recipes.schema import Recipe
+
+Transform = Callable[[int, nn.Module], None]
+# Steps whose whole-model forwards come before quantization and whose weight changes go through
+# `Session.transform_layers`; the others (rotate, clip) change or run the whole model after that.
+STREAMED_STEPS = ("prefix", "smooth", "exceptions", "keep_sink", "act")
+
+
+def checkpoint_index(folder: Path) -> dict[str, Path]:
+    """Tensor name -> the safetensors file that holds it: from the hub's `model.safetensors.index.json` when
+    there is one, else from each file's header (safe_open reads the header only)."""
+    index = folder / WEIGHTS_INDEX
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+            return {name: folder / file for name, file in weight_map.items()}
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise SinkquantError(f"{index}: not a readable weight index ({_first_line(exc)})") from None
+    files: dict[str, Path] = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(file, framework="pt", device="cpu") as handle:
+                files.update(dict.fromkeys(handle.keys(), file))  # noqa: SIM118 (safe_open is not iterable)
+        except Exception as exc:  # safetensors raises its own error types for a damaged file
+            raise SinkquantError(f"{file} is not a readable safetensors file: {_first_line(exc)}") from exc
+    return files
+
+
+def read_tensors(files: dict[str, Path], names: list[str], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """`names` read from their files (pread, one tensor at a time) into memory torch allocates, floating-point
+    tensors in `dtype`: the values `models.read_weights` and from_pretrained give the in-memory model."""
+    missing = [name for name in names if name not in files]
+    if missing:
+        raise SinkquantError(f"the checkpoint has no tensor {missing[0]!r}; it does not match its config.json")
+    tensors: dict[str, torch.Tensor] = {}
+    by_file: dict[Path, list[str]] = {}
+    for name in names:
+        by_file.setdefault(files[name], []).append(name)
+    for file, keys in by_file.items():
+        try:
+            with safe_open(file, framework="pt", device="cpu", backend="pread") as handle:
+                for key in keys:
+                    tensor = handle.get_tensor(key)
+                    tensors[key] = tensor.to(dtype, copy=True) if tensor.is_floating_point() else tensor.clone()
+        except Exception as exc:  # safetensors raises its own error types for a damaged file
+            raise SinkquantError(f"{file} is not a readable safetensors file: {_first_line(exc)}") from exc
+    return tensors
+
+
+class LayerStream:
+    """The decoder layers of a skeleton model, read from the checkpoint on demand. `load(i)` reads layer i and
+    replays the transforms; `free(i)` drops its tensors; `finish(i)` hands a quantized layer to `on_finish` (the
+    artifact writer) and frees it for good. While `streaming()` is active, a whole-model forward loads and frees
+    each layer around its call."""
+
+    def __init__(self, model: PreTrainedModel, files: dict[str, Path], dtype: torch.dtype) -> None:
+        self.adapter = adapter_for(model)
+        self.layers = self.adapter.decoder_layers(model)
+        self.files, self.dtype = files, dtype
+        self.transforms: list[Transform] = []
+        self.loaded: set[int] = set()
+        self.finished: set[int] = set()
+        self.on_finish: Callable[[int], None] | None = None
+        self.reads = 0  # layer reads from disk, for the record
+        self.read_seconds = 0.0
+
+    def prefix(self, index: int) -> str:
+        return f"{self.adapter.layers}.{index}."
+
+    def add_transform(self, transform: Transform) -> None:
+        if self.finished:
+            raise SinkquantError("streaming: a step changed the weights after layers were quantized and written; "
+                                 "this recipe cannot be streamed (quantize it in memory)")
+        self.transforms.append(transform)
+
+    def load(self, index: int) -> None:
+        if index in self.loaded:
+            return
+        if index in self.finished:
+            raise SinkquantError(f"streaming: decoder layer {index} is already quantized and written; a whole-model "
+                                 "forward after quantization is not possible while streaming (evaluate the artifact)")
+        clock = time.perf_counter()
+        layer = self.layers[index]
+        names = [name for name, _ in _tensor_slots(layer)]
+        tensors = read_tensors(self.files, [self.prefix(index) + n for n in names], self.dtype)
+        for name in names:
+            set_module_tensor_to_device(layer, name, "cpu", value=tensors.pop(self.prefix(index) + name))
+        for transform in self.transforms:
+            transform(index, layer)
+        self.loaded.add(index)
+        self.reads += 1
+        self.read_seconds += time.perf_counter() - clock
+
+    def free(self, index: int) -> None:
+        """Every tensor of the layer back to the meta device, except a QuantLinear's activation scale and zero
+        point (two scalars, which later steps read: exceptions ranks layers by them)."""
+        layer = self.layers[index]
+        for module in layer.modules():
+            if isinstance(module, QuantLinear):
+                module.weight_int = module.weight_scale = module.weight_zero_point = module.held = None
+        for name, tensor in _tensor_slots(layer):
+            if tensor is not None and tensor.device.type != "meta":
+                set_module_tensor_to_device(layer, name, "meta")
+        self.loaded.discard(index)
+        release_freed_memory()
+
+    def finish(self, index: int) -> None:
+        if self.on_finish is not None:
+            self.on_finish(index)
+        self.finished.add(index)
+        self.free(index)
+
+    @contextmanager
+    def streaming(self) -> Iterator[None]:
+        """Whole-model forwards read each layer around its call (pre-hook first, before keep hooks and the like)."""
+
+        hooked: set[int] = set()  # layers this forward read (the pipeline's own stay until it finishes them)
+
+        def before(module: nn.Module, _args: Any) -> None:
+            index = module._sinkquant_stream_index
+            if index not in self.loaded:
+                self.load(index)
+                hooked.add(index)
+
+        def after(module: nn.Module, _args: Any, _output: Any) -> None:
+            index = module._sinkquant_stream_index
+            if index in hooked:
+                hooked.discard(index)
+                self.free(index)
+
+        handles = []
+        for index, layer in enumerate(self.layers):
+            layer._sinkquant_stream_index = index
+            handles.append(layer.register_forward_pre_hook(before, prepend=True))
+            handles.append(layer.register_forward_hook(after))
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+
+def _tensor_slots(layer: nn.Module) -> list[tuple[str, torch.Tensor | None]]:
+    """The layer's persistent tensors by name (its checkpoint entries), meta or not."""
+    return [(name, tensor) for name, tensor in layer.state_dict(keep_vars=True).items()
+            if not name.endswith(("act_scale", "act_zero_point"))]
+
+
+def open_checkpoint(folder: str | Path, dtype: torch.dtype = torch.float32) -> tuple[LoadedModel, LayerStream]:
+    """A safetensors model folder as a skeleton: everything but the decoder layers read in `dtype`, the decoder
+    layers left on disk for the LayerStream. Refuses what `load_model` refuses (an artifact, pickle weights)."""
+    folder = Path(folder).expanduser()
+    if not folder.is_dir():
+        raise SinkquantError(f"streaming reads a local safetensors model folder; {folder} is not a folder")
+    _check_model_folder(folder)
+    config = _folder_config(folder)
+    try:
+        with init_empty_weights():
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise SinkquantError(f"could not load model folder {folder}: {_first_line(exc)}") from exc
+    normalize(model).eval()
+    files = checkpoint_index(folder)
+    stream = LayerStream(model, files, dtype)
+    layer_names = f"{stream.adapter.layers}."
+    tied = model.config.tie_word_embeddings
+    rest = [name for name in model.state_dict() if not name.startswith(layer_names)]
+    wanted = [name for name in rest if name in files or not (tied and name == "lm_head.weight")]
+    for name, tensor in read_tensors(files, wanted, dtype).items():
+        set_module_tensor_to_device(model, name, "cpu", value=tensor)
+    model.tie_weights()
+    source = {"kind": "folder", "path": str(folder), "sha256": _folder_digest(folder)}
+    loaded = LoadedModel(model=model, tokenizer=tokenizer, adapter=stream.adapter, spec=str(folder), source=source)
+    return loaded, stream
+
+
+def streaming_refusal(recipe: Recipe) -> str | None:
+    """Why `recipe` cannot be streamed, or None."""
+    backend = BACKENDS[recipe.backend]
+    if backend.peer is not None or backend.finalize is not None:
+        return (f"backend {recipe.backend!r} converts the whole model; stream its simulated twin (the artifact's "
+                "tensors are the same) or quantize in memory")
+    if recipe.calibration.pipeline != "sequential":
+        return "calibration.pipeline 'whole' runs whole-model forwards after quantization; use 'sequential'"
+    for step in recipe.steps:
+        if step.name not in STREAMED_STEPS:
+            return (f"step {step.name!r} changes the whole model at once or runs it after quantization (streamed: "
+                    f"{', '.join(STREAMED_STEPS)})")
+    return None
+
+
+def quantize_streaming(folder: str | Path, recipe: Recipe, stream: TokenStream, ctx: int, out: str | Path,
+                       dtype: torch.dtype = torch.float32, overwrite: bool = False, progress: bool = False,
+                       extra: dict[str, Any] | None = None) -> QuantizedModel:
+    """Quantize the safetensors model in `folder` by `recipe` without ever holding it whole, writing the artifact
+    to `out` as it goes: one shard per decoder layer plus one for the rest, a hub-style index, all inside one
+    atomic folder (an interrupted run leaves nothing that looks complete). The artifact equals `save` of the
+    in-memory `apply_recipe` bit for bit and loads with `sinkquant.load`. Returns the (skeleton) result: its
+    record and prefix; its layers are on disk."""
+    refusal = streaming_refusal(recipe)
+    if refusal is not None:
+        raise SinkquantError(f"recipe {recipe.name!r} cannot be streamed: {refusal}")
+    check_output_dir(out, overwrite)
+    loaded, layers = open_checkpoint(folder, dtype)
+    count = len(layers.layers)
+    shard = "model-{:05d}-of-{:05d}.safetensors".format
+    weight_map: dict[str, str] = {}
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+
+        total = 0
+
+        def write(tensors: dict[str, torch.Tensor], number: int) -> None:
+            nonlocal total
+            name = shard(number, count + 1)
+            save_file(tensors, str(tmp / name))
+            weight_map.update(dict.fromkeys(tensors, name))
+            total += sum(t.numel() * t.element_size() for t in tensors.values())
+
+        embeddings = recipe.scheme.embeddings
+        layers.on_finish = lambda index: write(
+            state_tensors(loaded.model, embeddings, lambda n: n.startswith(layers.prefix(index))), index + 1)
+        with layers.streaming():
+            quantized = apply_recipe(loaded, recipe, stream, ctx, progress=progress, layers=layers)
+        unwritten = sorted(set(range(count)) - layers.finished)
+        if unwritten:
+            raise SinkquantError(f"streaming: decoder layers {unwritten} were never quantized; the recipe's scheme "
+                                 "quantizes nothing in them")
+        write(state_tensors(loaded.model, embeddings, lambda n: not n.startswith(f"{layers.adapter.layers}.")),
+              count + 1)
+        quantized.record["stream"] = {"layer_reads": layers.reads, "read_seconds": layers.read_seconds,
+                                      "shards": count + 1}
+        atomic_write_json(tmp / WEIGHTS_INDEX, {"metadata": {"total_size": total}, "weight_map": weight_map})
+        write_artifact(tmp, quantized, extra, [*sorted(set(weight_map.values())), WEIGHTS_INDEX])
+    return quantized
+

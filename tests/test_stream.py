@@ -1,0 +1,90 @@
+"""Streaming quantization (engine/stream.py): a model written as sharded safetensors, like a hub checkpoint, is
+quantized one decoder layer at a time from disk, and the artifact equals the in-memory one bit for bit."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from sinkquant.engine.apply import apply_recipe
+from sinkquant.engine.artifact import WEIGHTS_INDEX, load, read_artifact_weights, save
+from sinkquant.engine.stream import quantize_streaming
+from sinkquant.errors import SinkquantError
+from sinkquant.models import load_model
+from sinkquant.recipes import parse_recipe
+from tests.tiny import tiny_model
+
+CTX = 64
+# The shipped static W8A8 recipe's steps (exceptions scaled to a 2-layer model's 14 Linears) and GPTQ W4A16.
+RECIPES = {
+    "static": {"name": "w8a8-prefix-smooth-except", "description": "static", "calibration": {"windows": 2},
+               "steps": [{"prefix": {"tokens": "profile", "max_tokens": 2}}, {"smooth": {"alpha": 0.5}},
+                         {"exceptions": {"top": 2}}],
+               "scheme": {"weights": {"bits": 8, "granularity": "channel"},
+                          "activations": {"bits": 8, "mode": "static", "observer": "absmax"}}},
+    "gptq": {"name": "w4a16-gptq", "description": "gptq", "calibration": {"windows": 2},
+             "scheme": {"weights": {"bits": 4, "granularity": "group", "group_size": 32, "gptq": {}}}},
+}
+
+
+@pytest.fixture(scope="module")
+def tokenizer(smollm2):
+    return smollm2.tokenizer
+
+
+def sharded_checkpoint(arch: str, tokenizer, folder: Path) -> Path:
+    """A tiny model saved as several safetensors shards with their index, as hub checkpoints are."""
+    loaded = tiny_model(arch, tokenizer)
+    loaded.model.save_pretrained(folder, max_shard_size="100KB")
+    tokenizer.save_pretrained(folder)
+    assert (folder / WEIGHTS_INDEX).is_file() and len(list(folder.glob("*.safetensors"))) > 2
+    return folder
+
+
+def _record(path: Path) -> dict:
+    """The manifest's record without timings and the streaming record."""
+    record = json.loads((path / "sinkquant.json").read_text())["record"]
+    record.pop("seconds"), record.pop("stream", None)
+    for step in record["steps"]:
+        step.pop("seconds")
+    return record
+
+
+@pytest.mark.parametrize("recipe", sorted(RECIPES))
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3"])
+def test_streaming_artifact_equals_in_memory(arch: str, recipe: str, tokenizer, wikitext_stream, tmp_path) -> None:
+    torch.set_num_threads(1)
+    checkpoint = sharded_checkpoint(arch, tokenizer, tmp_path / "checkpoint")
+    parsed = parse_recipe(RECIPES[recipe], recipe)
+    save(apply_recipe(load_model(str(checkpoint)), parsed, wikitext_stream, ctx=CTX), tmp_path / "memory")
+    streamed = quantize_streaming(checkpoint, parsed, wikitext_stream, ctx=CTX, out=tmp_path / "stream")
+
+    memory, stream = read_artifact_weights(tmp_path / "memory"), read_artifact_weights(tmp_path / "stream")
+    assert memory.keys() == stream.keys()
+    for name, tensor in memory.items():
+        assert tensor.dtype == stream[name].dtype and torch.equal(tensor, stream[name]), name
+    assert _record(tmp_path / "memory") == _record(tmp_path / "stream")
+    layers = streamed.model.config.num_hidden_layers
+    assert streamed.record["stream"]["shards"] == layers + 1
+    assert len(list((tmp_path / "stream").glob("model-*.safetensors"))) == layers + 1
+
+    ids = wikitext_stream.windows(CTX, [0])
+    reloaded = [load(tmp_path / name) for name in ("memory", "stream")]
+    with torch.no_grad():
+        logits = [q.model(input_ids=ids, past_key_values=q.cache_for_batch(1)).logits for q in reloaded]
+    assert torch.equal(logits[0], logits[1])
+
+
+def test_streaming_refuses_what_it_cannot_stream(tokenizer, wikitext_stream, tmp_path) -> None:
+    checkpoint = sharded_checkpoint("llama", tokenizer, tmp_path / "checkpoint")
+    rotate = parse_recipe({"name": "r", "description": "r", "steps": [{"rotate": {}}],
+                           "scheme": {"weights": {"bits": 8, "granularity": "channel"}}}, "r")
+    with pytest.raises(SinkquantError, match="step 'rotate'"):
+        quantize_streaming(checkpoint, rotate, wikitext_stream, ctx=CTX, out=tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(SinkquantError, match="not a folder"):
+        quantize_streaming(tmp_path / "missing", parse_recipe(RECIPES["gptq"], "g"), wikitext_stream, ctx=CTX,
+                           out=tmp_path / "out")
