@@ -9,11 +9,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from sinkquant.data import plan_windows
 from sinkquant.engine.apply import apply_recipe
 from sinkquant.engine.artifact import WEIGHTS_INDEX, load, read_artifact_weights, save
-from sinkquant.engine.stream import quantize_streaming
+from sinkquant.engine.stream import evaluate_streaming, quantize_streaming
 from sinkquant.errors import SinkquantError
 from sinkquant.models import load_model
+from sinkquant.perplexity import evaluate
 from sinkquant.recipes import parse_recipe
 from tests.tiny import tiny_model
 
@@ -88,3 +90,38 @@ def test_streaming_refuses_what_it_cannot_stream(tokenizer, wikitext_stream, tmp
     with pytest.raises(SinkquantError, match="not a folder"):
         quantize_streaming(tmp_path / "missing", parse_recipe(RECIPES["gptq"], "g"), wikitext_stream, ctx=CTX,
                            out=tmp_path / "out")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_streaming_perplexity_equals_in_memory(dtype: torch.dtype, tokenizer, wikitext_stream, tmp_path) -> None:
+    """The fp (and bf16) reference of a model larger than memory, one decoder layer read at a time per forward."""
+    torch.set_num_threads(1)
+    loaded = tiny_model("llama", tokenizer)
+    loaded.model.to(dtype).save_pretrained(tmp_path, max_shard_size="100KB")
+    tokenizer.save_pretrained(tmp_path)
+    plan = plan_windows(wikitext_stream, CTX, max_windows=3)
+    memory = evaluate(load_model(str(tmp_path), dtype=dtype), wikitext_stream, plan, bos="never", progress=False)
+    streamed = evaluate_streaming(tmp_path, wikitext_stream, plan, bos="never", dtype=dtype)
+    assert streamed.nll_sum == memory.nll_sum and streamed.tokens == memory.tokens == 3 * (CTX - 1)
+    assert streamed.model == memory.model
+
+
+def test_bf16_checkpoint_stays_bf16_and_quantizes(tokenizer, wikitext_stream, tmp_path) -> None:
+    """A bf16 checkpoint streams in bf16 (no fp32 copy of a layer), scales in fp32, and equals the in-memory bf16
+    artifact."""
+    torch.set_num_threads(1)
+    loaded = tiny_model("qwen2", tokenizer)
+    loaded.model.to(torch.bfloat16).save_pretrained(tmp_path / "checkpoint", max_shard_size="100KB")
+    tokenizer.save_pretrained(tmp_path / "checkpoint")
+    parsed = parse_recipe(RECIPES["static"], "static")
+    streamed = quantize_streaming(tmp_path / "checkpoint", parsed, wikitext_stream, ctx=CTX, out=tmp_path / "stream",
+                                  dtype=torch.bfloat16)
+    assert streamed.model.get_input_embeddings().weight.dtype == torch.bfloat16
+    memory = apply_recipe(load_model(str(tmp_path / "checkpoint"), dtype=torch.bfloat16), parsed, wikitext_stream,
+                          ctx=CTX)
+    save(memory, tmp_path / "memory")
+    a, b = read_artifact_weights(tmp_path / "memory"), read_artifact_weights(tmp_path / "stream")
+    assert all(torch.equal(a[name], b[name]) for name in a)
+    assert b["model.layers.0.self_attn.q_proj.weight_int"].dtype == torch.int8
+    assert b["model.layers.0.self_attn.q_proj.act_scale"].dtype == torch.float32
+    assert b["model.layers.0.input_layernorm.weight"].dtype == torch.bfloat16

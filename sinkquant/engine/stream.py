@@ -36,13 +36,14 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from sinkquant.adapters import adapter_for, normalize
 from sinkquant.artifacts import atomic_dir, atomic_write_json, check_output_dir
-from sinkquant.data import TokenStream
+from sinkquant.data import TokenStream, WindowPlan
 from sinkquant.engine.apply import QuantizedModel, apply_recipe
 from sinkquant.engine.artifact import WEIGHTS_INDEX, state_tensors, write_artifact
 from sinkquant.engine.backends import BACKENDS
 from sinkquant.errors import SinkquantError
 from sinkquant.memory import release_freed_memory
 from sinkquant.models import LoadedModel, _check_model_folder, _first_line, _folder_config, _folder_digest
+from sinkquant.perplexity import PerplexityResult, evaluate
 from sinkquant.quant.simulate import QuantLinear
 from sinkquant.recipes.schema import Recipe
 
@@ -109,6 +110,8 @@ class LayerStream:
         self.on_finish: Callable[[int], None] | None = None
         self.reads = 0  # layer reads from disk, for the record
         self.read_seconds = 0.0
+        self.layer_seconds: list[float] = []  # each layer's turn in the pipeline: read, quantize, calibrate, write
+        self._turn: float | None = None
 
     def prefix(self, index: int) -> str:
         return f"{self.adapter.layers}.{index}."
@@ -120,6 +123,12 @@ class LayerStream:
         self.transforms.append(transform)
 
     def load(self, index: int) -> None:
+        """Layer `index` for the pipeline's turn (a forward's hooks read it with `_read`)."""
+        if self._turn is None:
+            self._turn = time.perf_counter()
+        self._read(index)
+
+    def _read(self, index: int) -> None:
         if index in self.loaded:
             return
         if index in self.finished:
@@ -155,6 +164,9 @@ class LayerStream:
             self.on_finish(index)
         self.finished.add(index)
         self.free(index)
+        now = time.perf_counter()
+        self.layer_seconds.append(now - (self._turn or now))
+        self._turn = now
 
     @contextmanager
     def streaming(self) -> Iterator[None]:
@@ -165,7 +177,7 @@ class LayerStream:
         def before(module: nn.Module, _args: Any) -> None:
             index = module._sinkquant_stream_index
             if index not in self.loaded:
-                self.load(index)
+                self._read(index)
                 hooked.add(index)
 
         def after(module: nn.Module, _args: Any, _output: Any) -> None:
@@ -219,6 +231,15 @@ def open_checkpoint(folder: str | Path, dtype: torch.dtype = torch.float32) -> t
     source = {"kind": "folder", "path": str(folder), "sha256": _folder_digest(folder)}
     loaded = LoadedModel(model=model, tokenizer=tokenizer, adapter=stream.adapter, spec=str(folder), source=source)
     return loaded, stream
+
+
+def evaluate_streaming(folder: str | Path, stream: TokenStream, plan: WindowPlan, bos: str = "auto",
+                       dtype: torch.dtype = torch.float32, progress: bool = False) -> PerplexityResult:
+    """`perplexity.evaluate` of the model in `folder` (the fp or bf16 reference) without holding it whole: each
+    window's forward reads the decoder layers one at a time. Equals the in-memory result (a test checks it)."""
+    loaded, layers = open_checkpoint(folder, dtype)
+    with layers.streaming():
+        return evaluate(loaded, stream, plan, bos=bos, progress=progress)
 
 
 def streaming_refusal(recipe: Recipe) -> str | None:
@@ -275,7 +296,7 @@ def quantize_streaming(folder: str | Path, recipe: Recipe, stream: TokenStream, 
         write(state_tensors(loaded.model, embeddings, lambda n: not n.startswith(f"{layers.adapter.layers}.")),
               count + 1)
         quantized.record["stream"] = {"layer_reads": layers.reads, "read_seconds": layers.read_seconds,
-                                      "shards": count + 1}
+                                      "layer_seconds": layers.layer_seconds, "shards": count + 1}
         atomic_write_json(tmp / WEIGHTS_INDEX, {"metadata": {"total_size": total}, "weight_map": weight_map})
         write_artifact(tmp, quantized, extra, [*sorted(set(weight_map.values())), WEIGHTS_INDEX])
     return quantized

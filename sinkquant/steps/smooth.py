@@ -83,7 +83,8 @@ class Smooth(Step):
                                                       session.scheme)
             for name, source, targets in names:
                 linears = [layer.get_submodule(t) for t in targets]
-                scale = _migration_scale(act_max[name], _weight_max(linears), alphas[name])
+                # fp32 for a bf16 model: a bf16 pow loses the scale's low bits (fp32 models: unchanged)
+                scale = _migration_scale(act_max[name].float(), _weight_max(linears).float(), alphas[name])
                 _divide_output(layer.get_submodule(source), scale, adapter.norm_weight_offset)
                 for lin in linears:
                     lin.weight.mul_(scale)
