@@ -153,6 +153,9 @@ def read_structured(path: str | os.PathLike, what: str) -> Any:
     path = Path(path)
     if path.is_dir():
         raise SinkquantError(f"{what} path {path} is a folder; pass a .yaml or .json file")
+    if path.exists() and not path.is_file():  # a fifo or a device: reading it could block or never end
+        raise SinkquantError(f"{what} path {path} is not a regular file (a fifo, device or socket); pass a .yaml or "
+                             ".json file")
     if not path.is_file():
         raise SinkquantError(f"{what} file {path} does not exist")
     size = path.stat().st_size
@@ -217,18 +220,55 @@ def _alive(pid: str | None) -> bool:
     return True
 
 
-def check_output_dir(path: str | os.PathLike, overwrite: bool) -> Path:
-    """Refuse, before any work is done, an output folder that exists (unless `overwrite`), that is a file, that
-    is or holds the current directory, or whose place cannot be written (read-only, under a file)."""
+# Written by atomic_dir into every folder it creates: --overwrite replaces only a folder that holds it (or, for
+# folders written before it existed, one of sinkquant's manifests), so it never deletes a user's own files.
+OUTPUT_MARKER = ".sinkquant-output"
+OUTPUT_MANIFESTS = (OUTPUT_MARKER, ARTIFACT_MANIFEST, "sinkquant_export.json", "sinkquant_backend.json")
+# Folders --overwrite never replaces, whatever they hold (with the home folder and the current directory).
+SYSTEM_FOLDERS = tuple(Path(p) for p in (
+    "/", "/bin", "/boot", "/dev", "/etc", "/home", "/lib", "/lib32", "/lib64", "/media", "/mnt", "/opt", "/proc",
+    "/root", "/run", "/sbin", "/snap", "/srv", "/sys", "/tmp", "/usr", "/var"))
+
+
+def _protected(resolved: Path) -> str | None:
+    """Why --overwrite must never replace `resolved`; None when it may."""
+    cwd, home = Path.cwd().resolve(), Path.home().resolve()
+    if resolved == cwd or resolved in cwd.parents:
+        return "is or contains the current directory"
+    if resolved == home or resolved in home.parents:
+        return "is or contains the home folder"
+    if resolved in SYSTEM_FOLDERS:
+        return "is a system folder"
+    return None
+
+
+def check_output_dir(path: str | os.PathLike, overwrite: bool, reads: tuple[str | os.PathLike, ...] = (),
+                     owned: bool = False) -> Path:
+    """Refuse, before any work is done, an output folder that exists (unless `overwrite`), that is a file, whose
+    place cannot be written (read-only, under a file), or that --overwrite must not replace: the current
+    directory, the home folder, a system folder or one of their parents, a folder holding (or inside) a path the
+    command reads (`reads`), or a folder sinkquant did not write (no OUTPUT_MANIFESTS file). `owned`: the caller
+    owns the place (sinkquant's own cache), so a damaged folder there may be replaced."""
     target = Path(path)
     if target.exists() and not target.is_dir():
         raise SinkquantError(f"output path {target} exists and is a file; pass a folder path")
     if target.exists() and not overwrite:
         raise SinkquantError(f"output folder {target} already exists; pass --overwrite to replace it")
     resolved = target.resolve()
-    if overwrite and (resolved == Path.cwd().resolve() or resolved in Path.cwd().resolve().parents):
-        raise SinkquantError(f"output folder {target} is or contains the current directory; --overwrite would "
-                             "replace it: pass a new folder, e.g. --out out/run1")
+    for read in (r for r in reads if Path(r).exists()):  # a hub id or a model name is no folder here
+        source = Path(read).resolve()
+        if source == resolved or resolved in source.parents or source in resolved.parents:
+            raise SinkquantError(f"output folder {target} is, holds or is inside {read}, which this command reads; "
+                                 "pass a new folder, e.g. --out out/run1")
+    if overwrite and target.exists():
+        problem = _protected(resolved)
+        if problem is not None:
+            raise SinkquantError(f"output folder {target} {problem}; --overwrite would replace it: pass a new "
+                                 "folder, e.g. --out out/run1")
+        if not owned and any(target.iterdir()) and not any((target / n).is_file() for n in OUTPUT_MANIFESTS):
+            raise SinkquantError(f"output folder {target} was not written by sinkquant (it has no "
+                                 f"{OUTPUT_MARKER} or {ARTIFACT_MANIFEST}); --overwrite replaces only sinkquant's own "
+                                 "output folders: pass a new folder or remove this one yourself")
     check_writable_place(target)
     return target
 
@@ -258,17 +298,22 @@ def check_writable_place(path: str | os.PathLike, what: str = "output path", ins
 
 
 @contextlib.contextmanager
-def atomic_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temp folder beside `path`; on success it replaces `path`, on failure it is removed. Temp folders
-    that an earlier killed run left for the same target are removed first; the new folder gets the umask's mode."""
-    target = check_output_dir(path, overwrite)
+def atomic_dir(path: str | os.PathLike, overwrite: bool = False, owned: bool = False) -> Iterator[Path]:
+    """Yield a temp folder beside `path`, marked with OUTPUT_MARKER; on success it replaces `path`, on failure it
+    is removed. Temp folders that an earlier killed run left for the same target are removed first; the new folder
+    and its files get the umask's mode. `owned`: see check_output_dir."""
+    target = check_output_dir(path, overwrite, owned=owned)
     for stale in _stale_siblings(target):
         shutil.rmtree(stale, ignore_errors=True)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.{os.getpid()}.", suffix=".partial", dir=target.parent))
     try:
         os.chmod(tmp, 0o777 & ~_umask())
+        atomic_write_text(tmp / OUTPUT_MARKER, "written by sinkquant: `--overwrite` may replace this folder\n")
         yield tmp
+        for written in tmp.rglob("*"):  # libraries that write 0600 (safetensors) get the mode of the rest
+            if written.is_file():
+                os.chmod(written, 0o666 & ~_umask())
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -280,6 +325,24 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Pat
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, target)
+
+
+def folder_files(folder: str | os.PathLike, manifest: str) -> list[str]:
+    """Every file under `folder` (relative POSIX paths) but its `manifest`: what the manifest must list."""
+    root = Path(folder)
+    return sorted(p.relative_to(root).as_posix() for p in root.rglob("*")
+                  if p.is_file() and p.relative_to(root).as_posix() != manifest)
+
+
+def check_listed(folder: str | os.PathLike, digests: Any, manifest: str) -> None:
+    """Refuse, before anything is read, a file under `folder` that its manifest's digests do not list (added or
+    left there after it was written: a loader would read it unverified)."""
+    listed = set(digests) if isinstance(digests, dict) else set()
+    unlisted = [name for name in folder_files(folder, manifest) if name not in listed]
+    if unlisted:
+        raise SinkquantError(f"{Path(folder) / unlisted[0]} is not listed in {Path(folder) / manifest}, so it cannot "
+                             "be verified and is not read; remove it (or re-create the folder with sinkquant, if an "
+                             "older version wrote it)")
 
 
 def file_digests(folder: str | os.PathLike, names: list[str]) -> dict[str, str]:

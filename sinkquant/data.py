@@ -7,13 +7,14 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from sinkquant.artifacts import sha256_bytes
 from sinkquant.errors import SinkquantError
 from sinkquant.hub import declared_offline, unreachable
+
+if TYPE_CHECKING:  # this module is torch-free until token ids are cut into windows: the CLI checks files first
+    import torch
 
 DEFAULT_DATA = "wikitext2"
 WIKITEXT2_ENV = "SINKQUANT_WIKITEXT2"
@@ -59,7 +60,11 @@ def _innermost(exc: BaseException) -> BaseException:
     return exc
 
 
-def _load_local(path: Path, text_field: str) -> Text:
+def check_data_file(path: Path, text_field: str, ctx: int = 0, windows: int = 1) -> str:
+    """What can be refused about a local data file without a tokenizer or `datasets` (both slow to import): a
+    folder, a missing file, an unknown suffix, not UTF-8, empty, not parquet inside, a JSON-lines row without
+    `text_field`, or (a plain text, given `ctx`) fewer bytes than `windows` windows of ctx tokens need (a token
+    covers at least one byte, but for a tokenizer's leading word marker). Returns the `datasets` builder."""
     if path.is_dir():
         raise SinkquantError(f"data path {path} is a folder; pass a file ({', '.join(_BUILDERS)})")
     if not path.is_file():
@@ -67,8 +72,53 @@ def _load_local(path: Path, text_field: str) -> Text:
     builder = _BUILDERS.get(path.suffix.lower())
     if builder is None:
         raise SinkquantError(f"data file {path}: unsupported suffix {path.suffix!r}; valid: {', '.join(_BUILDERS)}")
-    if builder in ("text", "json"):
-        _check_utf8(path)
+    size = path.stat().st_size
+    if size == 0:
+        raise SinkquantError(f"data file {path} is empty; pass a file with text in it")
+    if builder == "parquet":
+        with open(path, "rb") as handle:
+            head = handle.read(4)
+            handle.seek(-4, os.SEEK_END)
+            tail = handle.read(4)
+        if head != b"PAR1" or tail != b"PAR1":
+            raise SinkquantError(f"data file {path} is not a parquet file (no PAR1 magic bytes at its start and end)")
+        return builder
+    _check_utf8(path)
+    if path.suffix.lower() == ".jsonl":
+        _check_jsonl_row(path, text_field)
+    if builder != "text":  # a JSON file's bytes are mostly structure: `datasets` reads it, the tokens tell
+        return builder
+    if size + 1 < ctx:
+        raise SinkquantError(f"data file {path} has {size} bytes (at most {size + 1} tokens): its text is shorter "
+                             f"than one window of ctx={ctx}; use a longer text or a smaller --ctx")
+    if size + 1 < ctx * windows:
+        raise SinkquantError(f"data file {path} has {size} bytes (at most {size + 1} tokens): too few for {windows} "
+                             f"windows of ctx={ctx} (calibration plus one evaluation window); use a longer text, a "
+                             "smaller --ctx or fewer --calib-windows")
+    return builder
+
+
+def _check_jsonl_row(path: Path, text_field: str) -> None:
+    """The first row of a JSON-lines file is an object with `text_field` (a typo there otherwise costs a model
+    load before `datasets` reports it)."""
+    import json
+
+    with open(path, encoding="utf-8") as handle:
+        first = next((line for line in handle if line.strip()), "")
+    try:
+        row = json.loads(first)
+    except json.JSONDecodeError as exc:
+        raise SinkquantError(f"data file {path}: line 1 is not valid JSON ({exc.msg})") from None
+    if not isinstance(row, dict):
+        raise SinkquantError(f"data file {path}: line 1 is a JSON {type(row).__name__}; each line must be an object "
+                             f"with a {text_field!r} field")
+    if text_field not in row:
+        raise SinkquantError(f"data file {path} has no field {text_field!r}; fields: {', '.join(row)} "
+                             "(choose one with --text-field)")
+
+
+def _load_local(path: Path, text_field: str) -> Text:
+    builder = check_data_file(path, text_field)
     import datasets
 
     datasets.disable_progress_bars()
@@ -134,17 +184,26 @@ def load_text(
 ) -> Text:
     """`spec`: a local .txt/.raw/.jsonl/.json/.parquet file, a hub data set name, or 'wikitext2' (default:
     the local copy named by `local_copy` or $SINKQUANT_WIKITEXT2 when given, else the hub)."""
+    path = local_data_path(spec, local_copy)
+    if path is not None:
+        loaded = _load_local(path, text_field)
+        if spec == DEFAULT_DATA:
+            loaded.source["dataset"] = "wikitext-2-raw-v1 test (local copy)"
+        return loaded
+    if spec == DEFAULT_DATA:
+        return _load_hub(*WIKITEXT2_HUB[:2], split=WIKITEXT2_HUB[2], text_field=text_field)
+    return _load_hub(spec, config, split, text_field)
+
+
+def local_data_path(spec: str, local_copy: str | None = None) -> Path | None:
+    """The local file `load_text` reads for `spec`; None for a hub data set."""
     if spec == DEFAULT_DATA:
         copy = local_copy or os.environ.get(WIKITEXT2_ENV)
-        if copy:
-            loaded = _load_local(Path(copy).expanduser(), text_field)
-            loaded.source["dataset"] = "wikitext-2-raw-v1 test (local copy)"
-            return loaded
-        return _load_hub(*WIKITEXT2_HUB[:2], split=WIKITEXT2_HUB[2], text_field=text_field)
+        return Path(copy).expanduser() if copy else None
     path = Path(spec).expanduser()
     if path.suffix.lower() in _BUILDERS or path.exists() or spec.startswith((".", "/", "~")):
-        return _load_local(path, text_field)
-    return _load_hub(spec, config, split, text_field)
+        return path
+    return None
 
 
 @dataclass
@@ -161,6 +220,8 @@ class TokenStream:
         return self.ids.numel() // ctx
 
     def windows(self, ctx: int, indices: list[int]) -> torch.Tensor:
+        import torch
+
         return torch.stack([self.ids[i * ctx : (i + 1) * ctx] for i in indices])
 
 

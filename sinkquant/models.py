@@ -134,7 +134,7 @@ def _embedded_folder(entry: EmbeddedModel, dtype: torch.dtype) -> tuple[Path, st
             log.warning("sinkquant: rebuilding the model cache %s: %s", folder, problem)
         add_bos = gguf_add_bos(gguf)
         model, tokenizer = _load_gguf(gguf, dtype)
-        with atomic_dir(folder, overwrite=True) as tmp:
+        with atomic_dir(folder, overwrite=True, owned=True) as tmp:
             model.save_pretrained(tmp, safe_serialization=True)
             tokenizer.save_pretrained(tmp)
             files = file_digests(tmp, sorted(p.name for p in tmp.iterdir() if p.is_file()))

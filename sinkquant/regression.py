@@ -19,7 +19,7 @@ from pathlib import Path
 from statistics import fmean
 from typing import TYPE_CHECKING, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from sinkquant.artifacts import atomic_write_json, library_versions, read_structured, sha256_file
 from sinkquant.errors import SinkquantError
@@ -35,6 +35,11 @@ if TYPE_CHECKING:
 K_SPREAD = 3.0
 # x86 kernel paths torch can be forced down to (ATEN_CPU_CAPABILITY), lowest first.
 X86_PATHS = ("AVX2", "AVX512")
+# Every name torch.backends.cpu.get_cpu_capability() gives: a baseline's `kernels` keys must be one of these.
+KERNEL_PATHS = ("DEFAULT", *X86_PATHS, "VSX", "ZVECTOR", "SVE", "SVE128", "SVE256", "SVE512")
+# The widest tolerance a baseline may hold: above it a check would pass anything. It bounds rel_tol and the
+# measured kernel spread alike (K_SPREAD x spread), so no entry of the file can widen it further.
+MAX_TOLERANCE = 0.5
 MAX_BASELINE_BYTES = 1 << 20
 UPDATE_HINT = ("re-measure it deliberately with `sinkquant check --update-baselines` "
                "(pytest: --sinkquant-update-baselines)")
@@ -65,7 +70,7 @@ class Baseline(BaseModel):
     bos: Literal["never", "per-window", "auto"] = "auto"
     metric: Literal["ppl", "ratio"] = Field(
         default="ppl", description="ppl: absolute perplexity; ratio: quantized / fp32 perplexity of the same run")
-    rel_tol: float = Field(gt=0, le=0.5, description="a tolerance above 50% would check nothing")
+    rel_tol: float = Field(gt=0, le=MAX_TOLERANCE, description="a tolerance above 50% would check nothing")
     note: str | None = Field(default=None, description="why the tolerance is what it is")
     ppl: float | None = Field(default=None, gt=0, description="mean over kernel paths (or a hand-set value)")
     kernels: dict[str, KernelValue] = Field(default_factory=dict)
@@ -76,6 +81,18 @@ class Baseline(BaseModel):
 
     def values(self) -> dict[str, float]:
         return {name: value.metric(self.metric) for name, value in self.kernels.items()}
+
+    @model_validator(mode="after")
+    def _kernel_paths(self) -> Baseline:
+        """Only real kernel paths, and a spread that keeps the tolerance within MAX_TOLERANCE."""
+        unknown = sorted(set(self.kernels) - set(KERNEL_PATHS))
+        if unknown:
+            raise ValueError(f"kernels: {unknown[0]!r} is not a CPU kernel path; valid: {', '.join(KERNEL_PATHS)}")
+        if K_SPREAD * self.spread() > MAX_TOLERANCE:
+            raise ValueError(f"kernels: the paths' values spread {100 * self.spread():.1f}%, so the tolerance "
+                             f"({K_SPREAD:g} x spread = {100 * K_SPREAD * self.spread():.1f}%) would exceed the "
+                             f"{100 * MAX_TOLERANCE:.0f}% maximum; {UPDATE_HINT}")
+        return self
 
     def spread(self) -> float:
         """Relative range of the metric over the recorded kernel paths (0 with fewer than two)."""

@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from sinkquant.artifacts import OUTPUT_MARKER
 from sinkquant.cli import main
 from sinkquant.data import TokenStream
 from sinkquant.errors import SinkquantError
@@ -81,6 +82,7 @@ def test_determinism_and_overwrite(smollm2: LoadedModel, wikitext_stream: TokenS
     kwargs = {"ctx": 96, "windows": 1, "progress": False, "probe": False}
     first = profile(smollm2, wikitext_stream, **kwargs)
     out.mkdir()
+    (out / OUTPUT_MARKER).write_text("")  # an older run's folder: --overwrite replaces only sinkquant's own
     (out / "stale.txt").write_text("from an older run")
     with pytest.raises(SinkquantError, match="already exists"):
         profile(smollm2, wikitext_stream, out=out, **kwargs)

@@ -36,7 +36,7 @@ from sinkquant.quant.qweight import QuantizedWeight
 if TYPE_CHECKING:
     from sinkquant.engine.apply import QuantizedModel
 
-FORMATS = ("compressed-tensors",)
+FORMATS = ("compressed-tensors", "onnx")
 PREFIX_KV = "prefix_kv.safetensors"
 PREFIX_META = "prefix.json"
 MANIFEST = "sinkquant_export.json"
@@ -193,6 +193,10 @@ def export(quantized: QuantizedModel, out: str | os.PathLike, format: str = "com
     fp prefix KV beside it; the QuantizedModel itself is left untouched."""
     if format not in FORMATS:
         raise SinkquantError(f"format={format!r} is not valid; valid: {', '.join(FORMATS)}")
+    if format == "onnx":
+        from sinkquant.backends.onnx_export import export_onnx
+
+        return export_onnx(quantized, out, overwrite=overwrite)
     recipe = quantized.recipe
     if not BACKENDS[recipe.backend].runs_recipes:
         raise SinkquantError(f"backend {recipe.backend!r} quantizes by a peer library's rules and cannot be exported "

@@ -1,7 +1,9 @@
 """`sinkquant` command line: a thin wrapper over the public API; every user error is one line, exit 2.
 
 Building the parser imports no heavy library: each subcommand imports torch, transformers and the rest inside
-its own `run`, after the Ctrl-C handling and the upstream-warning filters are in place."""
+its own `run`, after the Ctrl-C handling and the upstream-warning filters are in place. A subcommand's `check`
+runs first, before torch is imported: every refusal that needs no model (recipe, flags, output folder, data file)
+comes in well under a second."""
 
 from __future__ import annotations
 
@@ -36,6 +38,8 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         quiet_libraries(args.quiet)
         import torch
+        if getattr(args, "check", None) is not None:  # refusals that need no model: before torch is imported
+            args.check(args)
 
         torch.manual_seed(0)
         args.func(args)

@@ -8,11 +8,17 @@ from pathlib import Path
 from sinkquant.cli.args import add_model_args, add_output_args, load_kwargs
 
 
+def check(args: argparse.Namespace) -> None:
+    """Before torch: --out may be written, and is not the model folder being read."""
+    from sinkquant.artifacts import check_output_dir
+
+    check_output_dir(args.out, args.overwrite, reads=(args.model,))
+
+
 def run(args: argparse.Namespace) -> None:
-    from sinkquant.artifacts import atomic_dir, check_output_dir
+    from sinkquant.artifacts import atomic_dir
     from sinkquant.models import load_model
 
-    check_output_dir(args.out, args.overwrite)  # refuse before the model loads
     # models.convert loads with its defaults; this command honours --dtype and --trust-remote-code.
     loaded = load_model(args.model, **load_kwargs(args))
     with atomic_dir(args.out, overwrite=args.overwrite) as tmp:
@@ -27,4 +33,4 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_output_args(p)
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--overwrite", action="store_true")
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, check=check)

@@ -10,6 +10,7 @@ from sinkquant.cli.args import add_data_args, add_model_args, add_output_args, l
 
 def run(args: argparse.Namespace) -> None:
     from sinkquant.artifacts import atomic_write_json, check_output_file
+    from sinkquant.backends.onnx_runtime import is_onnx_export
     from sinkquant.data import plan_windows
     from sinkquant.models import is_artifact
     from sinkquant.perplexity import evaluate
@@ -19,6 +20,8 @@ def run(args: argparse.Namespace) -> None:
         check_output_file(args.out)  # an unwritable --out fails before the evaluation, not after
     if is_artifact(args.model):
         result, loaded = _evaluate_artifact(args)
+    elif is_onnx_export(args.model):
+        result, loaded = _evaluate_onnx(args)
     else:
         loaded, stream = load_inputs(args)
         plan = plan_windows(stream, args.ctx, max_windows(args))
@@ -48,6 +51,26 @@ def _evaluate_artifact(args: argparse.Namespace):
     return quantized.evaluate(stream, plan, bos=args.bos, progress=not args.quiet), quantized.base
 
 
+def _evaluate_onnx(args: argparse.Namespace):
+    """A folder written by `sinkquant export --format onnx`, run by ONNX Runtime: the same windows and evaluator,
+    its fp prefix KV as the first past, its recipe's calibration windows kept out of the evaluation."""
+    from sinkquant.backends.onnx_runtime import load_onnx
+    from sinkquant.data import load_text, plan_windows, tokenize
+    from sinkquant.perplexity import evaluate
+    from sinkquant.recipes.schema import parse_recipe
+
+    loaded, prefix, manifest = load_onnx(args.model, verify=not args.no_verify)
+    recipe = parse_recipe(manifest.get("recipe") or {}, str(args.model))
+    text = load_text(args.data, config=args.data_config, split=args.data_split, text_field=args.text_field,
+                     local_copy=args.local_copy)
+    stream = tokenize(text, loaded.tokenizer)
+    plan = plan_windows(stream, args.ctx, max_windows(args), calib_windows=recipe.calibration.windows)
+    said = f"behind its fp prefix KV ({len(prefix.ids)} tokens {prefix.ids})" if prefix is not None else "no prefix"
+    print(f"sinkquant eval: {args.model} is an ONNX export, run by ONNX Runtime {said}")
+    bos = args.bos if prefix is None else "never"
+    return evaluate(loaded, stream, plan, bos=bos, prefix=prefix, progress=not args.quiet), loaded
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("eval", help="perplexity of a model on a text")
     add_model_args(p)
@@ -56,5 +79,5 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=positive_int, default=1, help="windows per forward pass (>= 1)")
     p.add_argument("--out", type=Path, default=None, help="write the result as JSON here")
     p.add_argument("--no-verify", action="store_true",
-                   help="for an artifact folder: skip the sha256 check of its files (huge models)")
+                   help="for an artifact or ONNX export folder: skip the sha256 check of its files (huge models)")
     p.set_defaults(func=run)

@@ -24,9 +24,11 @@ def run(args: argparse.Namespace) -> None:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("export", help="write an artifact in a format serving engines load (compressed-tensors)")
+    p = subparsers.add_parser("export", help="write an artifact in a format serving engines load (compressed-tensors, "
+                                                 "onnx)")
     p.add_argument("artifact", type=Path, help="a folder written by `sinkquant quantize`")
-    p.add_argument("--format", default="compressed-tensors", help="output format (compressed-tensors)")
+    p.add_argument("--format", default="compressed-tensors",
+                   help="output format: compressed-tensors (vLLM) or onnx (ONNX Runtime, static int8 QDQ)")
     p.add_argument("--out", type=Path, required=True, help="output folder")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--no-verify", action="store_true", help="skip the sha256 check of the artifact's files")

@@ -24,6 +24,14 @@ def _named(specs: list[str] | None) -> dict[str, str]:
     return named
 
 
+def check(args: argparse.Namespace) -> None:
+    """Before torch: --out may be written, and --data entries are well formed."""
+    from sinkquant.artifacts import check_output_dir
+
+    check_output_dir(args.out, args.overwrite, reads=(args.model,))
+    _named(args.data)
+
+
 def run(args: argparse.Namespace) -> None:
     from sinkquant.artifacts import check_output_dir
     from sinkquant.data import load_text, tokenize
@@ -62,4 +70,4 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, required=True, help="report folder (report.json, report.html, report.md)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--no-probe", action="store_true", help="skip the position-vs-content and BOS probe")
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, check=check)

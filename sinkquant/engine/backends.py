@@ -6,13 +6,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
-
-from torch import nn
-from transformers import Cache
+from typing import TYPE_CHECKING, Any
 
 from sinkquant.quant.backends import PEERS, Peer
 from sinkquant.quant.scheme import Scheme
+
+if TYPE_CHECKING:  # the registry itself is torch-free: the recipe parser reads it before torch is imported
+    from torch import nn
+    from transformers import Cache
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,8 @@ from collections.abc import Iterable
 
 import torch
 
+from sinkquant.steps.specs import HIDDEN_SINK_THRESHOLD  # noqa: F401  (re-exported: the act step uses it too)
+
 # Where each metric comes from; copied into every report so a reader can check the definitions.
 SOURCES: dict[str, str] = {
     "massive_activation": "Sun et al. 2024, Massive Activations in LLMs: |h| > 100 and >= 1000x median",
@@ -41,7 +43,6 @@ MASSIVE_RATIO = 1000.0
 TOKEN_OUTLIER_ETA = 64.0
 SYSTEMATIC_RATIO = 1000.0
 SINK_EPS = (0.3, 0.8)
-HIDDEN_SINK_THRESHOLD = 0.1
 INT8_OUTLIER_THRESHOLD = 6.0
 KURTOSIS_EPS = 1e-6
 DORMANT_ALPHA = 0.8

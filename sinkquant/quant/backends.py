@@ -2,7 +2,10 @@
 round-trips: bitsandbytes (LLM.int8, nf4, fp4) via transformers' BitsAndBytesConfig, optimum-quanto (int8/int4
 weights, int8 static activations with its own Calibration) and torchao (int8 weight-only, int8 dynamic
 activations). One class per library, one registered instance per variant: what differs between variants is
-data, never a branch on the name. lm_head is always left in full precision so a tied embedding stays tied."""
+data, never a branch on the name. lm_head is always left in full precision so a tied embedding stays tied.
+Every variant saves safetensors and JSON (no pickle), and a saved folder lists the sha256 of each of its files.
+
+The registry is importable without torch (the recipe parser reads the names): each library loads when used."""
 
 from __future__ import annotations
 
@@ -13,14 +16,23 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-from torch import nn
-from transformers import AutoModelForCausalLM, BitsAndBytesConfig, PreTrainedModel
-
-from sinkquant.artifacts import atomic_dir, atomic_write_json, read_manifest
+from sinkquant.artifacts import (
+    atomic_dir,
+    atomic_write_json,
+    check_listed,
+    file_digests,
+    folder_files,
+    read_manifest,
+    verify_digests,
+)
 from sinkquant.errors import SinkquantError
-from sinkquant.models import empty_model
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+    from transformers import BitsAndBytesConfig, PreTrainedModel
 
 SKIP_MODULES = ["lm_head"]
 MANIFEST = "sinkquant_backend.json"
@@ -62,6 +74,9 @@ class BitsAndBytesPeer(Peer):
     int8_threshold: float = 6.0  # LLM.int8's outlier threshold; 0 disables the fp16 outlier path
 
     def config(self) -> BitsAndBytesConfig:
+        import torch
+        from transformers import BitsAndBytesConfig
+
         if self.quant_type is None:
             return BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=self.int8_threshold,
                                       llm_int8_skip_modules=SKIP_MODULES)
@@ -69,6 +84,9 @@ class BitsAndBytesPeer(Peer):
                                   bnb_4bit_compute_dtype=torch.float32, llm_int8_skip_modules=SKIP_MODULES)
 
     def quantize(self, model: PreTrainedModel, calib_batches: Iterable[torch.Tensor] | None) -> PreTrainedModel:
+        import torch
+        from transformers import AutoModelForCausalLM
+
         with tempfile.TemporaryDirectory(prefix="sinkquant-bnb-") as tmp:
             model.save_pretrained(tmp)
             quantized = AutoModelForCausalLM.from_pretrained(tmp, quantization_config=self.config(),
@@ -79,6 +97,9 @@ class BitsAndBytesPeer(Peer):
         model.save_pretrained(folder)
 
     def load(self, folder: Path) -> PreTrainedModel:
+        import torch
+        from transformers import AutoModelForCausalLM
+
         return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, device_map="cpu").eval()
 
 
@@ -122,8 +143,11 @@ class QuantoPeer(Peer):
         atomic_write_json(folder / QUANTO_NO_OUTPUT, no_output)
 
     def load(self, folder: Path) -> PreTrainedModel:
+        import torch
         from optimum.quanto import requantize
         from safetensors.torch import load_file
+
+        from sinkquant.models import empty_model
 
         model = empty_model(folder)
         qmap = json.loads((folder / "quanto_qmap.json").read_text())
@@ -135,13 +159,15 @@ class QuantoPeer(Peer):
 
 
 def _not_lm_head(module: nn.Module, name: str) -> bool:
+    from torch import nn
+
     return isinstance(module, nn.Linear) and name.split(".")[-1] not in SKIP_MODULES
 
 
 @dataclass(frozen=True)
 class TorchaoPeer(Peer):
-    """torchao's `quantize_` with one of its configs, on a deep copy; saved as a weights-only state dict of
-    torchao's tensor subclasses."""
+    """torchao's `quantize_` with one of its configs, on a deep copy; saved as safetensors through torchao's own
+    flattening of its tensor subclasses (their attributes go into the file's JSON metadata)."""
 
     config_name: str = "Int8WeightOnlyConfig"
 
@@ -153,12 +179,32 @@ class TorchaoPeer(Peer):
         return quantized
 
     def save(self, model: PreTrainedModel, folder: Path) -> None:
+        from safetensors.torch import save_file
+        from torchao.prototype.safetensors.safetensors_support import flatten_tensor_state_dict
+
         model.config.save_pretrained(folder)
-        torch.save(model.state_dict(), folder / "model.pt")
+        tied = model.config.tie_word_embeddings  # safetensors stores a shared tensor once: tie_weights restores it
+        state = {k: v for k, v in model.state_dict().items() if not (tied and k == "lm_head.weight")}
+        tensors, metadata = flatten_tensor_state_dict(state)
+        save_file(tensors, str(folder / "model.safetensors"), metadata=metadata)
 
     def load(self, folder: Path) -> PreTrainedModel:
+        from safetensors import safe_open
+        from safetensors.torch import load_file
+        from torchao.prototype.safetensors.safetensors_support import unflatten_tensor_state_dict
+
+        from sinkquant.models import empty_model
+
         model = empty_model(folder)
-        model.load_state_dict(torch.load(folder / "model.pt", weights_only=True), assign=True)
+        path = folder / "model.safetensors"
+        with safe_open(str(path), "pt") as handle:
+            metadata = handle.metadata()
+        state, leftover = unflatten_tensor_state_dict(load_file(path), metadata)
+        missing, unexpected = model.load_state_dict({**state, **leftover}, assign=True, strict=False)
+        missing = [m for m in missing if not (model.config.tie_word_embeddings and m == "lm_head.weight")]
+        if missing or unexpected:
+            what = f"missing tensor {missing[0]!r}" if missing else f"unexpected tensor {unexpected[0]!r}"
+            raise SinkquantError(f"{path}: {what}; the weights do not belong to this model")
         model.tie_weights()
         return model
 
@@ -183,15 +229,17 @@ def peer(name: str) -> Peer:
     return PEERS[name]
 
 
-@torch.no_grad()
 def quantize_backend(
     model: PreTrainedModel, backend: str, calib_batches: Iterable[torch.Tensor] | None = None,
 ) -> PreTrainedModel:
     """A quantized model built from `model` (left untouched) by the peer `backend`."""
+    import torch
+
     chosen = peer(backend)
     if chosen.needs_calibration and calib_batches is None:
         raise SinkquantError(f"backend {backend!r} needs calib_batches for its static activation scales")
-    return chosen.quantize(model, calib_batches)
+    with torch.no_grad():
+        return chosen.quantize(model, calib_batches)
 
 
 def save_backend(model: PreTrainedModel, backend: str, folder: str | Path, overwrite: bool = False) -> Path:
@@ -199,12 +247,16 @@ def save_backend(model: PreTrainedModel, backend: str, folder: str | Path, overw
     chosen = peer(backend)
     with atomic_dir(folder, overwrite=overwrite) as tmp:
         chosen.save(model, tmp)
-        atomic_write_json(tmp / MANIFEST, {"backend": backend})
+        atomic_write_json(tmp / MANIFEST, {"backend": backend,
+                                           "files": file_digests(tmp, folder_files(tmp, MANIFEST))})
     return Path(folder)
 
 
-def load_backend(folder: str | Path) -> PreTrainedModel:
-    """Reload a folder written by save_backend."""
+def load_backend(folder: str | Path, verify: bool = True) -> PreTrainedModel:
+    """Reload a folder written by save_backend; `verify` checks every file's sha256 first."""
     folder = Path(folder)
-    backend = read_manifest(folder, MANIFEST, "it was not written by sinkquant.quant.save_backend")["backend"]
-    return peer(backend).load(folder)
+    manifest = read_manifest(folder, MANIFEST, "it was not written by sinkquant.quant.save_backend")
+    check_listed(folder, manifest.get("files"), MANIFEST)
+    if verify:
+        verify_digests(folder, manifest.get("files"), str(folder))
+    return peer(manifest.get("backend")).load(folder)

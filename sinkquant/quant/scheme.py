@@ -13,6 +13,7 @@ from sinkquant.errors import SinkquantError
 
 WEIGHT_BITS = (2, 3, 4, 5, 6, 7, 8)
 ACTIVATION_BITS = (4, 8)
+MAX_WIDTH = 1 << 16  # group and GPTQ block sizes beyond any Linear's input width (which they must not exceed anyway)
 
 
 class _Strict(BaseModel):
@@ -24,7 +25,7 @@ class GPTQConfig(_Strict):
 
     damp: float = Field(default=0.01, gt=0.0, le=1.0, description="dampening, a fraction of the mean diagonal")
     act_order: bool = False
-    block_size: int = Field(default=128, ge=1)
+    block_size: int = Field(default=128, ge=1, le=MAX_WIDTH)
     mse_clip: bool = False
 
 
@@ -34,7 +35,7 @@ class WeightScheme(_Strict):
 
     bits: int = 8
     granularity: Literal["tensor", "channel", "group"] = "channel"
-    group_size: int | None = Field(default=None, ge=2)
+    group_size: int | None = Field(default=None, ge=2, le=MAX_WIDTH)
     symmetric: bool = True
     gptq: GPTQConfig | None = None
 

@@ -3,7 +3,8 @@ quantization scheme they prepare for.
 
 Validation happens before any model work: an unknown key, a wrong type, a bad value, a step that needs what
 the scheme lacks, a duplicate or a step out of stage order is one error naming the file, the field path (or the
-step's index and name) and what would be valid."""
+step's index and name) and what would be valid. `check_recipe` does all of it without torch (the steps' specs);
+`parse_recipe` then builds the steps that do the work."""
 
 from __future__ import annotations
 
@@ -16,14 +17,14 @@ from sinkquant.artifacts import read_structured
 from sinkquant.engine.backends import BACKENDS
 from sinkquant.errors import SinkquantError
 from sinkquant.quant.scheme import Scheme
-from sinkquant.steps import STEPS, Stage, Step
+from sinkquant.steps import SPECS, Stage, Step, StepSpec
 
 
 class CalibrationConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    windows: int = Field(default=8, ge=1)
-    ctx: int | None = Field(default=None, ge=2, description="defaults to the evaluation ctx")
+    windows: int = Field(default=8, ge=1, le=1 << 16)
+    ctx: int | None = Field(default=None, ge=2, le=1 << 20, description="defaults to the evaluation ctx")
     pipeline: Literal["sequential", "whole"] = Field(
         default="sequential", description="sequential: one decoder layer at a time (weights plus one layer's "
                                           "activations in memory); whole: full-model forwards")
@@ -106,17 +107,18 @@ def format_validation(exc: ValidationError, root: type[BaseModel], prefix: str =
     return "; ".join(parts)
 
 
-def _parse_steps(entries: list[dict[str, Any]], scheme: Scheme) -> tuple[Step, ...]:
-    steps: list[Step] = []
+def _check_steps(entries: list[dict[str, Any]], scheme: Scheme) -> tuple[StepSpec, ...]:
+    """The steps as their specs (no torch), every parse-time rule checked."""
+    steps: list[StepSpec] = []
     for index, entry in enumerate(entries):
         where = f"steps[{index}]"
         if not isinstance(entry, dict) or len(entry) != 1:
             raise SinkquantError(f"{where}: each step is a mapping with one key, the step's name; valid names: "
-                                 f"{', '.join(sorted(STEPS))}")
+                                 f"{', '.join(sorted(SPECS))}")
         (name, args), = entry.items()
-        cls = STEPS.get(name)
+        cls = SPECS.get(name)
         if cls is None:
-            raise SinkquantError(f"{where}: unknown step {name!r}; valid steps: {', '.join(sorted(STEPS))}")
+            raise SinkquantError(f"{where}: unknown step {name!r}; valid steps: {', '.join(sorted(SPECS))}")
         try:
             config = cls.Config.model_validate(args or {})
         except ValidationError as exc:
@@ -139,8 +141,15 @@ def _parse_steps(entries: list[dict[str, Any]], scheme: Scheme) -> tuple[Step, .
     return tuple(steps)
 
 
-def parse_recipe(data: Any, source: str = "<recipe>") -> Recipe:
-    """Validate a recipe mapping (as read from YAML/JSON); errors start with `source`."""
+        earlier = next((i for i, s in enumerate(steps[:index]) if step.name in s.invalidated_by), None)
+        if earlier is not None:
+            raise SinkquantError(
+                f"{where}: changes what steps[{earlier}] ({steps[earlier].name}) computed ({steps[earlier].computes}) "
+                f"on the model, so it cannot follow it; list {step.name} before {steps[earlier].name}"
+            )
+def check_recipe(data: Any, source: str = "<recipe>") -> tuple[RecipeFile, tuple[StepSpec, ...]]:
+    """Every parse-time rule of a recipe mapping (as read from YAML/JSON), without torch; errors start with
+    `source`. Returns the file and its steps' specs."""
     if not isinstance(data, dict):
         raise SinkquantError(f"{source}: a recipe must be a YAML mapping with name, description, steps, scheme")
     try:
@@ -166,13 +175,27 @@ def parse_recipe(data: Any, source: str = "<recipe>") -> Recipe:
         raise SinkquantError(f"{source}: invalid recipe: scheme.weights.gptq collects Hessians layer by layer; "
                              "set calibration.pipeline: sequential")
     try:
-        steps = _parse_steps(raw.steps, raw.scheme)
+        return raw, _check_steps(raw.steps, raw.scheme)
     except SinkquantError as exc:
         raise SinkquantError(f"{source}: invalid recipe: {exc}") from None
     return Recipe(name=raw.name, description=raw.description, backend=raw.backend, steps=steps, scheme=raw.scheme,
                   calibration=raw.calibration)
 
 
+
+def check_recipe_file(path: str | Path) -> RecipeFile:
+    """`load_recipe`'s refusals without torch (for the command line, before any heavy import)."""
+    path = Path(path)
+    return check_recipe(read_structured(path, "recipe"), str(path))[0]
+
 def load_recipe(path: str | Path) -> Recipe:
     path = Path(path)
     return parse_recipe(read_structured(path, "recipe"), str(path))
+
+
+def parse_recipe(data: Any, source: str = "<recipe>") -> Recipe:
+    """Validate a recipe mapping (as read from YAML/JSON; errors start with `source`) and build its steps."""
+    from sinkquant.steps import STEPS  # the step modules, and torch with them
+
+    raw, specs = check_recipe(data, source)
+    steps = tuple(STEPS[s.name](s.config) for s in specs)

@@ -1,7 +1,26 @@
-"""Recipe steps, one module each, registered by name in `STEPS` (see base.py for the lifecycle). The base names
-come first: step modules reach the recipe parser, which reads STEPS while this package is still importing."""
+"""Recipe steps, one module each, registered by name in `STEPS` (see base.py for the lifecycle); their torch-free
+rules, which the recipe parser checks first, are in specs.py (`SPECS`). Importing this package stays cheap: the
+step modules (and torch) load on the first use of `STEPS`."""
 
-from sinkquant.steps.base import STEPS, Stage, Step, StepConfig, register  # isort: skip
-from sinkquant.steps import act, clip, exceptions, keep_sink, prefix, rotate, smooth  # noqa: F401, E402  (registration)
+from __future__ import annotations
 
-__all__ = ["STEPS", "Stage", "Step", "StepConfig", "register"]
+import importlib
+from typing import Any
+
+from sinkquant.steps import specs  # noqa: F401  (the built-in steps' rules, registered in SPECS)
+from sinkquant.steps.base import SPECS, Stage, Step, StepConfig, StepSpec, register, spec
+
+MODULES = ("act", "clip", "exceptions", "keep_sink", "prefix", "rotate", "smooth")
+
+__all__ = ["MODULES", "SPECS", "STEPS", "Stage", "Step", "StepConfig", "StepSpec", "register", "spec"]
+
+
+def __getattr__(name: str) -> Any:
+    if name != "STEPS":
+        raise AttributeError(f"module 'sinkquant.steps' has no attribute {name!r}")
+    for module in MODULES:  # registration
+        importlib.import_module(f"sinkquant.steps.{module}")
+    from sinkquant.steps.base import STEPS
+
+    globals()["STEPS"] = STEPS
+    return STEPS

@@ -17,10 +17,9 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any
 
 import torch
-from pydantic import Field
 from torch import nn
 
 from sinkquant.adapters import Adapter
@@ -28,13 +27,13 @@ from sinkquant.errors import SinkquantError
 from sinkquant.profiling import metrics
 from sinkquant.profiling.collectors import attention_probe, eager_attention
 from sinkquant.quant.attention import set_core
-from sinkquant.steps.base import Stage, Step, StepConfig, register
+from sinkquant.steps.base import Step, register
+from sinkquant.steps.specs import ActConfig, ActSpec
 
 if TYPE_CHECKING:
     from sinkquant.engine.session import Session
 
-BETA = 0.4  # ACT's default
-MIN_QUERIES = 32  # as the profile's hidden sinks: a key seen by a handful of queries has a large mean by construction
+__all__ = ["ActConfig", "ActState", "ActStep", "act_attention", "additive_mask", "calibrate", "install"]
 
 
 @dataclass(frozen=True)
@@ -119,16 +118,6 @@ class _HiddenSinks:
         self.current.update((torch.nonzero(hit.any(dim=0)).flatten() + first).tolist())
 
 
-class ActConfig(StepConfig):
-    beta: float = Field(BETA, gt=0.0, le=1.0, description="scale of the attention on hidden sinks (ACT: 0.4)")
-    threshold: float = Field(metrics.HIDDEN_SINK_THRESHOLD, gt=0.0, lt=1.0,
-                             description="column mean above which a key beyond token 0 is a hidden sink")
-    min_queries: int = Field(MIN_QUERIES, ge=1, description="queries that must have seen a key before it counts")
-    head_share: float = Field(0.5, gt=0.0, le=1.0,
-                              description="a head is calibrated when it has a hidden sink in this share of "
-                                          "the calibration windows")
-
-
 def install(model: nn.Module, adapter: Adapter, heads: list[list[int]], config: ActConfig) -> None:
     """Put each module's ACT state on it and make ACT the core attention of the modules with chosen heads; a
     module chosen before and not now goes back to the base core."""
@@ -142,12 +131,8 @@ def install(model: nn.Module, adapter: Adapter, heads: list[list[int]], config: 
 
 
 @register
-class ActStep(Step):
+class ActStep(ActSpec, Step):
     """Recipe step `act`: attention calibration of hidden sinks in heads chosen on the calibration windows."""
-
-    name: ClassVar[str] = "act"
-    Config: ClassVar[type[StepConfig]] = ActConfig
-    stage: ClassVar[Stage] = Stage.TRANSFORM
 
     @torch.no_grad()
     def apply(self, session: Session) -> dict[str, Any]:

@@ -1,13 +1,15 @@
 """A recipe step is a component, in the spirit of llm-compressor's modifiers and torchao's config + handler:
-a typed config, a stage, declared needs and conflicts checked when the recipe is parsed, and a lifecycle the
-engine runs in the recipe's order:
+a typed config, a stage, declared needs, conflicts and order rules checked when the recipe is parsed (the step's
+spec, torch-free: specs.py), and a lifecycle the engine runs in the recipe's order (the step, a subclass of its
+spec):
 
     check(scheme, steps, index)  parse time, before any model work: refuse what cannot work, naming the step
     apply(session)               do the work on the session's model; return what was done (the step's record)
     prepare_restore(session, r)  on loading an artifact, before its tensors: rebuild structure the step changed
     restore(session, record)     on loading an artifact, redo what the saved tensors alone do not hold
 
-Adding a step is one module with one `@register`ed subclass; nothing else in the engine changes."""
+Adding a step is one `@register`ed subclass of Step (with its rules in a spec when recipes must be checked
+before torch is imported); nothing else in the engine changes."""
 
 from __future__ import annotations
 
@@ -48,8 +50,9 @@ NEEDS: dict[str, tuple[str, Any]] = {
 }
 
 
-class Step(ABC):
-    """One recipe step. Subclasses set the class attributes and implement `apply`."""
+class StepSpec:
+    """What a recipe may say about one step, checked before any model work: its config, stage and rules.
+    `invalidated_by`: steps that change what this one computes (`computes`) on the model, so they must come first."""
 
     name: ClassVar[str]
     Config: ClassVar[type[StepConfig]]
@@ -57,11 +60,13 @@ class Step(ABC):
     repeatable: ClassVar[bool] = False
     needs: ClassVar[tuple[str, ...]] = ()
     conflicts: ClassVar[tuple[str, ...]] = ()
+    computes: ClassVar[str] = ""
+    invalidated_by: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, config: StepConfig) -> None:
         self.config = config
 
-    def check(self, scheme: Scheme, steps: Sequence[Step], index: int) -> None:
+    def check(self, scheme: Scheme, steps: Sequence[StepSpec], index: int) -> None:
         """Parse-time checks; the default enforces `needs` and `conflicts`. Raise SinkquantError with a message
         that says what would be valid (the parser prefixes the file and the step's index)."""
         for need in self.needs:
@@ -71,6 +76,15 @@ class Step(ABC):
         for other in steps:
             if other.name in self.conflicts:
                 raise SinkquantError(f"{self.name} conflicts with {other.name}; use one of them")
+
+    def resolved(self) -> dict[str, Any]:
+        """This step as a recipe entry, every default filled in."""
+        return {self.name: self.config.model_dump(mode="json")}
+
+
+class Step(StepSpec, ABC):
+    """One recipe step. Subclasses set the class attributes (or inherit them from their spec) and implement
+    `apply`."""
 
     @abstractmethod
     def apply(self, session: Session) -> dict[str, Any]:
@@ -84,17 +98,25 @@ class Step(ABC):
         """Redo, on a freshly built model, what the saved tensors do not hold (default: nothing)."""
         return None
 
-    def resolved(self) -> dict[str, Any]:
-        """This step as a recipe entry, every default filled in."""
-        return {self.name: self.config.model_dump(mode="json")}
+SPECS: dict[str, type[StepSpec]] = {}  # every step a recipe may name (specs.py, and steps registered later)
+STEPS: dict[str, type[Step]] = {}  # the steps that do the work, by the same names
 
 
-STEPS: dict[str, type[Step]] = {}
+def spec(cls: type[StepSpec]) -> type[StepSpec]:
+    """Class decorator: the rules of a step that recipes may name, known before its module (and torch) loads."""
+    if cls.name in SPECS and SPECS[cls.name] is not cls:
+        raise ValueError(f"step name {cls.name!r} is specified twice")
+    SPECS[cls.name] = cls
+    return cls
 
 
 def register(cls: type[Step]) -> type[Step]:
-    """Class decorator: make a step available to recipes under `cls.name`."""
+    """Class decorator: make a step available to recipes under `cls.name`; a step with a spec subclasses it."""
     if cls.name in STEPS and STEPS[cls.name] is not cls:
         raise ValueError(f"step name {cls.name!r} is registered twice")
+    known = SPECS.get(cls.name)
+    if known is not None and not issubclass(cls, known):
+        raise ValueError(f"step {cls.name!r} must subclass its spec {known.__name__}")
     STEPS[cls.name] = cls
+    SPECS.setdefault(cls.name, cls)
     return cls

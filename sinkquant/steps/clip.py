@@ -6,29 +6,19 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 import torch
-from pydantic import Field
 
 from sinkquant.quant.primitives import qrange, quantize_dequantize, scale_zero_point
-from sinkquant.steps.base import Stage, Step, StepConfig, register
+from sinkquant.steps.base import Step, register
+from sinkquant.steps.specs import ClipConfig, ClipSpec
 
 if TYPE_CHECKING:
     from sinkquant.engine.session import Session
 
-
-class ClipConfig(StepConfig):
-    grid: int = Field(default=20, ge=2, le=200)
-    min_ratio: float = Field(default=0.3, gt=0.0, lt=1.0)
-    samples: int = Field(default=512, ge=16)
-    seed: int = 0
+__all__ = ["Clip", "ClipConfig"]
 
 
 @register
-class Clip(Step):
-    name = "clip"
-    Config = ClipConfig
-    stage = Stage.REFINE
-    needs = ("static-activations",)
-
+class Clip(ClipSpec, Step):
     @torch.no_grad()
     def apply(self, session: Session) -> dict[str, Any]:
         """Inputs are captured after upstream layers are quantized, so each layer's search sees the inputs it

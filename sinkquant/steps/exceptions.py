@@ -5,36 +5,21 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from pydantic import Field, PositiveInt, model_validator
-
 from sinkquant.errors import SinkquantError
-from sinkquant.steps.base import Stage, Step, StepConfig, register
+from sinkquant.steps.base import Step, register
+from sinkquant.steps.specs import ExceptionsConfig, ExceptionsSpec
 
 if TYPE_CHECKING:
     from sinkquant.engine.session import Session
+
+__all__ = ["MAX_SHARE", "Exceptions", "ExceptionsConfig", "release"]
 
 # Beyond a quarter of the layers a W8A8 scheme has become a W8A16 one in all but name: use a weight-only scheme.
 MAX_SHARE = 0.25
 
 
-class ExceptionsConfig(StepConfig):
-    top: PositiveInt | None = None
-    layers: list[str] | None = Field(default=None, min_length=1)
-
-    @model_validator(mode="after")
-    def _one(self) -> ExceptionsConfig:
-        if (self.top is None) == (self.layers is None):
-            raise ValueError("give exactly one of top (a count) or layers (module names)")
-        return self
-
-
 @register
-class Exceptions(Step):
-    name = "exceptions"
-    Config = ExceptionsConfig
-    stage = Stage.REFINE
-    needs = ("static-activations",)
-
+class Exceptions(ExceptionsSpec, Step):
     def apply(self, session: Session) -> dict[str, Any]:
         static = {n: m for n, m in session.quantized.items() if m.activations is not None}
         limit = int(MAX_SHARE * len(session.quantized))

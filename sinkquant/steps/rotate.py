@@ -13,18 +13,13 @@ from torch import nn
 
 from sinkquant.quant.attention import add_transform
 from sinkquant.quant.rotation import QK_ATTRIBUTE, RotationRecord, restore_rotation, rotate, rotate_qk
-from sinkquant.steps.base import Stage, Step, StepConfig, register
+from sinkquant.steps.base import Step, register
+from sinkquant.steps.specs import RotateConfig, RotateSpec
 
 if TYPE_CHECKING:
     from sinkquant.engine.session import Session
 
-
-class RotateConfig(StepConfig):
-    seed: int = 0
-    residual: bool = True
-    value_output: bool = True
-    down_proj: bool = True
-    qk: bool = True
+__all__ = ["Rotate", "RotateConfig"]
 
 
 def _qk_transform(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor):
@@ -39,11 +34,7 @@ def _install_qk(session: Session) -> None:
 
 
 @register
-class Rotate(Step):
-    name = "rotate"
-    Config = RotateConfig
-    stage = Stage.TRANSFORM
-
+class Rotate(RotateSpec, Step):
     def apply(self, session: Session) -> dict[str, Any]:
         cfg = self.config
         record = rotate(session.loaded, seed=cfg.seed, residual=cfg.residual, value_output=cfg.value_output,

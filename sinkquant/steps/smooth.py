@@ -11,48 +11,30 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from pydantic import Field
 
 from sinkquant.errors import SinkquantError
 from sinkquant.quant.keep import KeepState, keep_hooks
 from sinkquant.quant.primitives import scale_zero_point
 from sinkquant.quant.qweight import quantize_rtn
 from sinkquant.quant.simulate import QuantLinear, fake_quant_activation
-from sinkquant.steps.base import Stage, Step, StepConfig, register
+from sinkquant.steps.base import Step, register
+from sinkquant.steps.specs import SmoothConfig, SmoothSpec
+
+__all__ = ["Smooth", "SmoothConfig"]
 
 if TYPE_CHECKING:
     from sinkquant.engine.session import Session
     from sinkquant.quant.scheme import Scheme
 
-Alpha = Annotated[float, Field(ge=0.0, le=1.0)]
 # Calibration rows per group the layer-wise choice scores on (sink rows left out), sampled with a fixed seed.
 LAYER_SAMPLES = 128
 
 
-class SmoothConfig(StepConfig):
-    """s_j = max|X_j|^alpha / max|W_j|^(1-alpha), with `alpha` for every group but those `layers` names (by the
-    group's source, as the record's `largest_scale` lists them) or, given `layer_grid`, those the step chooses."""
-
-    alpha: Alpha = 0.5
-    layers: dict[str, Alpha] = Field(default_factory=dict)
-    layer_grid: tuple[Alpha, ...] = ()
-
-
 @register
-class Smooth(Step):
-    name = "smooth"
-    Config = SmoothConfig
-    stage = Stage.TRANSFORM
-    needs = ("activations",)
-
-    def resolved(self) -> dict[str, Any]:
-        """One-alpha recipes resolve as they always did (their artifacts and baselines still match)."""
-        config = self.config.model_dump(mode="json")
-        return {self.name: {k: v for k, v in config.items() if k == "alpha" or v}}
-
+class Smooth(SmoothSpec, Step):
     @torch.no_grad()
     def apply(self, session: Session) -> dict[str, Any]:
         """Returns each group's alpha and largest migration scale, for the report."""

@@ -1,0 +1,174 @@
+"""An ONNX export folder (sinkquant.backends.onnx_export) as a model like any other: `load_onnx` verifies every
+file against the manifest's sha256 and returns a LoadedModel whose `model` runs the graph through
+`onnxruntime.InferenceSession`, behind the interface `sinkquant.perplexity.evaluate` and generation use, with the
+fp prefix KV as the first past."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoTokenizer, DynamicCache
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from sinkquant.adapters import adapter_for
+from sinkquant.artifacts import read_manifest, verify_digests
+from sinkquant.backends.onnx_export import MODEL_FILE, ONNX_MANIFEST, PREFIX_FILE, past_names, present_names
+from sinkquant.errors import SinkquantError
+from sinkquant.models import LoadedModel
+from sinkquant.perplexity import Prefix
+
+
+def is_onnx_export(path: str | os.PathLike) -> bool:
+    """A folder written by `sinkquant export --format onnx`."""
+    return (Path(path) / ONNX_MANIFEST).is_file()
+
+
+def session_options(threads: int | None = None, optimized_path: str | os.PathLike | None = None) -> Any:
+    """ONNX Runtime's options for an export: all graph optimizations (the QDQ -> integer kernel fusions), optionally
+    a thread count and the optimized graph written out (to count which kernels run)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.log_severity_level = 3
+    if threads:
+        options.intra_op_num_threads = threads
+    if optimized_path is not None:
+        options.optimized_model_filepath = str(optimized_path)
+    return options
+
+
+class OnnxCausalLM(nn.Module):
+    """The graph behind a causal LM's forward: `input_ids` and an optional DynamicCache in, logits (and the cache
+    extended by this call's KV, when `use_cache`) out. Holds no weights; the placeholder parameter tells callers
+    the device (CPU)."""
+
+    def __init__(self, session: Any, config: Any) -> None:
+        super().__init__()
+        self.session, self.config = session, config
+        self.placeholder = nn.Parameter(torch.zeros(0), requires_grad=False)
+        text = config.get_text_config(decoder=True)
+        self.layers = text.num_hidden_layers
+        heads = text.num_attention_heads
+        self.kv_heads = getattr(text, "num_key_value_heads", None) or heads
+        self.head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+        self.output_names = [o.name for o in session.get_outputs()]
+
+    def empty_past(self, batch: int) -> dict[str, np.ndarray]:
+        empty = np.zeros((batch, self.kv_heads, 0, self.head_dim), np.float32)
+        return {name: empty for index in range(self.layers) for name in past_names(index)}
+
+    def run(self, input_ids: np.ndarray, past: dict[str, np.ndarray] | None = None
+            ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """(logits, the next call's past) for int64 ids [batch, seq] after `past` (None: no past)."""
+        feeds = {"input_ids": input_ids, **(past if past is not None else self.empty_past(input_ids.shape[0]))}
+        outputs = dict(zip(self.output_names, self.session.run(None, feeds), strict=True))
+        following = {}
+        for index in range(self.layers):
+            for source, target in zip(present_names(index), past_names(index), strict=True):
+                following[target] = outputs[source]
+        return outputs["logits"], following
+
+    def forward(self, input_ids: torch.Tensor, past_key_values: DynamicCache | None = None, use_cache: bool = False,
+                logits_to_keep: int = 0, **_: Any) -> CausalLMOutputWithPast:
+        past = None
+        if past_key_values is not None and past_key_values.get_seq_length() > 0:
+            past = {}
+            for index, layer in enumerate(past_key_values.layers):
+                key, value = past_names(index)
+                past[key] = layer.keys.detach().float().cpu().numpy()
+                past[value] = layer.values.detach().float().cpu().numpy()
+        logits, following = self.run(input_ids.cpu().numpy().astype(np.int64), past)
+        if logits_to_keep:
+            logits = logits[:, -logits_to_keep:]
+        cache = None
+        if use_cache and past_key_values is not None:
+            cache = DynamicCache(config=self.config)
+            for index in range(self.layers):
+                key, value = past_names(index)
+                cache.update(torch.from_numpy(following[key]), torch.from_numpy(following[value]), index)
+        return CausalLMOutputWithPast(logits=torch.from_numpy(logits), past_key_values=cache)
+
+
+def load_prefix_arrays(folder: Path, manifest: dict[str, Any], model: OnnxCausalLM) -> dict[str, np.ndarray] | None:
+    """The fp prefix KV, keyed by the graph's past input names; refused when mis-shaped."""
+    ids = manifest.get("prefix_ids") or []
+    if not ids:
+        return None
+    with np.load(folder / PREFIX_FILE) as data:
+        arrays = {name: data[name] for name in data.files}
+    expected = (1, model.kv_heads, len(ids), model.head_dim)
+    for index in range(model.layers):
+        for name in past_names(index):
+            got = arrays.get(name)
+            if got is None or got.shape != expected:
+                raise SinkquantError(f"{folder / PREFIX_FILE}: array {name} is "
+                                     f"{'missing' if got is None else got.shape}, expected {expected}")
+    return arrays
+
+
+def load_onnx(folder: str | os.PathLike, verify: bool = True, threads: int | None = None
+              ) -> tuple[LoadedModel, Prefix | None, dict[str, Any]]:
+    """(the model, its fp prefix with the KV as a DynamicCache, the manifest) of an ONNX export folder; a missing,
+    partial or tampered file is refused in one line before ONNX Runtime reads it."""
+    import onnxruntime as ort
+
+    folder = Path(folder)
+    manifest = read_manifest(folder, ONNX_MANIFEST, "it is not an ONNX export; write one with "
+                                                    "`sinkquant export --format onnx`")
+    files = manifest.get("files")
+    if not isinstance(files, dict) or MODEL_FILE not in files:
+        raise SinkquantError(f"{folder / ONNX_MANIFEST}: field 'files' is missing or lacks {MODEL_FILE}; the "
+                             "manifest is damaged (export again)")
+    if verify:
+        verify_digests(folder, files, str(folder))
+    try:
+        session = ort.InferenceSession(str(folder / MODEL_FILE), session_options(threads),
+                                       providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime raises its own exception types, one per failure kind
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise SinkquantError(f"{folder / MODEL_FILE}: ONNX Runtime cannot load it ({first})") from None
+    config = AutoConfig.from_pretrained(folder)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = OnnxCausalLM(session, config)
+    arrays = load_prefix_arrays(folder, manifest, model)
+    prefix = None
+    if arrays is not None:
+        cache = DynamicCache(config=config)
+        for index in range(model.layers):
+            key, value = past_names(index)
+            cache.update(torch.from_numpy(arrays[key]), torch.from_numpy(arrays[value]), index)
+        prefix = Prefix(ids=list(manifest["prefix_ids"]), cache=cache)
+    loaded = LoadedModel(model=model, tokenizer=tokenizer, adapter=adapter_for(config), spec=str(folder),
+                         source={"kind": "onnx", "model": manifest.get("model"),
+                                 "sha256": files[MODEL_FILE]})
+    return loaded, prefix, manifest
+
+
+def generate(loaded: LoadedModel, prefix: Prefix | None, text: str, max_new_tokens: int = 20) -> str:
+    """Greedy generation through ONNX Runtime with the prefix KV as the first past; the new text only."""
+    model: OnnxCausalLM = loaded.model
+    ids = loaded.tokenizer(text, add_special_tokens=False).input_ids
+    past = None
+    if prefix is not None and prefix.cache is not None:
+        past = {}
+        for index, layer in enumerate(prefix.cache.layers):
+            key, value = past_names(index)
+            past[key], past[value] = layer.keys.numpy(), layer.values.numpy()
+    elif prefix is not None:
+        ids = list(prefix.ids) + ids
+    new: list[int] = []
+    step = np.asarray([ids], np.int64)
+    for _ in range(max_new_tokens):
+        logits, past = model.run(step, past)
+        token = int(logits[0, -1].argmax())
+        if token == loaded.tokenizer.eos_token_id:
+            break
+        new.append(token)
+        step = np.asarray([[token]], np.int64)
+    return loaded.tokenizer.decode(new, skip_special_tokens=True)

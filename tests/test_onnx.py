@@ -1,0 +1,177 @@
+"""ONNX export (sinkquant.backends.onnx_export) and running the exported folder through ONNX Runtime
+(sinkquant.backends.onnx_runtime): round trip on tiny models of each supported architecture, the integer kernels in
+ONNX Runtime's optimized graph, refusals before anything is written, damaged folders, and the exported SmolLM2's
+perplexity against the native backend's."""
+
+from __future__ import annotations
+
+import collections
+import copy
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+import yaml
+
+from sinkquant.backends.export import export
+from sinkquant.backends.onnx_export import DATA_FILE, MODEL_FILE, ONNX_MANIFEST, PREFIX_FILE, onnx_refusals
+from sinkquant.backends.onnx_runtime import generate, load_onnx, session_options
+from sinkquant.cli import main
+from sinkquant.engine.apply import apply_recipe
+from sinkquant.errors import SinkquantError
+from sinkquant.perplexity import evaluate
+from sinkquant.recipes.schema import load_recipe, parse_recipe
+from tests.tiny import tiny_model
+
+REPO = Path(__file__).resolve().parent.parent
+# The shipped W8A8 recipe (smoothing, 8 -> 1 weight-only exception layers on 2-layer models, int8 embeddings) with
+# BOS as its fp prefix, at a tiny model's scale.
+TINY_RECIPE = {
+    "name": "tiny-w8a8-prefix-smooth-except", "description": "the shipped W8A8 recipe at tiny scale",
+    "backend": "native",
+    "calibration": {"windows": 2},
+    "steps": [{"prefix": {"tokens": [], "max_tokens": 1, "bos": "always"}}, {"smooth": {"alpha": 0.5}},
+              {"exceptions": {"top": 1}}],
+    "scheme": {"weights": {"bits": 8, "granularity": "channel"},
+               "activations": {"bits": 8, "mode": "static", "observer": "absmax"}, "embeddings": {"dtype": "int8"}},
+}
+INTEGER_MATMULS = ("MatMulIntegerToFloat", "QLinearMatMul", "MatMulInteger", "DynamicQuantizeMatMul")
+
+
+@pytest.fixture(scope="module")
+def tiny_exports(smollm2, wikitext_stream, tmp_path_factory) -> dict[str, tuple]:
+    """arch -> (QuantizedModel, export folder), the tiny recipe applied and exported once per module."""
+    made = {}
+    for arch in ("llama", "qwen2", "gemma3"):
+        quantized = apply_recipe(tiny_model(arch, smollm2.tokenizer), parse_recipe(TINY_RECIPE), wikitext_stream,
+                                 ctx=64)
+        made[arch] = quantized, export(quantized, tmp_path_factory.mktemp(arch) / "onnx", format="onnx")
+    return made
+
+
+def _native_logits(quantized, ids: torch.Tensor) -> np.ndarray:
+    with torch.no_grad():
+        out = quantized.model(input_ids=ids, past_key_values=quantized.cache_for_batch(1), use_cache=True)
+    return out.logits.numpy()
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3"])
+def test_tiny_round_trip_matches_native(tiny_exports, arch) -> None:
+    """ONNX Runtime's logits after the prefix KV equal the native backend's up to float rounding, in one call and
+    split in two calls (the second one continuing from the first one's present KV: generation's path)."""
+    quantized, folder = tiny_exports[arch]
+    loaded, prefix, manifest = load_onnx(folder, threads=1)
+    assert prefix is not None and prefix.ids == quantized.prefix.ids == manifest["prefix_ids"]
+    assert len(manifest["layers"]["quantized"]) == 13 and len(manifest["layers"]["weight_only"]) == 2
+    ids = torch.randint(3, 1000, (1, 80), generator=torch.Generator().manual_seed(0))  # past gemma's window of 64
+    reference = _native_logits(quantized, ids)
+    past = {name: np.load(folder / PREFIX_FILE)[name] for name in np.load(folder / PREFIX_FILE).files}
+    logits, _ = loaded.model.run(ids.numpy(), past)
+    scale = np.abs(reference).max()
+    assert np.abs(logits - reference).max() < 1e-4 * scale
+    first, following = loaded.model.run(ids[:, :50].numpy(), past)
+    second, _ = loaded.model.run(ids[:, 50:].numpy(), following)
+    assert np.abs(np.concatenate([first, second], axis=1) - reference).max() < 1e-4 * scale
+    assert generate(loaded, prefix, "The capital of France is", max_new_tokens=3) == \
+        quantized.generate("The capital of France is", max_new_tokens=3)
+
+
+def test_optimized_graph_runs_integer_kernels(tiny_exports, tmp_path) -> None:
+    """Every static W8A8 Linear becomes an integer MatMul in ONNX Runtime's optimized graph (none stays a float
+    MatMul behind a DequantizeLinear), and the weight-only ones run MatMulNBits with float32 compute."""
+    quantized, folder = tiny_exports["llama"]
+    manifest = json.loads((folder / ONNX_MANIFEST).read_text())
+    optimized = tmp_path / "optimized.onnx"
+    ort.InferenceSession(str(folder / MODEL_FILE), session_options(1, optimized), providers=["CPUExecutionProvider"])
+    graph = onnx.load(str(optimized), load_external_data=False).graph
+    counts = collections.Counter(node.op_type for node in graph.node)
+    assert sum(counts[op] for op in INTEGER_MATMULS) == len(manifest["layers"]["quantized"]) == 13
+    assert counts["DequantizeLinear"] == 0
+    nbits = [n for n in graph.node if n.op_type == "MatMulNBits"]
+    assert len(nbits) == len(manifest["layers"]["weight_only"])
+    levels = [onnx.helper.get_attribute_value(a) for n in nbits for a in n.attribute if a.name == "accuracy_level"]
+    assert levels == [1] * len(nbits)
+
+
+@pytest.mark.parametrize("recipe, part", [
+    ("w4a16-group64-native", "scheme.weights.bits=4"),
+    ("w8a8-dynamic-token", "scheme.activations.mode='dynamic-token'"),
+    ("w4a8kv8-prefix-clip", "scheme.kv"),
+    ("w8a8-keep-sink", "step 'keep_sink'"),
+    ("bnb-int8", "backend 'bnb-int8'"),
+])
+def test_refusals_name_the_part(recipe, part) -> None:
+    refusals = onnx_refusals(load_recipe(REPO / "recipes" / f"{recipe}.yaml"))
+    assert any(r.startswith(part) for r in refusals), refusals
+
+
+def test_shipped_w8a8_recipe_is_exportable() -> None:
+    assert onnx_refusals(load_recipe(REPO / "recipes" / "w8a8-prefix-smooth-except-native.yaml")) == []
+
+
+def test_refused_before_anything_is_written(smollm2, wikitext_stream, tmp_path) -> None:
+    data = yaml.safe_load((REPO / "recipes" / "w8a8-dynamic-token.yaml").read_text())
+    quantized = apply_recipe(tiny_model("llama", smollm2.tokenizer), parse_recipe(data), wikitext_stream, ctx=64)
+    with pytest.raises(SinkquantError, match=r"cannot export to ONNX: scheme\.activations\.mode='dynamic-token'"):
+        export(quantized, tmp_path / "out", format="onnx")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("flip", "has changed since it was written"),
+    ("drop-prefix", "prefix_kv.npz is missing"),
+    ("drop-manifest", "not an ONNX export"),
+])
+def test_damaged_export_is_refused_in_one_line(tiny_exports, tmp_path, damage, message) -> None:
+    _, folder = tiny_exports["llama"]
+    damaged = tmp_path / "damaged"
+    damaged.mkdir()
+    for path in folder.iterdir():
+        (damaged / path.name).write_bytes(path.read_bytes())
+    if damage == "flip":
+        data = bytearray((damaged / DATA_FILE).read_bytes())
+        data[len(data) // 2] ^= 1
+        (damaged / DATA_FILE).write_bytes(bytes(data))
+    elif damage == "drop-prefix":
+        (damaged / PREFIX_FILE).unlink()
+    else:
+        (damaged / ONNX_MANIFEST).unlink()
+    with pytest.raises(SinkquantError, match=message) as info:
+        load_onnx(damaged)
+    assert "\n" not in str(info.value)
+
+
+def test_cli_eval_runs_the_export(tiny_exports, wikitext_path, tmp_path, capsys) -> None:
+    """`sinkquant eval --model EXPORT` goes through ONNX Runtime and the same evaluator as the native model."""
+    quantized, folder = tiny_exports["llama"]
+    out = tmp_path / "eval.json"
+    code = main(["eval", "--quiet", "--model", str(folder), "--data", str(wikitext_path), "--ctx", "64",
+                 "--max-windows", "2", "--out", str(out)])
+    assert code in (0, None)
+    assert "run by ONNX Runtime behind its fp prefix KV" in capsys.readouterr().out
+    result = json.loads(out.read_text())
+    assert result["context_cached"] and result["model"]["kind"] == "onnx"
+
+
+@pytest.mark.slow
+@pytest.mark.long
+def test_smollm2_export_perplexity_equals_native(smollm2, wikitext_stream, eval_and_calib, tmp_path) -> None:
+    """The shipped W8A8 recipe (BOS as its prefix) exported to ONNX: ONNX Runtime's perplexity is the native
+    backend's within 0.3% plus the native model's own float32-vs-float64 spread (static activations are rounded,
+    so a value within float rounding of a grid boundary lands one level apart)."""
+    plan, _, _ = eval_and_calib(128, 2, 1)
+    data = yaml.safe_load((REPO / "recipes" / "w8a8-prefix-smooth-except-native.yaml").read_text())
+    data["steps"][0] = {"prefix": {"tokens": [], "max_tokens": 1, "bos": "always"}}
+    quantized = apply_recipe(smollm2, parse_recipe(data), wikitext_stream, ctx=128, copy=True)
+    folder = export(quantized, tmp_path / "onnx", format="onnx")
+    loaded, prefix, _ = load_onnx(folder)
+    exported = evaluate(loaded, wikitext_stream, plan, bos="never", prefix=prefix, progress=False).ppl
+    native = quantized.evaluate(wikitext_stream, plan, progress=False).ppl
+    native64 = evaluate(smollm2, wikitext_stream, plan, prefix=quantized.prefix,
+                        model=copy.deepcopy(quantized.model).double(), progress=False).ppl
+    print(f"ONNX round trip: exported {exported:.4f} native {native:.4f} native f64 {native64:.4f}")
+    assert abs(exported / native - 1) < 3e-3 + 2 * abs(native64 / native - 1)
