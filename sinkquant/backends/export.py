@@ -22,11 +22,20 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import DynamicCache
 
-from sinkquant.artifacts import atomic_dir, atomic_write_json, library_versions, sha256_file
+from sinkquant.artifacts import (
+    atomic_dir,
+    atomic_write_json,
+    library_versions,
+    read_manifest,
+    read_structured,
+    sha256_file,
+    verify_digests,
+)
 from sinkquant.backends.native import NativeLinear, convert_to_native
 from sinkquant.engine.backends import BACKENDS
 from sinkquant.errors import SinkquantError
@@ -167,8 +176,7 @@ def export_compressed_tensors(
         tokenizer.save_pretrained(tmp)
         files: dict[str, str] = {}
         if prefix is not None and prefix.cache is not None:
-            _write_prefix(tmp, prefix)
-            files = {PREFIX_KV: sha256_file(tmp / PREFIX_KV)}
+            files = _write_prefix(tmp, prefix)
         atomic_write_json(tmp / MANIFEST, {
             "format": "compressed-tensors", "layers": {n: layer.extra_repr() for n, layer in layers.items()},
             "ignored": ignore, "prefix_ids": list(prefix.ids) if prefix_length else [], "sha256": files,
@@ -218,7 +226,9 @@ def export(quantized: QuantizedModel, out: str | os.PathLike, format: str = "com
                                                                       "model": quantized.base.spec})
 
 
-def _write_prefix(folder: Path, prefix: Prefix) -> None:
+def _write_prefix(folder: Path, prefix: Prefix) -> dict[str, str]:
+    """The prefix KV and its token ids beside the model; returns their sha256, which the manifest records and
+    `load_prefix_cache` checks."""
     tensors = {}
     for index, layer in enumerate(prefix.cache.layers):
         tensors[f"layers.{index}.keys"] = layer.keys.detach().contiguous()
@@ -230,20 +240,34 @@ def _write_prefix(folder: Path, prefix: Prefix) -> None:
                  "model(input_ids=<tokens after the prefix>, past_key_values=cache) or "
                  "model.generate(<prefix ids + prompt ids>, past_key_values=cache)",
     })
+    return {name: sha256_file(folder / name) for name in (PREFIX_KV, PREFIX_META)}
 
 
 def load_prefix_cache(folder: str | os.PathLike, config: Any) -> tuple[list[int], DynamicCache]:
-    """The sidecar prefix as (token ids, DynamicCache); a missing, mis-shaped or foreign prefix is refused."""
+    """The sidecar prefix as (token ids, DynamicCache), checked before use: the token ids (integers inside the
+    vocabulary, as many as the KV holds), every tensor's shape, dtype and finiteness, and the sha256 and ids the
+    export recorded in its manifest. Whatever is wrong is one error line naming the file and the field."""
     folder = Path(folder)
     meta_path, kv_path = folder / PREFIX_META, folder / PREFIX_KV
     if not meta_path.is_file() or not kv_path.is_file():
         raise SinkquantError(f"{folder} has no {PREFIX_META} + {PREFIX_KV}; it was exported without a prefix")
-    meta = json.loads(meta_path.read_text())
-    tensors = load_file(str(kv_path))
+    meta = read_structured(meta_path, PREFIX_META)
+    ids = meta.get("token_ids") if isinstance(meta, dict) else None
+    if not isinstance(ids, list) or not ids or any(not isinstance(i, int) or isinstance(i, bool) for i in ids):
+        raise SinkquantError(f"{meta_path}: field 'token_ids' must be a non-empty list of integer token ids "
+                             f"(got {str(ids)[:80]})")
     text = config.get_text_config(decoder=True)
-    heads = getattr(text, "num_key_value_heads", text.num_attention_heads)
+    outside = next((i for i in ids if not 0 <= i < text.vocab_size), None)
+    if outside is not None:
+        raise SinkquantError(f"{meta_path}: field 'token_ids' holds {outside}, outside this model's vocabulary "
+                             f"[0, {text.vocab_size})")
+    try:
+        tensors = load_file(str(kv_path))
+    except (SafetensorError, OSError) as exc:
+        raise SinkquantError(f"{kv_path}: not a readable safetensors file ({exc})") from None
+    heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-    expected = (1, heads, len(meta["token_ids"]), head_dim)
+    expected = (1, heads, len(ids), head_dim)
     cache = DynamicCache(config=config)
     for index in range(text.num_hidden_layers):
         pair = []
@@ -252,7 +276,29 @@ def load_prefix_cache(folder: str | os.PathLike, config: Any) -> tuple[list[int]
             tensor = tensors.get(key)
             if tensor is None or tuple(tensor.shape) != expected:
                 got = "missing" if tensor is None else tuple(tensor.shape)
-                raise SinkquantError(f"{kv_path}: tensor {key} is {got}, expected {expected} for this model")
+                raise SinkquantError(f"{kv_path}: tensor {key} is {got}, expected {expected} for this model "
+                                     f"({len(ids)} prefix tokens in {PREFIX_META})")
+            if not tensor.is_floating_point():
+                raise SinkquantError(f"{kv_path}: tensor {key} is {tensor.dtype}; the prefix KV is floating point")
+            if not torch.isfinite(tensor).all():
+                raise SinkquantError(f"{kv_path}: tensor {key} holds NaN or infinite values")
             pair.append(tensor)
+        if pair[0].dtype != pair[1].dtype or (index and pair[0].dtype != cache.layers[0].keys.dtype):
+            raise SinkquantError(f"{kv_path}: tensors of layer {index} are {pair[0].dtype} / {pair[1].dtype}; every "
+                                 "prefix tensor has one dtype")
         cache.update(*pair, index)
-    return list(meta["token_ids"]), cache
+    layers = range(text.num_hidden_layers)
+    extra = sorted(set(tensors) - {f"layers.{i}.{part}" for i in layers for part in ("keys", "values")})
+    if extra:
+        raise SinkquantError(f"{kv_path}: unexpected tensor {extra[0]!r}; it holds KV for another model")
+    manifest = read_manifest(folder, MANIFEST, "it was not written by `sinkquant export`, so the prefix cannot be "
+                             "verified")
+    digests = manifest.get("sha256")
+    if not isinstance(digests, dict) or PREFIX_KV not in digests:
+        raise SinkquantError(f"{folder / MANIFEST}: field 'sha256' does not record {PREFIX_KV}, so the prefix cannot "
+                             "be verified; export the artifact again")
+    verify_digests(folder, {n: d for n, d in digests.items() if n in (PREFIX_KV, PREFIX_META)}, str(folder))
+    if manifest.get("prefix_ids") != ids:
+        raise SinkquantError(f"{meta_path}: field 'token_ids' {ids} differs from the prefix_ids "
+                             f"{manifest.get('prefix_ids')} that {MANIFEST} records")
+    return ids, cache

@@ -37,9 +37,9 @@ def main(argv: list[str] | None = None) -> int:
     try:  # from the first instruction: Ctrl-C while torch is still importing is one line too
         args = build_parser().parse_args(argv)
         quiet_libraries(args.quiet)
-        import torch
         if getattr(args, "check", None) is not None:  # refusals that need no model: before torch is imported
             args.check(args)
+        import torch
 
         torch.manual_seed(0)
         args.func(args)

@@ -117,11 +117,12 @@ def load_inputs(args: argparse.Namespace) -> tuple[LoadedModel, TokenStream]:
 
 
 AUTO = "auto"
+AUTO_CALIB_WINDOWS = 8  # --recipe auto's calibration windows when --calib-windows is not given
 
 
 def add_auto_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--scheme", default="w8a8-static",
-                        help="base scheme searched by --recipe auto: w8a8-static, w4a8kv8 or w4a4kv4")
+    parser.add_argument("--scheme", default=None,
+                        help="base scheme searched by --recipe auto: w8a8-static (default), w4a8kv8 or w4a4kv4")
     parser.add_argument("--budget", type=float, default=None,
                         help="--recipe auto: error budget (mean KL to fp32, nats per token): the fewest exception "
                              "layers that meet it; later stages are skipped once it is met")
@@ -130,36 +131,63 @@ def add_auto_args(parser: argparse.ArgumentParser) -> None:
                              "is unmet (default 32; 0: none); each one runs its GEMM on float activations")
 
 
-def check_auto_args(args: argparse.Namespace) -> None:
-    """--scheme, --budget and --max-exceptions refused before the model loads, not after a minute of loading it."""
-    from sinkquant.engine.search import (
+AUTO_FLAGS = ("scheme", "budget", "max_exceptions")  # what only `--recipe auto` reads
+
+
+def check_auto_args(args: argparse.Namespace, auto: bool = True) -> None:
+    """Before torch: --scheme, --budget, --max-exceptions and --calib-windows of `--recipe auto` (their defaults
+    filled in); without `auto` (recipe files only) any of the first three given is refused, since it would do
+    nothing."""
+    from sinkquant.engine.search_space import (
         DEFAULT_BUDGET,
         DEFAULT_MAX_EXCEPTIONS,
         base_scheme,
         check_budget,
+        check_calib_windows,
         check_max_exceptions,
     )
 
+    if not auto:
+        given = next((f for f in AUTO_FLAGS if getattr(args, f) is not None), None)
+        if given is not None:
+            raise SinkquantError(f"--{given.replace('_', '-')} only applies to --recipe auto; a recipe file sets "
+                                 "its own scheme and steps: leave the flag out")
+        return
+    args.scheme = args.scheme or "w8a8-static"
     base_scheme(args.scheme)
     args.budget = check_budget(DEFAULT_BUDGET if args.budget is None else args.budget)
     args.max_exceptions = check_max_exceptions(DEFAULT_MAX_EXCEPTIONS if args.max_exceptions is None
                                                else args.max_exceptions)
+    if getattr(args, "calib_windows", None):
+        check_calib_windows(args.calib_windows)
 
 
-def auto_recipe_file(args: argparse.Namespace, loaded: LoadedModel, stream: TokenStream, folder: Any) -> Any:
+def check_data_args(args: argparse.Namespace, windows: int = 1) -> None:
+    """Before torch: a local --data file's format, and whether it can hold `windows` windows of --ctx tokens
+    (sinkquant.data.check_data_file); a hub data set is checked when it loads."""
+    from sinkquant.data import check_data_file, local_data_path
+
+    path = local_data_path(args.data, args.local_copy)
+    if path is not None:
+        check_data_file(path, args.text_field, args.ctx, windows)
+
+
+def auto_recipe_file(args: argparse.Namespace, loaded: LoadedModel, stream: TokenStream, folder: Any,
+                     shown: Any = None) -> Any:
     """Run the `--recipe auto` search on calibration windows and write the chosen recipe (and its trace) into
-    `folder`; returns the recipe file, so the result is reproducible without searching again. The caller has run
-    `check_auto_args` before loading the model."""
+    `folder` (the command's own output, never beside it); returns the recipe file, so the result is reproducible
+    without searching again. The caller has run `check_auto_args` before loading the model. `shown`: the folder
+    the files end up in, when the caller moves them there (an artifact written atomically)."""
     from pathlib import Path
 
     from sinkquant.engine.search import auto_recipe, write_auto_recipe
 
     recipe, trace = auto_recipe(loaded, stream, scheme=args.scheme, ctx=args.ctx,
-                                calib_windows=getattr(args, "calib_windows", None) or 8,
+                                calib_windows=getattr(args, "calib_windows", None) or AUTO_CALIB_WINDOWS,
                                 budget=args.budget, max_exceptions=args.max_exceptions, progress=not args.quiet)
     path, _ = write_auto_recipe(recipe, trace, Path(folder) / f"auto-{args.scheme}.yaml")
-    print(f"sinkquant: --recipe auto chose {[s.name for s in recipe.steps]}; wrote {path} and its trace",
-          file=sys.stderr)
+    print(f"sinkquant: --recipe auto chose {[s.name for s in recipe.steps]}; wrote "
+          f"{Path(shown) / path.name if shown else path} and its trace", file=sys.stderr)
     return path
 
 
@@ -221,11 +249,13 @@ def drop_known_noise() -> None:
 
 
 def quiet_libraries(quiet: bool) -> None:
-    """Before any heavy import: silence known upstream warnings and transformers' info logging."""
+    """Before any heavy import: silence known upstream warnings and transformers' info logging; `quiet`: every
+    progress bar, upstream ones included (tqdm reads TQDM_DISABLE as the default of `disable`)."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     if quiet:
-        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # the hub's and transformers' own bars
+        os.environ.setdefault("TQDM_DISABLE", "1")  # every other tqdm bar (compressed-tensors' decompression)
     drop_known_noise()
     if "transformers" in sys.modules:  # main() called in a process that imported it already: env comes too late
         hf_logging = sys.modules["transformers"].utils.logging

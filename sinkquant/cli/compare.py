@@ -14,17 +14,27 @@ from sinkquant.cli.args import (
     auto_recipe_file,
     bos_override,
     check_auto_args,
+    check_data_args,
     load_inputs,
     max_windows,
 )
+
+
+def check(args: argparse.Namespace) -> None:
+    """Before torch: every recipe file, the auto flags (refused when no recipe is auto), the data file."""
+    from sinkquant.recipes.schema import check_recipe_file
+
+    check_auto_args(args, any(str(r) == AUTO for r in args.recipes))
+    for recipe in args.recipes:
+        if str(recipe) != AUTO:
+            check_recipe_file(recipe)
+    check_data_args(args, 2)  # one calibration and one evaluation window at least
 
 
 def run(args: argparse.Namespace) -> None:
     from sinkquant.comparison import HEADERS, compare, table_rows, write_comparison
     from sinkquant.tables import print_table
 
-    if any(str(r) == AUTO for r in args.recipes):
-        check_auto_args(args)  # a bad --scheme or --budget fails before the model loads
     loaded, stream = load_inputs(args)
     cache = args.cache or args.out / "cache"
     recipes = [auto_recipe_file(args, loaded, stream, args.out) if str(r) == AUTO else r for r in args.recipes]
@@ -50,4 +60,4 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, default=Path("out/compare"), help="folder for compare.md/.json/.csv/.png")
     p.add_argument("--cache", type=Path, default=None, help="result cache (default OUT/cache); re-runs skip "
                                                              "finished recipes")
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, check=check)

@@ -8,6 +8,16 @@ from pathlib import Path
 from sinkquant.cli.args import add_data_args, add_model_args, add_output_args, load_inputs, max_windows, positive_int
 
 
+def check(args: argparse.Namespace) -> None:
+    """Before torch: --out may be written, and a local --data file can hold one window."""
+    from sinkquant.artifacts import check_output_file
+    from sinkquant.cli.args import check_data_args
+
+    if args.out:
+        check_output_file(args.out)
+    check_data_args(args)
+
+
 def run(args: argparse.Namespace) -> None:
     from sinkquant.artifacts import atomic_write_json, check_output_file
     from sinkquant.backends.onnx_runtime import is_onnx_export
@@ -80,4 +90,4 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, default=None, help="write the result as JSON here")
     p.add_argument("--no-verify", action="store_true",
                    help="for an artifact or ONNX export folder: skip the sha256 check of its files (huge models)")
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, check=check)

@@ -8,6 +8,15 @@ from pathlib import Path
 from sinkquant.cli.args import add_output_args
 
 
+def check(args: argparse.Namespace) -> None:
+    """Before torch: the artifact is one, and --out may be written (never the artifact or a folder holding it)."""
+    from sinkquant.artifacts import ARTIFACT_MANIFEST, check_output_dir, read_manifest
+
+    read_manifest(args.artifact, ARTIFACT_MANIFEST, "it is not a sinkquant artifact; write one with `sinkquant "
+                  "quantize`")
+    check_output_dir(args.out, args.overwrite, reads=(args.artifact,))
+
+
 def run(args: argparse.Namespace) -> None:
     from sinkquant.artifacts import check_output_dir
     from sinkquant.backends.export import FORMATS, export
@@ -16,7 +25,7 @@ def run(args: argparse.Namespace) -> None:
 
     if args.format not in FORMATS:
         raise SinkquantError(f"--format {args.format!r} is not valid; valid: {', '.join(FORMATS)}")
-    check_output_dir(args.out, args.overwrite)  # before loading anything
+    check_output_dir(args.out, args.overwrite, reads=(args.artifact,))
     quantized = load(args.artifact, verify=not args.no_verify)
     folder = export(quantized, args.out, format=args.format, overwrite=args.overwrite)
     prefix = f"; prefix KV beside it ({len(quantized.prefix.ids)} tokens)" if quantized.prefix is not None else ""
@@ -33,4 +42,4 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--no-verify", action="store_true", help="skip the sha256 check of the artifact's files")
     add_output_args(p)
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, check=check)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from sinkquant.cli.args import (
     AUTO,
+    AUTO_CALIB_WINDOWS,
     add_auto_args,
     add_data_args,
     add_model_args,
@@ -14,29 +15,44 @@ from sinkquant.cli.args import (
     auto_recipe_file,
     bos_override,
     check_auto_args,
+    check_data_args,
     load_inputs,
     max_windows,
     with_calib_windows,
 )
 
 
-def run(args: argparse.Namespace) -> None:
+def check(args: argparse.Namespace) -> None:
+    """Every refusal that needs no model, before torch is imported: the recipe (or the auto flags), flags that
+    would do nothing, the output folder, the data file."""
     from sinkquant.artifacts import check_output_dir
+    from sinkquant.recipes.schema import check_recipe_file
+
+    auto = str(args.recipe) == AUTO
+    check_auto_args(args, auto)
+    windows = (args.calib_windows or AUTO_CALIB_WINDOWS) if auto else \
+        (args.calib_windows or check_recipe_file(args.recipe).calibration.windows)
+    check_output_dir(args.out, args.overwrite, reads=(args.model,))
+    check_data_args(args, windows + 1)  # calibration windows plus one evaluation window
+
+
+def run(args: argparse.Namespace) -> None:
+    import tempfile
+
     from sinkquant.data import plan_windows
     from sinkquant.engine import apply_recipe, save
     from sinkquant.recipes import load_recipe
     from sinkquant.tables import print_table
 
     auto = str(args.recipe) == AUTO
-    if auto:
-        check_auto_args(args)  # a bad --scheme or --budget fails first
-    else:
-        recipe = with_calib_windows(load_recipe(args.recipe), args.calib_windows)  # a bad recipe fails first
-    check_output_dir(args.out, args.overwrite)
+    if not auto:
+        recipe = with_calib_windows(load_recipe(args.recipe), args.calib_windows)
     loaded, stream = load_inputs(args)
-    if auto:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        recipe = load_recipe(auto_recipe_file(args, loaded, stream, args.out.parent))
+    attachments = None
+    if auto:  # the searched recipe and its trace go into the artifact (listed and verified), nowhere else
+        with tempfile.TemporaryDirectory(prefix="sinkquant-auto-") as tmp:
+            recipe = load_recipe(auto_recipe_file(args, loaded, stream, tmp, shown=args.out))
+            attachments = {p.name: p.read_text(encoding="utf-8") for p in sorted(Path(tmp).iterdir())}
     plan = plan_windows(stream, args.ctx, max_windows(args), calib_windows=recipe.calibration.windows)
     quantized = apply_recipe(loaded, recipe, stream, ctx=args.ctx)
     overrides = []
@@ -44,7 +60,7 @@ def run(args: argparse.Namespace) -> None:
                                                              args.bos)):
         overrides.append(bos)
     result = quantized.evaluate(stream, plan, bos=args.bos, progress=not args.quiet)
-    save(quantized, args.out, overwrite=args.overwrite,
+    save(quantized, args.out, overwrite=args.overwrite, attachments=attachments,
          extra={"perplexity": result.to_dict(), "overrides": overrides,
                 "run": {"device": args.device, "dtype": args.dtype, "calib_windows": recipe.calibration.windows}})
     print_table(
@@ -68,4 +84,4 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_output_args(p)
     p.add_argument("--out", type=Path, required=True, help="artifact folder")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, check=check)

@@ -21,7 +21,9 @@ from sinkquant.artifacts import (
     atomic_dir,
     atomic_write_json,
     atomic_write_text,
+    check_listed,
     file_digests,
+    folder_files,
     library_versions,
     read_manifest,
     read_structured,
@@ -62,6 +64,8 @@ def _prefix_tensors(prefix: Prefix) -> dict[str, torch.Tensor]:
 
 
 def _prefix_from(tensors: dict[str, torch.Tensor], config, device: torch.device) -> Prefix:
+    if "ids" not in tensors:
+        raise SinkquantError(f"{PREFIX}: tensor 'ids' is missing")
     cache = DynamicCache(config=config)
     index = 0
     while f"layers.{index}.keys" in tensors:
@@ -115,19 +119,29 @@ def stored_bytes(quantized: QuantizedModel) -> int | None:
 
 
 def save(quantized: QuantizedModel, out: str | Path, extra: dict[str, Any] | None = None,
-         overwrite: bool = False) -> Path:
-    """Everything needed to reload and re-evaluate; nothing machine-specific in the recipe."""
+         overwrite: bool = False, attachments: dict[str, str] | None = None) -> Path:
+    """Everything needed to reload and re-evaluate; nothing machine-specific in the recipe. `attachments`: text
+    files (name -> content) written into the artifact and listed in its manifest, e.g. an auto recipe's trace."""
     base, recipe = quantized.base, quantized.recipe
     if not BACKENDS[recipe.backend].runs_recipes:
         with atomic_dir(out, overwrite=overwrite) as tmp:
+            _attach(tmp, attachments)
             base.tokenizer.save_pretrained(tmp)
             save_backend(quantized.model, recipe.backend, tmp / "backend")
             _write_manifest(tmp, quantized, extra, files=[])
         return Path(out)
     with atomic_dir(out, overwrite=overwrite) as tmp:
+        _attach(tmp, attachments)
         save_file(_state(quantized), str(tmp / WEIGHTS))
         write_artifact(tmp, quantized, extra, [WEIGHTS])
     return Path(out)
+
+
+def _attach(tmp: Path, attachments: dict[str, str] | None) -> None:
+    for name, text in (attachments or {}).items():
+        if Path(name).name != name:
+            raise SinkquantError(f"attachment {name!r} must be a plain file name")
+        atomic_write_text(tmp / name, text)
 
 
 def write_artifact(tmp: Path, quantized: QuantizedModel, extra: dict[str, Any] | None, weights: list[str]) -> None:
@@ -150,7 +164,7 @@ def _write_manifest(tmp: Path, quantized: QuantizedModel, extra: dict[str, Any] 
         "model": {"spec": base.spec, **base.source, "adapter": base.adapter.name},
         "recipe": resolved,
         "recipe_sha256": sha256_bytes(to_json(resolved).encode()),
-        "files": file_digests(tmp, [*files, RECIPE]),
+        "files": file_digests(tmp, sorted({*files, RECIPE, *folder_files(tmp, META)})),  # every file: all verified
         "record": quantized.record,
         "versions": library_versions(),
         **(extra or {}),
@@ -238,6 +252,7 @@ def load(folder: str | Path, verify: bool = True) -> QuantizedModel:
     recipe = parse_recipe(_field(meta, "recipe", dict, meta_path), str(meta_path))
     record = _field(meta, "record", dict, meta_path)
     model_meta = _field(meta, "model", dict, meta_path)
+    check_listed(folder, meta.get("files"), META)  # nothing is read that the manifest does not cover
     if verify:
         _verify(folder, meta, meta_path)
     backend = BACKENDS[recipe.backend]
@@ -245,7 +260,7 @@ def load(folder: str | Path, verify: bool = True) -> QuantizedModel:
         raise SinkquantError(f"{folder / 'config.json'} is missing; the artifact is incomplete")
     tokenizer = AutoTokenizer.from_pretrained(folder)
     if not backend.runs_recipes:
-        model = load_backend(folder / "backend")
+        model = load_backend(folder / "backend", verify=False)  # the artifact's manifest covered its files
         base = LoadedModel(model=model, tokenizer=tokenizer, adapter=adapter_for(model), spec=model_meta.get("spec"),
                            source={k: v for k, v in model_meta.items() if k not in ("spec", "adapter")})
         return QuantizedModel(base=base, model=model, recipe=recipe, prefix=None, record=record)
@@ -266,8 +281,20 @@ def load(folder: str | Path, verify: bool = True) -> QuantizedModel:
         step_records.append(step_record)
     quantize_structure(session, kv=backend.kv_cache is None)  # else the backend's KV cache quantizes the KV
     _restore_weights(model, session, read_artifact_weights(folder))
-    if (folder / PREFIX).is_file():
-        session.prefix = _prefix_from(load_file(folder / PREFIX), model.config, next(model.parameters()).device)
+    prefix_record = next((r for s, r in zip(recipe.steps, step_records, strict=True) if s.name == "prefix"), None)
+    if (folder / PREFIX).is_file() != (prefix_record is not None):
+        raise SinkquantError(f"{folder / PREFIX} is {'present' if prefix_record is None else 'missing'}, but the "
+                             f"recipe {'has no' if prefix_record is None else 'has a'} prefix step; the artifact is "
+                             "damaged (re-create it with `sinkquant quantize`)")
+    if prefix_record is not None:
+        try:
+            prefix_tensors = load_file(folder / PREFIX)
+        except (SafetensorError, OSError) as exc:
+            raise SinkquantError(f"{folder / PREFIX}: not a readable safetensors file ({exc})") from None
+        session.prefix = _prefix_from(prefix_tensors, model.config, next(model.parameters()).device)
+        if session.prefix.ids != prefix_record.get("ids"):
+            raise SinkquantError(f"{folder / PREFIX}: token ids {session.prefix.ids} differ from the prefix step's "
+                                 f"record {prefix_record.get('ids')}; the artifact is damaged")
     for step, step_record in zip(recipe.steps, step_records, strict=True):
         step.restore(session, step_record)
     for name, module in session.quantized.items():  # after the steps: an exception layer has no static scale

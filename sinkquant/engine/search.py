@@ -34,7 +34,6 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +45,17 @@ from tqdm.auto import tqdm
 from sinkquant.artifacts import atomic_write_json, atomic_write_text
 from sinkquant.data import TokenStream, plan_windows
 from sinkquant.engine.apply import QuantizedModel, apply_recipe
+from sinkquant.engine.search_space import (
+    DEFAULT_BUDGET,
+    DEFAULT_MAX_EXCEPTIONS,
+    SCORE_WINDOWS,
+    SEARCH_WINDOWS,
+    BaseScheme,
+    base_scheme,
+    check_budget,
+    check_calib_windows,
+    check_max_exceptions,
+)
 from sinkquant.engine.session import Session
 from sinkquant.errors import SinkquantError
 from sinkquant.models import LoadedModel
@@ -54,83 +64,18 @@ from sinkquant.quant.scheme import KeepPolicy
 from sinkquant.quant.simulate import QuantLinear
 from sinkquant.recipes.prefix import profile_candidates, with_bos
 from sinkquant.recipes.schema import Recipe, parse_recipe
-from sinkquant.steps.clip import Clip, ClipConfig
+from sinkquant.steps.clip import Clip
 from sinkquant.steps.exceptions import MAX_SHARE
 
 OBJECTIVE = "mean KL(fp32 || quantized) of the next-token distribution, nats per scored token"
 
 
-@dataclass(frozen=True)
-class BaseScheme:
-    """A scheme `--recipe auto` starts from, with the search space that suits it."""
-
-    scheme: dict[str, Any]
-    max_prefix: int = 4
-    alphas: tuple[float, ...] = (0.5, 0.65, 0.8, 0.35)  # walked from the first, one neighbour at a time
-    layer_alphas: tuple[float, ...] = (0.3, 0.45, 0.6, 0.75, 0.9)  # coarse: its cost is layers x grid x Linears
-    # Clipping's cost is its per-layer grid (layers x grid x rows), not the windows: a coarse grid on few rows.
-    clip: ClipConfig = ClipConfig(grid=6, samples=16, min_ratio=0.5)
-    # GPTQ, at int4 only: on SmolLM2 w4a8kv8 it took the objective from 0.65 to 0.30 nats (62 s, a third of the
-    # search); round-to-nearest int8 weights leave it little to do.
-    gptq: bool = False
-
-    def with_gptq(self) -> dict[str, Any]:
-        return {**self.scheme, "weights": {**self.scheme["weights"], "gptq": {}}}
-
-
-W8A8 = {"weights": {"bits": 8, "granularity": "channel"}, "activations": {"bits": 8, "mode": "static"}}
-# The int4 schemes add GPTQ to the same search.
-BASE_SCHEMES: dict[str, BaseScheme] = {
-    "w8a8-static": BaseScheme(W8A8),
-    "w4a8kv8": BaseScheme({"weights": {"bits": 4, "granularity": "group", "group_size": 64},
-                           "activations": {"bits": 8, "mode": "static"}, "kv": {"bits": 8, "granularity": "token"}},
-                          gptq=True),
-    "w4a4kv4": BaseScheme({"weights": {"bits": 4, "granularity": "group", "group_size": 64},
-                           "activations": {"bits": 4, "mode": "static"}, "kv": {"bits": 4, "granularity": "token"}},
-                          gptq=True),
-}
-# A sixth of the +3% perplexity goal in nats (ln 1.03 = 0.030): the KL on one scoring window can understate the
-# evaluation windows' loss 3.5-fold (Gemma 3 on torch-docs: 0.0096 nats of KL against 0.033 nats of
-# cross-entropy, +3.4%), and a budget met too early stops releasing exception layers. That case met 0.02 at 6
-# exceptions (+5.5%) and 0.01 at 18 (+3.4%); at 0.005 it keeps 31 (+2.1%). The budget was lowered after seeing
-# that case, so its pass is not held-out evidence; the other five model/text cases never met 0.005 or met it
-# without exceptions, so their searches are unchanged.
-DEFAULT_BUDGET = 0.005
-# The most Linear inputs the search releases to full precision while the budget is unmet (doubling 1..32, and
-# never beyond the exceptions step's quarter of the layers). A deployment choice as much as a search bound: each
-# released input runs its GEMM on float activations. Scoring a count costs one forward of the scoring windows (no
-# recalibration), so the bound is not a cost bound. 32 in place of 16 (with the noise rule below): SmolLM2 wikitext
-# +1.65% -> +1.11%, Qwen2.5 torch-docs +1.86% -> +0.59%; SmolLM2 torch-docs needs about 40 to tie dynamic per-token.
-DEFAULT_MAX_EXCEPTIONS = 32
 # A candidate replaces the best so far only if it lowers the objective by more than NOISE_Z standard errors of
 # the paired per-token difference (`improvement_z`), in runs of NOISE_BLOCK tokens. Keeping every lowering chose on
 # noise: with 32 exceptions on SmolLM2's torch-docs text, alpha 0.35 beat 0.5 by 0.0005 nats (0.0683 against
 # 0.0688, under 1%) and cost the evaluation windows 0.8 points (+4.36% against +3.54% with alpha 0.5).
 NOISE_Z = 2.0
 NOISE_BLOCK = 32
-
-
-def base_scheme(name: str) -> BaseScheme:
-    if name not in BASE_SCHEMES:
-        raise SinkquantError(f"scheme={name!r} is not a base scheme for --recipe auto; valid: "
-                             f"{', '.join(BASE_SCHEMES)}")
-    return BASE_SCHEMES[name]
-
-
-def check_max_exceptions(count: int) -> int:
-    if isinstance(count, bool) or not isinstance(count, int) or count < 0:
-        raise SinkquantError(f"max_exceptions={count!r} is not valid; valid: a whole number >= 0, the most Linear "
-                             f"inputs the search may keep in full precision (0: none; default "
-                             f"{DEFAULT_MAX_EXCEPTIONS}; at most a quarter of the model's quantized layers count)")
-    return count
-
-
-def check_budget(budget: float) -> float:
-    if isinstance(budget, bool) or not isinstance(budget, int | float) or not math.isfinite(budget) or budget <= 0:
-        raise SinkquantError(f"budget={budget!r} is not valid; valid: a positive number, the mean KL to fp32 in "
-                             f"nats per token: the fewest exception layers that reach it, and no later stage once it "
-                             f"is met (default {DEFAULT_BUDGET})")
-    return float(budget)
 
 
 @torch.no_grad()
@@ -341,16 +286,13 @@ def _budget_met(stage: str, before: float, budget: float, ablation: list[dict[st
 def auto_recipe(
     loaded: LoadedModel, stream: TokenStream, scheme: str = "w8a8-static", ctx: int = 512, calib_windows: int = 8,
     budget: float = DEFAULT_BUDGET, progress: bool = True, *, max_exceptions: int = DEFAULT_MAX_EXCEPTIONS,
-    score_windows: int = 1, search_windows: int = 2,
+    score_windows: int = SCORE_WINDOWS, search_windows: int = SEARCH_WINDOWS,
 ) -> tuple[Recipe, dict[str, Any]]:
     """Search a recipe for `loaded` on calibration windows only; returns it with the trace of what was tried.
     The loaded model is left untouched (every candidate works on a copy)."""
     base, budget = base_scheme(scheme), check_budget(budget)
     max_exceptions = check_max_exceptions(max_exceptions)
-    final_windows = calib_windows - score_windows
-    if score_windows < 1 or search_windows < 1 or final_windows < search_windows:
-        raise SinkquantError(f"calib_windows={calib_windows} must hold score_windows={score_windows} (>= 1) plus at "
-                             f"least search_windows={search_windows} (>= 1) calibrating windows")
+    final_windows = check_calib_windows(calib_windows, score_windows, search_windows) - score_windows
     start = time.perf_counter()
     torch.manual_seed(0)
     region = list(plan_windows(stream, ctx, max_windows=1, calib_windows=calib_windows).calib_windows)

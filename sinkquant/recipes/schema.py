@@ -134,6 +134,12 @@ def _check_steps(entries: list[dict[str, Any]], scheme: Scheme) -> tuple[StepSpe
                 f"{where}: changes the model before quantization, so it cannot follow steps[{later_refine}] "
                 f"({steps[later_refine].name}), which adjusts calibrated quantizers; move it earlier"
             )
+        earlier = next((i for i, s in enumerate(steps[:index]) if step.name in s.invalidated_by), None)
+        if earlier is not None:
+            raise SinkquantError(
+                f"{where}: changes what steps[{earlier}] ({steps[earlier].name}) computed ({steps[earlier].computes}) "
+                f"on the model, so it cannot follow it; list {step.name} before {steps[earlier].name}"
+            )
         try:
             step.check(scheme, [s for s in steps if s is not step], index)
         except SinkquantError as exc:
@@ -141,12 +147,6 @@ def _check_steps(entries: list[dict[str, Any]], scheme: Scheme) -> tuple[StepSpe
     return tuple(steps)
 
 
-        earlier = next((i for i, s in enumerate(steps[:index]) if step.name in s.invalidated_by), None)
-        if earlier is not None:
-            raise SinkquantError(
-                f"{where}: changes what steps[{earlier}] ({steps[earlier].name}) computed ({steps[earlier].computes}) "
-                f"on the model, so it cannot follow it; list {step.name} before {steps[earlier].name}"
-            )
 def check_recipe(data: Any, source: str = "<recipe>") -> tuple[RecipeFile, tuple[StepSpec, ...]]:
     """Every parse-time rule of a recipe mapping (as read from YAML/JSON), without torch; errors start with
     `source`. Returns the file and its steps' specs."""
@@ -178,19 +178,6 @@ def check_recipe(data: Any, source: str = "<recipe>") -> tuple[RecipeFile, tuple
         return raw, _check_steps(raw.steps, raw.scheme)
     except SinkquantError as exc:
         raise SinkquantError(f"{source}: invalid recipe: {exc}") from None
-    return Recipe(name=raw.name, description=raw.description, backend=raw.backend, steps=steps, scheme=raw.scheme,
-                  calibration=raw.calibration)
-
-
-
-def check_recipe_file(path: str | Path) -> RecipeFile:
-    """`load_recipe`'s refusals without torch (for the command line, before any heavy import)."""
-    path = Path(path)
-    return check_recipe(read_structured(path, "recipe"), str(path))[0]
-
-def load_recipe(path: str | Path) -> Recipe:
-    path = Path(path)
-    return parse_recipe(read_structured(path, "recipe"), str(path))
 
 
 def parse_recipe(data: Any, source: str = "<recipe>") -> Recipe:
@@ -199,3 +186,16 @@ def parse_recipe(data: Any, source: str = "<recipe>") -> Recipe:
 
     raw, specs = check_recipe(data, source)
     steps = tuple(STEPS[s.name](s.config) for s in specs)
+    return Recipe(name=raw.name, description=raw.description, backend=raw.backend, steps=steps, scheme=raw.scheme,
+                  calibration=raw.calibration)
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    path = Path(path)
+    return parse_recipe(read_structured(path, "recipe"), str(path))
+
+
+def check_recipe_file(path: str | Path) -> RecipeFile:
+    """`load_recipe`'s refusals without torch (for the command line, before any heavy import)."""
+    path = Path(path)
+    return check_recipe(read_structured(path, "recipe"), str(path))[0]
