@@ -125,3 +125,20 @@ def test_bf16_checkpoint_stays_bf16_and_quantizes(tokenizer, wikitext_stream, tm
     assert b["model.layers.0.self_attn.q_proj.weight_int"].dtype == torch.int8
     assert b["model.layers.0.self_attn.q_proj.act_scale"].dtype == torch.float32
     assert b["model.layers.0.input_layernorm.weight"].dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_streamed_artifact_perplexity_equals_in_memory(arch: str, tokenizer, wikitext_stream, tmp_path) -> None:
+    """`load(stream=True)` reads each decoder layer's integers per forward: the quantized perplexity of an
+    artifact larger than memory, equal to the in-memory reload's."""
+    torch.set_num_threads(1)
+    checkpoint = sharded_checkpoint(arch, tokenizer, tmp_path / "checkpoint")
+    quantize_streaming(checkpoint, parse_recipe(RECIPES["static"], "static"), wikitext_stream, ctx=CTX,
+                       out=tmp_path / "artifact")
+    plan = plan_windows(wikitext_stream, CTX, max_windows=2)
+    memory = load(tmp_path / "artifact").evaluate(wikitext_stream, plan, bos="never", progress=False)
+    streamed = load(tmp_path / "artifact", stream=True)
+    assert {p.device.type for p in streamed.base.adapter.decoder_layers(streamed.model).parameters()} == {"meta"}
+    result = streamed.evaluate(wikitext_stream, plan, bos="never", progress=False)
+    assert result.nll_sum == memory.nll_sum and result.tokens == memory.tokens
+    assert streamed.layers.reads == 2 * streamed.model.config.num_hidden_layers  # once per window and layer

@@ -7,6 +7,7 @@ The model is quantized in place (no whole-model copy) unless `copy=True`."""
 
 from __future__ import annotations
 
+import contextlib
 import copy as copy_module
 import time
 from dataclasses import dataclass, field, replace
@@ -45,14 +46,21 @@ class QuantizedModel:
     recipe: Recipe
     prefix: Prefix | None
     record: dict[str, Any] = field(default_factory=dict)
+    layers: LayerStream | None = None  # an artifact loaded with stream=True: decoder layers read per forward
+
+    def streaming(self) -> contextlib.AbstractContextManager:
+        """Where forwards run: as they are, or reading the decoder layers one at a time (`layers`)."""
+        return self.layers.streaming() if self.layers is not None else contextlib.nullcontext()
 
     def evaluate(self, stream: TokenStream, plan: WindowPlan, bos: str = "auto", progress: bool = True
                  ) -> PerplexityResult:
         """Perplexity on `plan`'s windows; a prefix replaces the BOS policy (it brings its own BOS, if any)."""
         if self.prefix is not None and bos == "per-window" and self.prefix.ids[:1] != [self.base.bos_id]:
             raise SinkquantError("this recipe's prefix has no BOS; evaluate it with --bos never or auto")
-        return evaluate(self.base, stream, plan, bos=bos if self.prefix is None else "never", prefix=self.prefix,
-                        model=self.model, progress=progress, desc=self.recipe.name, cache=self.cache_for_batch)
+        with self.streaming():
+            return evaluate(self.base, stream, plan, bos=bos if self.prefix is None else "never",
+                            prefix=self.prefix, model=self.model, progress=progress, desc=self.recipe.name,
+                            cache=self.cache_for_batch)
 
     def cache_for_batch(self, batch: int) -> Cache | None:
         """The KV cache a forward over `batch` rows starts from: the prefix's fp KV, or (a backend with a KV

@@ -44,6 +44,7 @@ from sinkquant.quant.embeddings import restore as restore_embedding
 from sinkquant.quant.embeddings import stored as stored_embedding
 from sinkquant.quant.qweight import QuantizedWeight
 from sinkquant.quant.scheme import KeepPolicy
+from sinkquant.quant.simulate import QuantLinear
 from sinkquant.recipes.schema import parse_recipe
 
 FORMAT_VERSION = 2
@@ -187,27 +188,32 @@ def _verify(folder: Path, meta: dict[str, Any], meta_path: Path) -> None:
     verify_digests(folder, _field(meta, "files", dict, meta_path), str(folder))
 
 
+def restore_quantized(name: str, module: QuantLinear, tensors: dict[str, torch.Tensor]) -> None:
+    """One QuantLinear's integer weight and scales, popped from `tensors` (by `name`, as stored)."""
+    spec = module.weights_spec
+    if spec is not None:
+        packed = tensors.pop(f"{name}.weight_packed", None)
+        ints = tensors.pop(f"{name}.weight_int", None)
+        try:
+            values = QuantizedWeight.unpack(packed, spec.bits, spec.symmetric) if packed is not None else ints
+            scale = tensors.pop(f"{name}.weight_scale")
+            zero_point = tensors.pop(f"{name}.weight_zero_point")
+        except KeyError as exc:
+            raise SinkquantError(f"{WEIGHTS}: tensor {exc.args[0]!r} is missing") from None
+        if values is None or tuple(values.shape) != (module.out_features, module.in_features):
+            raise SinkquantError(f"{WEIGHTS}: the integer weight of {name} is missing or has the wrong shape "
+                                 f"(expected {(module.out_features, module.in_features)})")
+        module.set_qweight(QuantizedWeight(values, scale, zero_point, spec.bits, spec.granularity,
+                                           spec.group_size, spec.symmetric))
+    for buffer in ("act_scale", "act_zero_point"):
+        if f"{name}.{buffer}" in tensors:
+            setattr(module, buffer, tensors.pop(f"{name}.{buffer}"))
+
+
 def _restore_weights(model: torch.nn.Module, session: Session, tensors: dict[str, torch.Tensor]) -> None:
     """Integer weights and scales into the QuantLinear layers, everything else by name."""
     for name, module in session.quantized.items():
-        spec = module.weights_spec
-        if spec is not None:
-            packed = tensors.pop(f"{name}.weight_packed", None)
-            ints = tensors.pop(f"{name}.weight_int", None)
-            try:
-                values = QuantizedWeight.unpack(packed, spec.bits, spec.symmetric) if packed is not None else ints
-                scale = tensors.pop(f"{name}.weight_scale")
-                zero_point = tensors.pop(f"{name}.weight_zero_point")
-            except KeyError as exc:
-                raise SinkquantError(f"{WEIGHTS}: tensor {exc.args[0]!r} is missing") from None
-            if values is None or tuple(values.shape) != (module.out_features, module.in_features):
-                raise SinkquantError(f"{WEIGHTS}: the integer weight of {name} is missing or has the wrong shape "
-                                     f"(expected {(module.out_features, module.in_features)})")
-            module.set_qweight(QuantizedWeight(values, scale, zero_point, spec.bits, spec.granularity,
-                                               spec.group_size, spec.symmetric))
-        for buffer in ("act_scale", "act_zero_point"):
-            if f"{name}.{buffer}" in tensors:
-                setattr(module, buffer, tensors.pop(f"{name}.{buffer}"))
+        restore_quantized(name, module, tensors)
     for name, weight in embedding_weights(model).items():
         restore_embedding(tensors, name, tuple(weight.shape), WEIGHTS)
     missing, unexpected = model.load_state_dict(tensors, strict=False)
@@ -241,8 +247,10 @@ def read_artifact_weights(folder: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def load(folder: str | Path, verify: bool = True) -> QuantizedModel:
-    """Reload an artifact written by `save` (or `sinkquant quantize`); `verify` checks every file's sha256."""
+def load(folder: str | Path, verify: bool = True, stream: bool = False) -> QuantizedModel:
+    """Reload an artifact written by `save` (or `sinkquant quantize`); `verify` checks every file's sha256.
+    `stream`: leave the decoder layers on disk, read one at a time by each forward (engine/stream.py), for an
+    artifact larger than memory."""
     folder = Path(folder)
     meta_path = folder / META
     meta = read_manifest(folder, META, "it is not a sinkquant artifact; write one with `sinkquant quantize`")
@@ -264,7 +272,13 @@ def load(folder: str | Path, verify: bool = True) -> QuantizedModel:
         base = LoadedModel(model=model, tokenizer=tokenizer, adapter=adapter_for(model), spec=model_meta.get("spec"),
                            source={k: v for k, v in model_meta.items() if k not in ("spec", "adapter")})
         return QuantizedModel(base=base, model=model, recipe=recipe, prefix=None, record=record)
-    model = normalize(empty_model(folder))
+    if stream:
+        from sinkquant.engine.stream import skeleton, streaming_refusal
+
+        refusal = streaming_refusal(recipe)
+        if refusal is not None:
+            raise SinkquantError(f"{folder}: this artifact cannot be streamed: {refusal}")
+    model = normalize(skeleton(folder) if stream else empty_model(folder))
     base = LoadedModel(model=model, tokenizer=tokenizer, adapter=adapter_for(model), spec=model_meta.get("spec"),
                        source={k: v for k, v in model_meta.items() if k not in ("spec", "adapter")})
     keep = record.get("keep", {})
@@ -280,7 +294,13 @@ def load(folder: str | Path, verify: bool = True) -> QuantizedModel:
         step.prepare_restore(session, step_record)
         step_records.append(step_record)
     quantize_structure(session, kv=backend.kv_cache is None)  # else the backend's KV cache quantizes the KV
-    _restore_weights(model, session, read_artifact_weights(folder))
+    layers = None
+    if stream:
+        from sinkquant.engine.stream import artifact_layers
+
+        layers = artifact_layers(folder, session)
+    else:
+        _restore_weights(model, session, read_artifact_weights(folder))
     prefix_record = next((r for s, r in zip(recipe.steps, step_records, strict=True) if s.name == "prefix"), None)
     if (folder / PREFIX).is_file() != (prefix_record is not None):
         raise SinkquantError(f"{folder / PREFIX} is {'present' if prefix_record is None else 'missing'}, but the "
@@ -302,4 +322,4 @@ def load(folder: str | Path, verify: bool = True) -> QuantizedModel:
             raise SinkquantError(f"{WEIGHTS}: the static activation scale of {name} is missing")
     if backend.finalize is not None:
         backend.finalize(model, recipe.scheme)
-    return QuantizedModel(base=base, model=model, recipe=recipe, prefix=session.prefix, record=record)
+    return QuantizedModel(base=base, model=model, recipe=recipe, prefix=session.prefix, record=record, layers=layers)

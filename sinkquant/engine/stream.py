@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from accelerate import init_empty_weights
@@ -38,13 +38,25 @@ from sinkquant.adapters import adapter_for, normalize
 from sinkquant.artifacts import atomic_dir, atomic_write_json, check_output_dir
 from sinkquant.data import TokenStream, WindowPlan
 from sinkquant.engine.apply import QuantizedModel, apply_recipe
-from sinkquant.engine.artifact import WEIGHTS_INDEX, state_tensors, write_artifact
+from sinkquant.engine.artifact import (
+    QUANT_BUFFERS,
+    WEIGHTS,
+    WEIGHTS_INDEX,
+    restore_quantized,
+    state_tensors,
+    write_artifact,
+)
 from sinkquant.engine.backends import BACKENDS
 from sinkquant.errors import SinkquantError
 from sinkquant.memory import release_freed_memory
 from sinkquant.models import LoadedModel, _check_model_folder, _first_line, _folder_config, _folder_digest
 from sinkquant.perplexity import PerplexityResult, evaluate
+from sinkquant.quant.embeddings import embedding_weights
+from sinkquant.quant.embeddings import restore as restore_embedding
 from sinkquant.quant.simulate import QuantLinear
+
+if TYPE_CHECKING:
+    from sinkquant.engine.session import Session
 from sinkquant.recipes.schema import Recipe
 
 Transform = Callable[[int, nn.Module], None]
@@ -73,9 +85,10 @@ def checkpoint_index(folder: Path) -> dict[str, Path]:
     return files
 
 
-def read_tensors(files: dict[str, Path], names: list[str], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+def read_tensors(files: dict[str, Path], names: list[str], dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
     """`names` read from their files (pread, one tensor at a time) into memory torch allocates, floating-point
-    tensors in `dtype`: the values `models.read_weights` and from_pretrained give the in-memory model."""
+    tensors in `dtype` (None: as stored): the values `models.read_weights` and from_pretrained give the in-memory
+    model."""
     missing = [name for name in names if name not in files]
     if missing:
         raise SinkquantError(f"the checkpoint has no tensor {missing[0]!r}; it does not match its config.json")
@@ -88,7 +101,8 @@ def read_tensors(files: dict[str, Path], names: list[str], dtype: torch.dtype) -
             with safe_open(file, framework="pt", device="cpu", backend="pread") as handle:
                 for key in keys:
                     tensor = handle.get_tensor(key)
-                    tensors[key] = tensor.to(dtype, copy=True) if tensor.is_floating_point() else tensor.clone()
+                    floating = dtype is not None and tensor.is_floating_point()
+                    tensors[key] = tensor.to(dtype, copy=True) if floating else tensor.clone()
         except Exception as exc:  # safetensors raises its own error types for a damaged file
             raise SinkquantError(f"{file} is not a readable safetensors file: {_first_line(exc)}") from exc
     return tensors
@@ -100,10 +114,12 @@ class LayerStream:
     artifact writer) and frees it for good. While `streaming()` is active, a whole-model forward loads and frees
     each layer around its call."""
 
-    def __init__(self, model: PreTrainedModel, files: dict[str, Path], dtype: torch.dtype) -> None:
+    def __init__(self, model: PreTrainedModel, files: dict[str, Path], dtype: torch.dtype | None,
+                 reader: Transform | None = None) -> None:
         self.adapter = adapter_for(model)
         self.layers = self.adapter.decoder_layers(model)
         self.files, self.dtype = files, dtype
+        self.reader = reader or self._read_checkpoint  # fills a layer's tensors: a checkpoint's, or an artifact's
         self.transforms: list[Transform] = []
         self.loaded: set[int] = set()
         self.finished: set[int] = set()
@@ -136,15 +152,18 @@ class LayerStream:
                                  "forward after quantization is not possible while streaming (evaluate the artifact)")
         clock = time.perf_counter()
         layer = self.layers[index]
-        names = [name for name, _ in _tensor_slots(layer)]
-        tensors = read_tensors(self.files, [self.prefix(index) + n for n in names], self.dtype)
-        for name in names:
-            set_module_tensor_to_device(layer, name, "cpu", value=tensors.pop(self.prefix(index) + name))
+        self.reader(index, layer)
         for transform in self.transforms:
             transform(index, layer)
         self.loaded.add(index)
         self.reads += 1
         self.read_seconds += time.perf_counter() - clock
+
+    def _read_checkpoint(self, index: int, layer: nn.Module) -> None:
+        names = [name for name, _ in _tensor_slots(layer)]
+        tensors = read_tensors(self.files, [self.prefix(index) + n for n in names], self.dtype)
+        for name in names:
+            set_module_tensor_to_device(layer, name, "cpu", value=tensors.pop(self.prefix(index) + name))
 
     def free(self, index: int) -> None:
         """Every tensor of the layer back to the meta device, except a QuantLinear's activation scale and zero
@@ -204,6 +223,60 @@ def _tensor_slots(layer: nn.Module) -> list[tuple[str, torch.Tensor | None]]:
             if not name.endswith(("act_scale", "act_zero_point"))]
 
 
+def skeleton(folder: Path, dtype: torch.dtype | None = None) -> PreTrainedModel:
+    """The architecture in `folder`'s config.json with its parameters on the meta device (buffers real), in
+    `dtype` (None: the config's own, else fp32): nothing is allocated until a layer is read."""
+    config = _folder_config(Path(folder))
+    dtype = dtype or getattr(config, "dtype", None) or torch.float32
+    try:
+        with init_empty_weights():
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    except (OSError, ValueError) as exc:
+        raise SinkquantError(f"could not build the model of {folder}: {_first_line(exc)}") from exc
+    return model.eval()
+
+
+def artifact_layers(folder: Path, session: Session) -> LayerStream:
+    """An artifact's tensors into the quantized skeleton of `session` (its QuantLinears in place): embeddings, final
+    norm, lm_head and every activation scale now (exceptions and checks read them), each decoder layer's integer
+    weights when a forward reads it. Tensors keep their stored dtype (a bf16 model stays bf16)."""
+    model = session.model
+    files = checkpoint_index(folder)
+    layer_names = f"{session.loaded.adapter.layers}."
+    scales = [n for n in files if n.startswith(layer_names) and n.endswith(("act_scale", "act_zero_point"))]
+    for name, tensor in read_tensors(files, scales, None).items():
+        module_name, _, buffer = name.rpartition(".")
+        setattr(model.get_submodule(module_name), buffer, tensor)
+    rest = read_tensors(files, [n for n in files if not n.startswith(layer_names)], None)
+    for name, weight in embedding_weights(model).items():
+        restore_embedding(rest, name, tuple(weight.shape), WEIGHTS)
+    _assign(model, rest, [n for n in model.state_dict() if not n.startswith(layer_names)], folder)
+    model.tie_weights()
+
+    def read(index: int, layer: nn.Module) -> None:
+        prefix = f"{layer_names}{index}."
+        tensors = {n[len(prefix):]: t for n, t in read_tensors(
+            files, [n for n in files if n.startswith(prefix) and n not in scales], None).items()}
+        for name, module in layer.named_modules():
+            if isinstance(module, QuantLinear):
+                restore_quantized(name, module, tensors)
+        _assign(layer, tensors, [n for n, _ in _tensor_slots(layer) if not n.endswith(QUANT_BUFFERS)], folder)
+
+    return LayerStream(model, files, None, reader=read)
+
+
+def _assign(module: nn.Module, tensors: dict[str, torch.Tensor], expected: list[str], folder: Path) -> None:
+    """Stored tensors into `module` by name (replacing meta parameters); every expected one must be there."""
+    tied = {"lm_head.weight"} if getattr(getattr(module, "config", None), "tie_word_embeddings", False) else set()
+    missing = [n for n in expected if n not in tensors and n not in tied]
+    unexpected = sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        what = f"missing tensor {missing[0]!r}" if missing else f"unexpected tensor {unexpected[0]!r}"
+        raise SinkquantError(f"{folder}: {what}; the weights do not belong to this artifact's model")
+    for name, tensor in tensors.items():
+        set_module_tensor_to_device(module, name, "cpu", value=tensor)
+
+
 def open_checkpoint(folder: str | Path, dtype: torch.dtype = torch.float32) -> tuple[LoadedModel, LayerStream]:
     """A safetensors model folder as a skeleton: everything but the decoder layers read in `dtype`, the decoder
     layers left on disk for the LayerStream. Refuses what `load_model` refuses (an artifact, pickle weights)."""
@@ -211,14 +284,11 @@ def open_checkpoint(folder: str | Path, dtype: torch.dtype = torch.float32) -> t
     if not folder.is_dir():
         raise SinkquantError(f"streaming reads a local safetensors model folder; {folder} is not a folder")
     _check_model_folder(folder)
-    config = _folder_config(folder)
+    model = normalize(skeleton(folder, dtype))
     try:
-        with init_empty_weights():
-            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
         tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
     except (OSError, ValueError) as exc:
         raise SinkquantError(f"could not load model folder {folder}: {_first_line(exc)}") from exc
-    normalize(model).eval()
     files = checkpoint_index(folder)
     stream = LayerStream(model, files, dtype)
     layer_names = f"{stream.adapter.layers}."
