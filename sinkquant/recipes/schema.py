@@ -182,10 +182,12 @@ def check_recipe(data: Any, source: str = "<recipe>") -> tuple[RecipeFile, tuple
 
 def parse_recipe(data: Any, source: str = "<recipe>") -> Recipe:
     """Validate a recipe mapping (as read from YAML/JSON; errors start with `source`) and build its steps."""
-    from sinkquant.steps import STEPS  # the step modules, and torch with them
-
     raw, specs = check_recipe(data, source)
-    steps = tuple(STEPS[s.name](s.config) for s in specs)
+    steps: tuple[Step, ...] = ()
+    if specs:  # the step modules, and torch with them, load only for a recipe that has steps
+        from sinkquant.steps import STEPS
+
+        steps = tuple(STEPS[s.name](s.config) for s in specs)
     return Recipe(name=raw.name, description=raw.description, backend=raw.backend, steps=steps, scheme=raw.scheme,
                   calibration=raw.calibration)
 
