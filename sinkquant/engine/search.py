@@ -45,7 +45,8 @@ from tqdm.auto import tqdm
 from sinkquant.artifacts import atomic_write_json, atomic_write_text
 from sinkquant.data import TokenStream, plan_windows
 from sinkquant.engine.apply import QuantizedModel, apply_recipe
-from sinkquant.engine.search_space import (
+from sinkquant.engine.search_space import (  # BASE_SCHEMES re-exported: the search's callers read it here
+    BASE_SCHEMES,  # noqa: F401
     DEFAULT_BUDGET,
     DEFAULT_MAX_EXCEPTIONS,
     SCORE_WINDOWS,
