@@ -8,7 +8,7 @@ SHARED_WIKITEXT := $(abspath ../shared/data/wikitext-2-raw/wiki.test.raw)
 export SINKQUANT_WIKITEXT2 ?= $(SHARED_WIKITEXT)
 OUT ?= out
 
-.PHONY: setup demo test test-regression lint models
+.PHONY: setup demo test test-regression lint models gpu-check
 
 setup: $(VENV)/.installed
 
@@ -58,3 +58,22 @@ models: setup
 
 lint: setup
 	$(BIN)/ruff check sinkquant tests eval
+
+# On a machine with a CUDA GPU: the `gpu`-marked tests (native kernels, GPTQ, int8 KV cache, bf16, placement, each
+# against the CPU), then the runtime benchmark on CUDA, then a summary. `make setup` installs the CPU build of
+# torch; on a GPU machine install the CUDA one first (pip install torch==2.13.0 from the PyTorch CUDA index).
+GPU_VARIANTS := fp32 native-w8a8-prefix-smooth-except native-w8a16 native-w4a16
+gpu-check: setup
+	@mkdir -p $(OUT)
+	@$(BIN)/python -c "import sys, torch; sys.exit(None if torch.cuda.is_available() else \
+		f'gpu-check: no CUDA device visible to torch {torch.__version__} (a CPU build, or no GPU here)')"
+	@status=0; \
+	$(BIN)/python -m pytest -q -p no:cacheprovider -m gpu -rs tests/test_gpu.py tests/test_devices.py \
+		> $(OUT)/gpu-tests.txt 2>&1 || status=1; \
+	$(BIN)/python eval/bench_runtime.py --device cuda --variants $(GPU_VARIANTS) --out $(OUT)/runtime-cuda \
+		> $(OUT)/runtime-cuda.log 2>&1 || status=1; \
+	echo "== gpu-check on $$($(BIN)/python -c 'import torch; print(torch.cuda.get_device_name())')"; \
+	echo "tests: $$(tail -n 1 $(OUT)/gpu-tests.txt)  (details: $(OUT)/gpu-tests.txt)"; \
+	if [ -f $(OUT)/runtime-cuda.md ]; then sed -n '/^| variant/,/^$$/p' $(OUT)/runtime-cuda.md; \
+	else echo "runtime benchmark failed: $$(tail -n 1 $(OUT)/runtime-cuda.log)"; fi; \
+	exit $$status

@@ -95,20 +95,25 @@ def weight_bytes(model: torch.nn.Module) -> int:
 @torch.no_grad()
 def measure(model: torch.nn.Module, new_cache: Callable[[], Cache | None], window: torch.Tensor, new_tokens: int,
             repeats: int) -> dict[str, float]:
+    sync = torch.cuda.synchronize if window.is_cuda else (lambda: None)  # CUDA kernels run asynchronously
     prefill = []
     for _ in range(repeats):
         past = new_cache()
+        sync()
         start = time.perf_counter()
         model(input_ids=window, past_key_values=past, use_cache=past is not None, logits_to_keep=1)
+        sync()
         prefill.append(time.perf_counter() - start)
     decode = []
     for _ in range(repeats):
         past = new_cache() or DynamicCache(config=model.config)
         logits = model(input_ids=window, past_key_values=past, use_cache=True, logits_to_keep=1).logits
         token = logits[:, -1:].argmax(-1)
+        sync()
         start = time.perf_counter()
         for _ in range(new_tokens):
             token = model(input_ids=token, past_key_values=past, use_cache=True).logits[:, -1:].argmax(-1)
+        sync()
         decode.append(time.perf_counter() - start)
     ctx = window.shape[1]
     return {"prefill_tokens_per_s": ctx / statistics.median(prefill),
@@ -117,16 +122,18 @@ def measure(model: torch.nn.Module, new_cache: Callable[[], Cache | None], windo
 
 def child(args) -> None:
     loaded, stream = setup(args)
+    loaded.model.to(args.device)  # the recipes quantize on the model's device
     plan = plan_windows(stream, ctx=args.ctx, max_windows=1)
     start = time.perf_counter()
     model, new_cache, prefix_ids, artifact = build(args.child, loaded, stream, args.ctx, args.calib_windows)
     build_seconds = time.perf_counter() - start
-    window = stream.windows(args.ctx, [plan.eval_windows[0]])
+    window = stream.windows(args.ctx, [plan.eval_windows[0]]).to(args.device)
     result = measure(model.eval(), new_cache, window, args.new_tokens, args.repeats)
     result.update(artifact_bytes=artifact, build_seconds=build_seconds, weight_bytes=weight_bytes(model),
                   peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
                   prefix_ids=prefix_ids, data_sha256=stream.text_sha256, eval_window=plan.eval_windows[0],
-                  calib_windows=args.calib_windows)
+                  calib_windows=args.calib_windows, device=args.device,
+                  peak_device_bytes=torch.cuda.max_memory_allocated() if window.is_cuda else None)
     print("RESULT " + json.dumps(result))
 
 
@@ -179,6 +186,7 @@ def main() -> None:
     p.add_argument("--calib-windows", type=int, default=None,
                    help="calibration windows (default: each recipe's own, 8 for the peers)")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--device", default="cpu", help="cpu or cuda (make gpu-check)")
     p.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
@@ -223,7 +231,7 @@ def main() -> None:
                                                              for ok, text in checks)
     if measured:
         plot(measured, args.out)
-    write_result(args.out, "Runtime of real quantized models (CPU)", body,
+    write_result(args.out, f"Runtime of real quantized models ({args.device.upper()})", body,
                  {"rows": rows, "ctx": args.ctx, "new_tokens": args.new_tokens, "repeats": args.repeats})
 
 

@@ -5,9 +5,9 @@ plus one for embeddings and lm_head, with the hub's index), quantized layer by l
 8 exceptions) and by GPTQ W4A16 (int4 group-64, no rotation: rotation is not streamed). Each run is its own process,
 so its peak RSS (ru_maxrss) is its own; per-layer seconds are each decoder layer's turn in the pipeline (read,
 smooth, quantize, calibrate, write), total seconds the whole quantization (prefix selection and smoothing
-statistics included). Perplexity on a few windows: the bf16 reference streamed one layer at a time, the quantized
-artifact reloaded in memory (`sinkquant.load`; streaming an artifact back is not built). Random weights have no
-sinks: this measures cost, not quality. The tokenizer is SmolLM2's (its ids lie inside Llama 3's vocabulary).
+statistics included). Perplexity on a few windows, both streamed one layer at a time: the bf16 reference
+(`evaluate_streaming`) and the quantized artifact (`load(..., stream=True)`). Random weights have no sinks: this
+measures cost, not quality. The tokenizer is SmolLM2's (its ids lie inside Llama 3's vocabulary).
 
     python eval/bench_scale.py --shapes 1b                  # the 1B shape, cached under ~/.cache/sinkquant/scale
     python eval/bench_scale.py --shapes 8b --threads 2      # the 8B shape (16 GB of bf16 weights)"""
@@ -136,7 +136,7 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
         if args.task == "ppl-fp":
             ppl = evaluate_streaming(folder, stream, plan, bos="never", dtype=torch.bfloat16)
         else:
-            quantized = load(args.artifact)
+            quantized = load(args.artifact, stream=True)
             ppl = quantized.evaluate(stream, plan, bos="never", progress=False)
         result["ppl"] = ppl.ppl
     result["seconds"] = time.perf_counter() - start
