@@ -364,3 +364,27 @@ def test_tampered_prefix_sidecars_are_one_line(tamper, message, tmp_path) -> Non
     tamper(folder)
     with pytest.raises(SinkquantError, match=message):
         load_prefix_cache(folder, tiny_config("llama"))
+
+
+@pytest.mark.long
+def test_auto_recipe_and_trace_go_inside_the_artifact(smollm2, wikitext_path, tmp_path) -> None:
+    """`quantize --recipe auto` writes nothing beside --out: a user's file of the auto recipe's name is kept, and
+    the recipe and its trace are files of the artifact (listed, verified, and the recipe the artifact ran)."""
+    from sinkquant.cli import main
+
+    model_dir = tmp_path / "model"
+    tiny = tiny_model("llama", smollm2.tokenizer)
+    tiny.model.save_pretrained(model_dir)
+    smollm2.tokenizer.save_pretrained(model_dir)
+    text = tmp_path / "text.txt"
+    text.write_text(wikitext_path.read_text()[:40000])
+    (tmp_path / "auto-w8a8-static.yaml").write_text("mine")
+    out = tmp_path / "out"
+    assert main(["quantize", "--quiet", "--recipe", "auto", "--model", str(model_dir), "--data", str(text), "--ctx",
+                 "64", "--max-windows", "2", "--bos", "never", "--calib-windows", "3", "--out", str(out)]) == 0
+    assert (tmp_path / "auto-w8a8-static.yaml").read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["auto-w8a8-static.yaml", "model", "out", "text.txt"]
+    artifact = load(out)
+    assert {"auto-w8a8-static.yaml", "auto-w8a8-static.trace.json"} <= set(
+        json.loads((out / "sinkquant.json").read_text())["files"])
+    assert load_recipe(out / "auto-w8a8-static.yaml").resolved() == artifact.recipe.resolved()
