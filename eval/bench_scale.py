@@ -1,8 +1,10 @@
 """Cost of streaming quantization against model size: seeded random-weight models with the real configs of
 Llama-3.2-1B, Llama-3.2-3B and Llama-3.1-8B, written once as sharded bf16 safetensors (one shard per decoder layer
 plus one for embeddings and lm_head, with the hub's index), quantized layer by layer from disk
-(sinkquant.engine.stream) by the static W8A8 recipe (recipes/w8a8-prefix-smooth-except.yaml: prefix, smoothing,
-8 exceptions) and by GPTQ W4A16 (int4 group-64, no rotation: rotation is not streamed). Each run is its own process,
+(sinkquant.engine.stream; decoder layers computed in fp32, one at a time, embeddings and lm_head kept bf16:
+bf16 matmuls are 4x slower than fp32 on a CPU without bf16 units) by the static W8A8 recipe
+(recipes/w8a8-prefix-smooth-except.yaml: prefix, smoothing, 8 exceptions) and by GPTQ W4A16 (int4 group-64, no
+rotation: rotation is not streamed). Each run is its own process,
 so its peak RSS (ru_maxrss) is its own; per-layer seconds are each decoder layer's turn in the pipeline (read,
 smooth, quantize, calibrate, write), total seconds the whole quantization (prefix selection and smoothing
 statistics included). Perplexity on a few windows, both streamed one layer at a time: the bf16 reference
@@ -128,13 +130,14 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
         recipe = recipe.model_copy(update={"calibration": recipe.calibration.model_copy(
             update={"windows": args.calib_windows})})
         quantized = quantize_streaming(folder, recipe, stream, ctx=args.ctx, out=args.artifact, overwrite=True,
-                                       dtype=torch.bfloat16, progress=False)
+                                       dtype=torch.float32, embeddings_dtype=torch.bfloat16, progress=False)
         result["layer_seconds"] = quantized.record["stream"]["layer_seconds"]
         result["layer_reads"] = quantized.record["stream"]["layer_reads"]
     else:
         plan = plan_windows(stream, args.ctx, max_windows=args.windows)
         if args.task == "ppl-fp":
-            ppl = evaluate_streaming(folder, stream, plan, bos="never", dtype=torch.bfloat16)
+            ppl = evaluate_streaming(folder, stream, plan, bos="never", dtype=torch.float32,
+                                     embeddings_dtype=torch.bfloat16)
         else:
             quantized = load(args.artifact, stream=True)
             ppl = quantized.evaluate(stream, plan, bos="never", progress=False)

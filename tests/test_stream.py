@@ -142,3 +142,27 @@ def test_streamed_artifact_perplexity_equals_in_memory(arch: str, tokenizer, wik
     result = streamed.evaluate(wikitext_stream, plan, bos="never", progress=False)
     assert result.nll_sum == memory.nll_sum and result.tokens == memory.tokens
     assert streamed.layers.reads == 2 * streamed.model.config.num_hidden_layers  # once per window and layer
+
+
+@pytest.mark.parametrize("recipe", ["smooth-except", "gptq"])
+def test_bf16_embeddings_with_fp32_layers(recipe: str, tokenizer, wikitext_stream, tmp_path) -> None:
+    """A bf16 checkpoint streamed with fp32 layers and bf16 embeddings/lm_head: the layers see exactly what the
+    fp32 in-memory model gives them, so every layer tensor equals its artifact's, and the embeddings are stored
+    bf16 with the same values."""
+    torch.set_num_threads(1)
+    loaded = tiny_model("llama", tokenizer)
+    loaded.model.to(torch.bfloat16).save_pretrained(tmp_path / "checkpoint", max_shard_size="100KB")
+    tokenizer.save_pretrained(tmp_path / "checkpoint")
+    raw = dict(RECIPES["gptq" if recipe == "gptq" else "static"])
+    raw["steps"] = [] if recipe == "gptq" else raw["steps"][1:]  # lm_head (bf16 here) plays no part
+    parsed = parse_recipe(raw, recipe)
+    streamed = quantize_streaming(tmp_path / "checkpoint", parsed, wikitext_stream, ctx=CTX, out=tmp_path / "stream",
+                                  dtype=torch.float32, embeddings_dtype=torch.bfloat16)
+    assert streamed.model.get_input_embeddings().weight.dtype == torch.bfloat16
+    save(apply_recipe(load_model(str(tmp_path / "checkpoint")), parsed, wikitext_stream, ctx=CTX), tmp_path / "mem")
+    memory, stream = read_artifact_weights(tmp_path / "mem"), read_artifact_weights(tmp_path / "stream")
+    assert memory.keys() == stream.keys()
+    for name, tensor in memory.items():
+        assert torch.equal(tensor, stream[name].to(tensor.dtype)), name
+        embedding = "embed_tokens" in name or name == "lm_head.weight"
+        assert stream[name].dtype == (torch.bfloat16 if embedding else tensor.dtype), name

@@ -277,9 +277,16 @@ def _assign(module: nn.Module, tensors: dict[str, torch.Tensor], expected: list[
         set_module_tensor_to_device(module, name, "cpu", value=tensor)
 
 
-def open_checkpoint(folder: str | Path, dtype: torch.dtype = torch.float32) -> tuple[LoadedModel, LayerStream]:
+def open_checkpoint(folder: str | Path, dtype: torch.dtype = torch.float32,
+                    embeddings_dtype: torch.dtype | None = None) -> tuple[LoadedModel, LayerStream]:
     """A safetensors model folder as a skeleton: everything but the decoder layers read in `dtype`, the decoder
-    layers left on disk for the LayerStream. Refuses what `load_model` refuses (an artifact, pickle weights)."""
+    layers left on disk for the LayerStream. Refuses what `load_model` refuses (an artifact, pickle weights).
+
+    `embeddings_dtype` (e.g. bf16, as a checkpoint stores them): the input embeddings and lm_head, the largest
+    tensors held throughout, stay in it while everything else computes in `dtype`. Their values are the stored
+    ones, so the decoder layers see exactly what an fp32 model loaded from the checkpoint gives them; only lm_head
+    multiplies in the lower precision. For a CPU without bf16 matrix units (bf16 matmuls 4x slower than fp32 on
+    this machine): memory of a bf16 model, speed of fp32 layers."""
     folder = Path(folder).expanduser()
     if not folder.is_dir():
         raise SinkquantError(f"streaming reads a local safetensors model folder; {folder} is not a folder")
@@ -295,19 +302,27 @@ def open_checkpoint(folder: str | Path, dtype: torch.dtype = torch.float32) -> t
     tied = model.config.tie_word_embeddings
     rest = [name for name in model.state_dict() if not name.startswith(layer_names)]
     wanted = [name for name in rest if name in files or not (tied and name == "lm_head.weight")]
-    for name, tensor in read_tensors(files, wanted, dtype).items():
-        set_module_tensor_to_device(model, name, "cpu", value=tensor)
+    embeddings = set(embedding_weights(model)) if embeddings_dtype not in (None, dtype) else set()
+    tensors = read_tensors(files, [n for n in wanted if n not in embeddings], dtype)
+    tensors.update(read_tensors(files, [n for n in wanted if n in embeddings], embeddings_dtype))
+    for name, tensor in tensors.items():
+        set_module_tensor_to_device(model, name, "cpu", value=tensor, dtype=tensor.dtype)
     model.tie_weights()
+    if embeddings:
+        model.get_input_embeddings().register_forward_hook(lambda _m, _a, out: out.to(dtype))
+        model.get_output_embeddings().register_forward_pre_hook(lambda _m, args: (args[0].to(embeddings_dtype),))
     source = {"kind": "folder", "path": str(folder), "sha256": _folder_digest(folder)}
     loaded = LoadedModel(model=model, tokenizer=tokenizer, adapter=stream.adapter, spec=str(folder), source=source)
     return loaded, stream
 
 
 def evaluate_streaming(folder: str | Path, stream: TokenStream, plan: WindowPlan, bos: str = "auto",
-                       dtype: torch.dtype = torch.float32, progress: bool = False) -> PerplexityResult:
+                       dtype: torch.dtype = torch.float32, progress: bool = False,
+                       embeddings_dtype: torch.dtype | None = None) -> PerplexityResult:
     """`perplexity.evaluate` of the model in `folder` (the fp or bf16 reference) without holding it whole: each
-    window's forward reads the decoder layers one at a time. Equals the in-memory result (a test checks it)."""
-    loaded, layers = open_checkpoint(folder, dtype)
+    window's forward reads the decoder layers one at a time. Equals the in-memory result (a test checks it).
+    `embeddings_dtype`: as `open_checkpoint`'s."""
+    loaded, layers = open_checkpoint(folder, dtype, embeddings_dtype)
     with layers.streaming():
         return evaluate(loaded, stream, plan, bos=bos, progress=progress)
 
@@ -329,17 +344,18 @@ def streaming_refusal(recipe: Recipe) -> str | None:
 
 def quantize_streaming(folder: str | Path, recipe: Recipe, stream: TokenStream, ctx: int, out: str | Path,
                        dtype: torch.dtype = torch.float32, overwrite: bool = False, progress: bool = False,
-                       extra: dict[str, Any] | None = None) -> QuantizedModel:
+                       extra: dict[str, Any] | None = None, embeddings_dtype: torch.dtype | None = None
+                       ) -> QuantizedModel:
     """Quantize the safetensors model in `folder` by `recipe` without ever holding it whole, writing the artifact
     to `out` as it goes: one shard per decoder layer plus one for the rest, a hub-style index, all inside one
     atomic folder (an interrupted run leaves nothing that looks complete). The artifact equals `save` of the
     in-memory `apply_recipe` bit for bit and loads with `sinkquant.load`. Returns the (skeleton) result: its
-    record and prefix; its layers are on disk."""
+    record and prefix; its layers are on disk. `dtype`, `embeddings_dtype`: as `open_checkpoint`'s."""
     refusal = streaming_refusal(recipe)
     if refusal is not None:
         raise SinkquantError(f"recipe {recipe.name!r} cannot be streamed: {refusal}")
     check_output_dir(out, overwrite)
-    loaded, layers = open_checkpoint(folder, dtype)
+    loaded, layers = open_checkpoint(folder, dtype, embeddings_dtype)
     count = len(layers.layers)
     shard = "model-{:05d}-of-{:05d}.safetensors".format
     weight_map: dict[str, str] = {}
