@@ -118,6 +118,7 @@ def test_export_never_replaces_the_artifact_it_reads(out, tmp_path) -> None:
     ([{"prefix": {"tokens": ["\n"]}}, {"rotate": {}}], "steps[1] (rotate): changes what steps[0] (prefix) computed"),
     ([{"smooth": {}}, {"rotate": {}}], "steps[1] (rotate): changes what steps[0] (smooth) computed"),
     ([{"smooth": {}}, {"prefix": {}}], "steps[1] (prefix): changes what steps[0] (smooth) computed"),
+    ([{"smooth": {}}, {"act": {}}], "steps[1] (act): changes what steps[0] (smooth) computed"),
     ([{"act": {}}, {"prefix": {}}], "steps[1] (prefix): changes what steps[0] (act) computed"),
     ([{"clip": {}}, {"exceptions": {"top": 1}}], "steps[1] (exceptions): changes what steps[0] (clip) computed"),
     ([{"keep_sink": {"positions": [1e21]}}], "steps[0].keep_sink.positions.0"),

@@ -7,6 +7,7 @@ changes what it computed; the parser names both. The pairs, and why:
   prefix <- rotate     the prefix KV is computed by the model; the rotation changes Q/K and V
   smooth <- rotate     smoothing scales are per residual channel; the rotation mixes the channels
   smooth <- prefix     its statistics come from calibration windows that a later prefix changes (sinks move there)
+  smooth <- act        its statistics come from attention outputs that a later act recalibrates
   act    <- prefix     the heads are chosen on windows without the prefix the model then runs with
   clip   <- exceptions the clip ranges are fitted to inputs of quantized upstream layers that exceptions release"""
 
@@ -111,7 +112,7 @@ class SmoothSpec(StepSpec):
     stage = Stage.TRANSFORM
     needs = ("activations",)
     computes = "its per-channel scales from calibration activations"
-    invalidated_by = ("rotate", "prefix")
+    invalidated_by = ("rotate", "prefix", "act")
 
     def resolved(self) -> dict[str, Any]:
         """One-alpha recipes resolve as they always did (their artifacts and baselines still match)."""
