@@ -100,8 +100,10 @@ def compare(
     bos: str = "auto",
     cache_dir: str | Path | None = None,
     progress: bool = True,
+    calib_windows: int | None = None,
 ) -> dict[str, Any]:
-    """Evaluate fp32 and every recipe on the same evaluation windows; returns the comparison as a dict."""
+    """Evaluate fp32 and every recipe on the same evaluation windows; returns the comparison as a dict.
+    `calib_windows` replaces every recipe's `calibration.windows` (as `quantize --calib-windows` does)."""
     from sinkquant.engine import apply_recipe
     from sinkquant.engine.artifact import stored_bytes
     from sinkquant.recipes import load_recipe
@@ -111,7 +113,7 @@ def compare(
     recipes = []
     for path in recipe_paths:
         try:
-            recipes.append((str(path), load_recipe(path), None))
+            recipes.append((str(path), load_recipe(path).with_calib_windows(calib_windows), None))
         except SinkquantError as exc:
             recipes.append((str(path), None, str(exc)))
     calib = max((r.calibration.windows for _, r, _ in recipes if r is not None), default=8)

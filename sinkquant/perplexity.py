@@ -93,6 +93,21 @@ def next_token_nll(model: torch.nn.Module, input_ids: torch.Tensor, start: int, 
     return total, targets.numel()
 
 
+def logits_after_context(model: torch.nn.Module, ids: torch.Tensor, context: list[int], cached: bool,
+                         make_cache: Callable[[int], Cache | None] | None) -> torch.Tensor:
+    """Logits [batch, seq, vocab] at every position of `ids` [batch, seq] with `context` in front: as tokens, or,
+    when `cached`, only through the KV cache `make_cache(batch)` starts from (a prefix's fp KV). Every scoring
+    path (perplexity windows, lm-eval requests) runs its forwards here, so they condition alike."""
+    if not cached and context:
+        head = torch.tensor(context, dtype=ids.dtype, device=ids.device).expand(ids.shape[0], -1)
+        inputs = torch.cat([head, ids], dim=1)
+    else:
+        inputs = ids
+    past = make_cache(ids.shape[0]) if make_cache is not None else None
+    return model(input_ids=inputs, past_key_values=past, use_cache=past is not None,
+                 logits_to_keep=ids.shape[1]).logits
+
+
 def resolve_bos(policy: str, loaded: LoadedModel) -> bool:
     if policy not in BOS_POLICIES:
         raise SinkquantError(f"unknown BOS policy {policy!r}; valid: {', '.join(BOS_POLICIES)}")
@@ -173,13 +188,7 @@ def evaluate(
     start = time.perf_counter()
     for batch in tqdm(batches, desc=desc, disable=not progress, unit="batch" if batch_size > 1 else "window"):
         windows = stream.windows(ctx, batch).to(device)
-        if cached:
-            inputs = windows
-        else:
-            head = torch.tensor(context, dtype=windows.dtype, device=device).expand(len(batch), -1)
-            inputs = torch.cat([head, windows], dim=1)
-        past = make_cache(len(batch)) if make_cache is not None else None
-        logits = model(input_ids=inputs, past_key_values=past, use_cache=past is not None, logits_to_keep=ctx).logits
+        logits = logits_after_context(model, windows, context, cached, make_cache)
         nll = F.cross_entropy(
             logits[:, :-1].reshape(-1, logits.shape[-1]).float(), windows[:, 1:].reshape(-1), reduction="sum"
         )

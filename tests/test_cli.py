@@ -222,3 +222,24 @@ def test_compare_says_and_records_the_prefix_overriding_bos(tmp_path, capsys, wi
     result = json.loads((out / "compare.json").read_text())
     assert [o["recipe"] for o in result["overrides"]] == ["bos-prefix-dynamic"]
     assert result["run"] == {"device": "cpu", "dtype": "float32"}
+
+
+def test_compare_calib_windows_overrides_every_recipe_like_quantize(tmp_path, wikitext_path, smollm2,
+                                                                    wikitext_stream) -> None:
+    """One meaning per flag: `compare --calib-windows 2` calibrates each recipe on 2 windows, as `quantize` does."""
+    from sinkquant.data import plan_windows
+    from sinkquant.engine import apply_recipe
+    from sinkquant.recipes import load_recipe
+
+    assert main(["compare", "--quiet", "--data", str(wikitext_path), "--ctx", "32", "--max-windows", "1",
+                 "--recipes", "recipes/w8a8-naive.yaml", "--calib-windows", "2", "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "compare.json").read_text())
+    assert result["settings"]["calib_windows"] == 2
+    compared = next(r["ppl"] for r in result["rows"] if r["recipe"] == "w8a8-naive")
+    recipe = load_recipe("recipes/w8a8-naive.yaml")
+    plan = plan_windows(wikitext_stream, 32, 1, calib_windows=2)
+    quantized = {windows: apply_recipe(smollm2, recipe.with_calib_windows(windows), wikitext_stream, ctx=32,
+                                       copy=True).evaluate(wikitext_stream, plan, progress=False).ppl
+                 for windows in (2, None)}
+    assert recipe.calibration.windows == 8
+    assert compared == quantized[2] != quantized[None]  # the recipe's own 8 windows give another model

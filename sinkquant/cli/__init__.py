@@ -10,12 +10,12 @@ from __future__ import annotations
 import argparse
 import sys
 
-from sinkquant.cli import check, compare, convert, export, profile, quantize
+from sinkquant.cli import check, compare, convert, export, harness, profile, quantize
 from sinkquant.cli import eval as eval_command
 from sinkquant.cli.args import quiet_libraries
 from sinkquant.errors import SinkquantError
 
-COMMANDS = (eval_command, convert, profile, quantize, compare, check, export)
+COMMANDS = (eval_command, convert, profile, quantize, compare, check, export, harness)
 
 
 class Parser(argparse.ArgumentParser):

@@ -15,7 +15,6 @@ from sinkquant.errors import SinkquantError
 if TYPE_CHECKING:
     from sinkquant.data import TokenStream
     from sinkquant.models import LoadedModel
-    from sinkquant.recipes import Recipe
 
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -189,13 +188,6 @@ def auto_recipe_file(args: argparse.Namespace, loaded: LoadedModel, stream: Toke
     print(f"sinkquant: --recipe auto chose {[s.name for s in recipe.steps]}; wrote "
           f"{Path(shown) / path.name if shown else path} and its trace", file=sys.stderr)
     return path
-
-
-def with_calib_windows(recipe: Recipe, windows: int | None) -> Recipe:
-    """The recipe with --calib-windows in place of its `calibration.windows` (unchanged when not given)."""
-    if windows is None:
-        return recipe
-    return recipe.model_copy(update={"calibration": recipe.calibration.model_copy(update={"windows": windows})})
 
 
 def note(command: str, message: str) -> None:

@@ -39,7 +39,7 @@ def run(args: argparse.Namespace) -> None:
     cache = args.cache or args.out / "cache"
     recipes = [auto_recipe_file(args, loaded, stream, args.out) if str(r) == AUTO else r for r in args.recipes]
     comparison = compare(loaded, recipes, stream, ctx=args.ctx, max_windows=max_windows(args), bos=args.bos,
-                         cache_dir=cache, progress=not args.quiet)
+                         cache_dir=cache, progress=not args.quiet, calib_windows=args.calib_windows)
     comparison["overrides"] = [o for row in comparison["rows"] if row.get("prefix")
                                if (o := bos_override("compare", row["recipe"], row["prefix"], args.bos))]
     comparison["run"] = {"device": args.device, "dtype": args.dtype}
@@ -55,7 +55,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="recipe files, e.g. recipes/*.yaml; 'auto' searches one for this model (see --scheme)")
     add_auto_args(p)
     add_model_args(p)
-    add_data_args(p)
+    add_data_args(p, calib_windows=0, calib_help="calibration windows from the end of the text, for every recipe "
+                                                 "and the auto search (default: each recipe's calibration.windows)")
     add_output_args(p)
     p.add_argument("--out", type=Path, default=Path("out/compare"), help="folder for compare.md/.json/.csv/.png")
     p.add_argument("--cache", type=Path, default=None, help="result cache (default OUT/cache); re-runs skip "

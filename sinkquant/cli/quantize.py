@@ -18,7 +18,6 @@ from sinkquant.cli.args import (
     check_data_args,
     load_inputs,
     max_windows,
-    with_calib_windows,
 )
 
 
@@ -46,7 +45,7 @@ def run(args: argparse.Namespace) -> None:
 
     auto = str(args.recipe) == AUTO
     if not auto:
-        recipe = with_calib_windows(load_recipe(args.recipe), args.calib_windows)
+        recipe = load_recipe(args.recipe).with_calib_windows(args.calib_windows)
     loaded, stream = load_inputs(args)
     attachments = None
     if auto:  # the searched recipe and its trace go into the artifact (listed and verified), nowhere else

@@ -64,6 +64,13 @@ class Recipe(BaseModel):
             "calibration": self.calibration.model_dump(mode="json", exclude_none=True),
         }
 
+    def with_calib_windows(self, windows: int | None) -> Recipe:
+        """The recipe with `windows` in place of its `calibration.windows` (itself when None): what
+        --calib-windows means in every command."""
+        if windows is None:
+            return self
+        return self.model_copy(update={"calibration": self.calibration.model_copy(update={"windows": windows})})
+
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Recipe) and self.resolved() == other.resolved()
 
