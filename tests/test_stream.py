@@ -166,3 +166,29 @@ def test_bf16_embeddings_with_fp32_layers(recipe: str, tokenizer, wikitext_strea
         assert torch.equal(tensor, stream[name].to(tensor.dtype)), name
         embedding = "embed_tokens" in name or name == "lm_head.weight"
         assert stream[name].dtype == (torch.bfloat16 if embedding else tensor.dtype), name
+
+
+def test_cli_streams_when_asked_or_when_the_model_would_not_fit(tokenizer, wikitext_path, tmp_path, capsys) -> None:
+    """`sinkquant quantize --stream always` writes the sharded artifact and evaluates it streamed; `auto` streams
+    only a model that would not fit; --recipe auto refuses to stream."""
+    from sinkquant.cli import main
+    from sinkquant.engine.stream import IN_MEMORY_PEAK, checkpoint_bytes, streaming_decision
+
+    checkpoint = sharded_checkpoint("llama", tokenizer, tmp_path / "checkpoint")
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(json.dumps(RECIPES["gptq"]))
+    code = main(["quantize", "--quiet", "--recipe", str(recipe), "--model", str(checkpoint), "--data",
+                 str(wikitext_path), "--ctx", str(CTX), "--max-windows", "1", "--stream", "always",
+                 "--out", str(tmp_path / "out")])
+    out = capsys.readouterr().out
+    assert code == 0 and "(streamed)" in out and "--stream always" in out
+    assert (tmp_path / "out" / WEIGHTS_INDEX).is_file() and load(tmp_path / "out").record["stream"]["shards"] == 3
+
+    parsed = parse_recipe(RECIPES["gptq"], "g")
+    need = IN_MEMORY_PEAK * checkpoint_bytes(checkpoint, torch.float32)
+    assert streaming_decision(str(checkpoint), parsed, torch.float32) is None  # a tiny model fits
+    assert "GB are available" in streaming_decision(str(checkpoint), parsed, torch.float32, available=int(need / 2))
+    assert streaming_decision(str(checkpoint), parsed, torch.float32, "never", available=0) is None
+    code = main(["quantize", "--quiet", "--recipe", "auto", "--model", str(checkpoint), "--data", str(wikitext_path),
+                 "--stream", "always", "--out", str(tmp_path / "auto")])
+    assert code == 2 and "cannot stream" in capsys.readouterr().err

@@ -46,6 +46,10 @@ def run(args: argparse.Namespace) -> None:
     auto = str(args.recipe) == AUTO
     if not auto:
         recipe = load_recipe(args.recipe).with_calib_windows(args.calib_windows)
+        if run_streaming(args, recipe):
+            return
+    else:
+        refuse_auto_at_scale(args)
     loaded, stream = load_inputs(args)
     attachments = None
     if auto:  # the searched recipe and its trace go into the artifact (listed and verified), nowhere else
@@ -71,6 +75,66 @@ def run(args: argparse.Namespace) -> None:
     print(f"wrote {args.out}")
 
 
+def refuse_auto_at_scale(args: argparse.Namespace) -> None:
+    """--recipe auto compares whole candidate models in memory: it runs up to the size that fits (in-memory peak
+    1.3x the weights) and refuses a larger model, or --stream always, before loading it."""
+    import torch
+
+    from sinkquant.engine.stream import memory_shortfall
+    from sinkquant.errors import SinkquantError
+
+    shortfall = memory_shortfall(args.model, getattr(torch, args.dtype))
+    if args.stream == "always" or shortfall:
+        raise SinkquantError(f"--recipe auto runs in memory (its candidates are whole-model comparisons) and cannot "
+                             f"stream{': ' + shortfall if shortfall else ''}; quantize this model with a recipe "
+                             "file (the fixed recipes stream)")
+
+
+def run_streaming(args: argparse.Namespace, recipe) -> bool:
+    """Quantize layer by layer from disk (engine/stream.py) when `--stream` asks for it or, by default, when the
+    model would not fit in memory; then evaluate the artifact the same way. False: quantize in memory."""
+    import torch
+
+    from sinkquant.cli.args import resolve_device
+    from sinkquant.data import load_text, plan_windows, tokenize
+    from sinkquant.engine.artifact import load
+    from sinkquant.engine.stream import open_checkpoint, quantize_streaming, streaming_decision
+    from sinkquant.errors import SinkquantError
+    from sinkquant.tables import print_table
+
+    if resolve_device(args.device) != "cpu":
+        if args.stream == "always":
+            raise SinkquantError("--stream always runs on the CPU; drop --device or use --stream never")
+        return False
+    dtype = getattr(torch, args.dtype)
+    reason = streaming_decision(args.model, recipe, dtype, args.stream)
+    if reason is None:
+        return False
+    print(f"streaming {args.model} one decoder layer at a time ({reason})")
+    loaded, _ = open_checkpoint(args.model, dtype)  # the tokenizer (and a check of the folder); no layer is read
+    stored = getattr(loaded.model.config, "dtype", None)
+    embeddings = stored if stored in (torch.bfloat16, torch.float16) and dtype == torch.float32 else None
+    text = load_text(args.data, config=args.data_config, split=args.data_split, text_field=args.text_field,
+                     local_copy=args.local_copy)
+    stream = tokenize(text, loaded.tokenizer)
+    del loaded
+    quantized = quantize_streaming(
+        args.model, recipe, stream, ctx=args.ctx, out=args.out, dtype=dtype, embeddings_dtype=embeddings,
+        overwrite=args.overwrite, progress=not args.quiet,
+        extra={"run": {"device": "cpu", "dtype": args.dtype, "calib_windows": recipe.calibration.windows,
+                       "stream": reason, "embeddings_dtype": str(embeddings) if embeddings else None}})
+    plan = plan_windows(stream, args.ctx, max_windows(args), calib_windows=recipe.calibration.windows)
+    result = load(args.out, stream=True).evaluate(stream, plan, bos=args.bos, progress=not args.quiet)
+    print_table(
+        f"{recipe.name} on {args.model} (streamed)",
+        ["recipe", "prefix", "ctx", "windows", "perplexity", "quantize s", "layer reads", "eval s"],
+        [[recipe.name, quantized.prefix_tokens or "-", result.ctx, result.windows, f"{result.ppl:.4f}",
+          f"{quantized.record['seconds']:.1f}", quantized.record["stream"]["layer_reads"], f"{result.seconds:.1f}"]],
+    )
+    print(f"wrote {args.out} (perplexity measured after writing, by streaming the artifact back)")
+    return True
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("quantize", help="quantize a model by a recipe and write a reloadable artifact")
     p.add_argument("--recipe", type=Path, required=True,
@@ -83,4 +147,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_output_args(p)
     p.add_argument("--out", type=Path, required=True, help="artifact folder")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument("--stream", default="auto", choices=["auto", "always", "never"],
+                   help="read the model one decoder layer at a time from its safetensors folder, writing the "
+                        "artifact as it goes (docs/scale.md): auto (default) when it would not fit in memory, "
+                        "always, or never")
     p.set_defaults(func=run, check=check)

@@ -20,6 +20,8 @@ integers), and the calibration windows' activations for one layer."""
 from __future__ import annotations
 
 import json
+import math
+import os
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -325,6 +327,68 @@ def evaluate_streaming(folder: str | Path, stream: TokenStream, plan: WindowPlan
     loaded, layers = open_checkpoint(folder, dtype, embeddings_dtype)
     with layers.streaming():
         return evaluate(loaded, stream, plan, bos=bos, progress=progress)
+
+
+# The in-memory engine's peak RSS over the weights at its working dtype (1.27x on SmolLM2, 1.23x on a
+# Qwen2-0.5B shape, issue 32): `auto` streams when this much would not fit in the memory available now.
+IN_MEMORY_PEAK = 1.3
+STREAM_MODES = ("auto", "always", "never")
+
+
+def checkpoint_bytes(folder: Path, dtype: torch.dtype) -> int:
+    """The weights of a safetensors folder in `dtype`, from the file headers alone."""
+    size = torch.empty((), dtype=dtype).element_size()
+    return sum(math.prod(_shape(file, key)) * size for key, file in checkpoint_index(folder).items())
+
+
+def _shape(file: Path, key: str) -> list[int]:
+    with safe_open(file, framework="pt", device="cpu") as handle:
+        return handle.get_slice(key).get_shape()
+
+
+def memory_available() -> int:
+    """Bytes the system could give this process now (MemAvailable; total physical memory where unknown)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def streaming_decision(spec: str, recipe: Recipe, dtype: torch.dtype, mode: str = "auto",
+                       available: int | None = None) -> str | None:
+    """Why the model `spec` is streamed, or None to quantize in memory. `auto` (the default): stream a local
+    safetensors folder when the in-memory engine would not fit (IN_MEMORY_PEAK x its weights in `dtype` above
+    `available`, default: `memory_available()`) and the recipe streams; `always`: stream or refuse, naming why;
+    `never`: in memory."""
+    if mode not in STREAM_MODES:
+        raise SinkquantError(f"--stream {mode!r}; valid: {', '.join(STREAM_MODES)}")
+    if mode == "never":
+        return None
+    folder = Path(spec).expanduser()
+    problem = None if folder.is_dir() and any(folder.glob("*.safetensors")) else \
+        f"{spec} is not a local safetensors folder (streaming reads one; `sinkquant convert` writes one)"
+    problem = problem or streaming_refusal(recipe)
+    if mode == "always":
+        if problem:
+            raise SinkquantError(f"--stream always: {problem}")
+        return "--stream always"
+    return None if problem else memory_shortfall(spec, dtype, available)
+
+
+def memory_shortfall(spec: str, dtype: torch.dtype, available: int | None = None) -> str | None:
+    """Why the in-memory engine would not fit the local safetensors folder `spec` in `dtype`, or None (it fits,
+    or `spec` is not a local folder: its size is unknown before loading)."""
+    folder = Path(spec).expanduser()
+    if not (folder.is_dir() and any(folder.glob("*.safetensors"))):
+        return None
+    need = IN_MEMORY_PEAK * checkpoint_bytes(folder, dtype)
+    available = memory_available() if available is None else available
+    if need <= available:
+        return None
+    return f"in memory it would take ~{need / 1e9:.1f} GB, {available / 1e9:.1f} GB are available"
 
 
 def streaming_refusal(recipe: Recipe) -> str | None:
