@@ -4,16 +4,18 @@ carrying sinkquant's own integers and static scales (no re-calibration by ONNX R
 The decoder graph is built here with `onnx.helper` from the adapter's facts and the model's own modules, not traced:
 every quantized Linear is written as QuantizeLinear -> DequantizeLinear on its input (sinkquant's static scale and
 zero point) and an int8 per-output-channel initializer -> DequantizeLinear on its weight, feeding a MatMul, the
-QDQ form ONNX Runtime fuses into integer kernels (MatMulIntegerToFloat / QLinearMatMul). Norms, attention, RoPE and
-the layers the recipe keeps in float stay float; weight-only layers (exceptions, the int8 lm_head) keep their int8
-initializers behind a DequantizeLinear. Online transforms of the rotate step become MatMuls by their matrices
-(down_proj's input Hadamard, Gemma's post-norm rotation); the Q/K rotation leaves Q K^T unchanged in float (KV
-quantization, which it serves, is refused) and is not written.
+QDQ form ONNX Runtime fuses into integer kernels (MatMulIntegerToFloat / QLinearMatMul). Norms, attention, RoPE
+and the layers the recipe keeps in float stay float; weight-only layers (exceptions, the int8 lm_head) run a float
+MatMul on their int8 grid's values (`_Builder._weight_only` says why); the int8 embedding stays int8 rows behind a
+Gather. Online transforms of the rotate step become MatMuls by their matrices (down_proj's input Hadamard, Gemma's
+post-norm rotation); the Q/K rotation leaves Q K^T unchanged in float (KV quantization, which it serves, is
+refused) and is not written.
 
-Inputs: `input_ids` [batch, seq] and `past_key_values.{i}.key` / `.value` [batch, kv_heads, past, head_dim];
-outputs `logits` [batch, seq, vocab] and `present.{i}.key` / `.value`. Positions are past + 0..seq-1, so the fp
-prefix KV (written beside the graph as `prefix_kv.npz`, keyed by the input names) is fed as the first past and the
-prompt runs after it exactly as in sinkquant. No padding mask: rows of a batch are unpadded and equally long."""
+Inputs: `input_ids` [batch, seq], `past_key_values.{i}.key` / `.value` [batch, kv_heads, past, head_dim] and
+`logits_to_keep` (int64 scalar, 0: all positions); outputs `logits` [batch, seq or logits_to_keep, vocab] and
+`present.{i}.key` / `.value`. Positions are past + 0..seq-1, so the fp prefix KV (written beside the graph as
+`prefix_kv.npz`, keyed by the input names) is fed as the first past and the prompt runs after it exactly as in
+sinkquant. No padding mask: rows of a batch are unpadded and equally long."""
 
 from __future__ import annotations
 
@@ -45,14 +47,10 @@ ONNX_MANIFEST = "sinkquant_onnx.json"
 MODEL_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
 PREFIX_FILE = "prefix_kv.npz"
+LOGITS_TO_KEEP = "logits_to_keep"
 OPSET = 21
 SUPPORTED_TYPES = ("llama", "mistral", "qwen2", "gemma3_text")
 ACTIVATIONS = ("silu", "gelu_pytorch_tanh")
-# MatMulNBits (weight-only layers): 8-bit values stored unsigned around 128, one scale per 32-value block (the row's
-# scale repeated), accuracy level 1 = float32 compute.
-NBITS_BLOCK = 32
-UINT8_ZERO = 128
-NBITS_FP32 = 1
 
 
 def past_names(layer: int) -> tuple[str, str]:
@@ -121,7 +119,7 @@ class _Graph:
         return f"{hint}_{self._count}"
 
     def tensor(self, name: str, array: np.ndarray) -> str:
-        self.initializers.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
+        self.initializers.append(numpy_helper.from_array(np.asarray(array, order="C"), name))
         return name
 
     def const(self, value: Any, dtype: Any = np.float32) -> str:
@@ -193,19 +191,12 @@ class _Builder:
         return g.op("DequantizeLinear", [values, g.tensor(f"{name}.weight_scale", _array(scale)), zero], axis=1)
 
     def _weight_only(self, x: str, qweight: QuantizedWeight, name: str) -> str:
-        """Float activations against the int8 weight: ONNX Runtime's MatMulNBits (8 bits, fp32 compute). A weight
-        DequantizeLinear -> MatMul would be fused into the same kernel with ONNX Runtime's default accuracy level,
-        int8 activations per 32-value block, which the massive activations of exception layers do not survive."""
-        g = self.g
-        out_features, in_features = qweight.shape
-        blocks = -(-in_features // NBITS_BLOCK)
-        values = np.full((out_features, blocks * NBITS_BLOCK), UINT8_ZERO, np.uint8)
-        values[:, :in_features] = _array(qweight.qweight, np.int16) + UINT8_ZERO
-        scale = qweight.scale.reshape(-1, 1).expand(out_features, blocks)
-        packed = g.tensor(f"{name}.weight_uint8_blocks", values.reshape(out_features, blocks, NBITS_BLOCK))
-        scales = g.tensor(f"{name}.weight_block_scale", _array(scale).reshape(-1))
-        return g.op("MatMulNBits", [x, packed, scales], domain="com.microsoft", K=in_features, N=out_features,
-                    bits=8, block_size=NBITS_BLOCK, accuracy_level=NBITS_FP32)
+        """Float activations against the int8 weight: a float MatMul on the weight's grid values (integers times
+        scales, the numbers sinkquant computes with). ONNX Runtime's 8-bit MatMulNBits with float32 compute runs
+        ~0.9 s per SmolLM2 decode step, and a weight DequantizeLinear -> MatMul is fused into it at accuracy
+        level 4 (int8 activations per 32 values), which the exception layers' massive activations do not survive."""
+        grid = qweight.dequantize(torch.float32).t()
+        return self.g.op("MatMul", [x, self.g.tensor(f"{name}.weight_grid_t", _array(grid))])
 
     def _native(self, x: str, module: NativeLinear, name: str) -> str:
         g = self.g
@@ -383,6 +374,9 @@ class _Builder:
             if posts:
                 out = self.norm(out, layer.get_submodule(posts[1]), f"{prefix}.{posts[1]}", offset)
             hidden = g.op("Add", [hidden, out])
+        # logits_to_keep (0: every position): the last k positions only, e.g. 1 in a prefill for generation
+        keep = g.op("Neg", [g.op("Reshape", [LOGITS_TO_KEEP, g.const([1], np.int64)])])
+        hidden = g.op("Slice", [hidden, keep, g.const([np.iinfo(np.int64).max], np.int64), g.const([1], np.int64)])
         hidden = self.norm(hidden, adapter.final_norm_module(self.model), adapter.final_norm, offset)
         head = self.model.get_output_embeddings()
         cap = getattr(config, "final_logit_softcapping", None)
@@ -395,15 +389,15 @@ class _Builder:
     def _model(self) -> onnx.ModelProto:
         kv_shape = ["batch", self.kv_heads, "past", self.head_dim]
         present_shape = ["batch", self.kv_heads, "total", self.head_dim]
-        inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"])]
+        inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"]),
+                  helper.make_tensor_value_info(LOGITS_TO_KEEP, TensorProto.INT64, [])]
         outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", "seq", self.config.vocab_size])]
         for index in range(self.config.num_hidden_layers):
             inputs += [helper.make_tensor_value_info(n, TensorProto.FLOAT, kv_shape) for n in past_names(index)]
             outputs += [helper.make_tensor_value_info(n, TensorProto.FLOAT, present_shape)
                         for n in present_names(index)]
         graph = helper.make_graph(self.g.nodes, "sinkquant_decoder", inputs, outputs, self.g.initializers)
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET),
-                                                        helper.make_opsetid("com.microsoft", 1)],
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)],
                                   producer_name="sinkquant")
         model.ir_version = 10
         return model

@@ -17,7 +17,14 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from sinkquant.adapters import adapter_for
 from sinkquant.artifacts import read_manifest, verify_digests
-from sinkquant.backends.onnx_export import MODEL_FILE, ONNX_MANIFEST, PREFIX_FILE, past_names, present_names
+from sinkquant.backends.onnx_export import (
+    LOGITS_TO_KEEP,
+    MODEL_FILE,
+    ONNX_MANIFEST,
+    PREFIX_FILE,
+    past_names,
+    present_names,
+)
 from sinkquant.errors import SinkquantError
 from sinkquant.models import LoadedModel
 from sinkquant.perplexity import Prefix
@@ -63,10 +70,12 @@ class OnnxCausalLM(nn.Module):
         empty = np.zeros((batch, self.kv_heads, 0, self.head_dim), np.float32)
         return {name: empty for index in range(self.layers) for name in past_names(index)}
 
-    def run(self, input_ids: np.ndarray, past: dict[str, np.ndarray] | None = None
+    def run(self, input_ids: np.ndarray, past: dict[str, np.ndarray] | None = None, logits_to_keep: int = 0
             ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-        """(logits, the next call's past) for int64 ids [batch, seq] after `past` (None: no past)."""
-        feeds = {"input_ids": input_ids, **(past if past is not None else self.empty_past(input_ids.shape[0]))}
+        """(logits of the last `logits_to_keep` positions, 0: all; the next call's past) for int64 ids [batch, seq]
+        after `past` (None: no past)."""
+        feeds = {"input_ids": input_ids, LOGITS_TO_KEEP: np.asarray(logits_to_keep, np.int64),
+                 **(past if past is not None else self.empty_past(input_ids.shape[0]))}
         outputs = dict(zip(self.output_names, self.session.run(None, feeds), strict=True))
         following = {}
         for index in range(self.layers):
@@ -83,9 +92,7 @@ class OnnxCausalLM(nn.Module):
                 key, value = past_names(index)
                 past[key] = layer.keys.detach().float().cpu().numpy()
                 past[value] = layer.values.detach().float().cpu().numpy()
-        logits, following = self.run(input_ids.cpu().numpy().astype(np.int64), past)
-        if logits_to_keep:
-            logits = logits[:, -logits_to_keep:]
+        logits, following = self.run(input_ids.cpu().numpy().astype(np.int64), past, logits_to_keep)
         cache = None
         if use_cache and past_key_values is not None:
             cache = DynamicCache(config=self.config)
@@ -165,7 +172,7 @@ def generate(loaded: LoadedModel, prefix: Prefix | None, text: str, max_new_toke
     new: list[int] = []
     step = np.asarray([ids], np.int64)
     for _ in range(max_new_tokens):
-        logits, past = model.run(step, past)
+        logits, past = model.run(step, past, logits_to_keep=1)
         token = int(logits[0, -1].argmax())
         if token == loaded.tokenizer.eos_token_id:
             break

@@ -1,0 +1,235 @@
+"""sinkquant's ONNX export against ONNX Runtime's own int8 quantization: perplexity and tokens/s, same runtime, same
+windows, one interleaved run.
+
+    python eval/bench_onnx.py                      # SmolLM2, WikiText-2, ctx 512, first 8 windows, 2 threads
+    python eval/bench_onnx.py --model gemma3-270m --peers '' --out eval/results/onnx-gemma3-270m
+
+Rows: torch fp32; ONNX Runtime fp32 (the fp32 graph of the same exporter); ONNX Runtime's quantize_static (QDQ,
+per-channel int8 weights, uint8 per-tensor activations; MinMax, Percentile, Entropy) and quantize_dynamic on that
+fp32 graph, calibrated on the recipe's windows from the end of the text (no prefix: ONNX Runtime has none); the
+native backend (torch) and its ONNX export (recipes/w8a8-prefix-smooth-except-native.yaml) run by ONNX Runtime with
+the fp prefix KV as the first past. Prefill: one ctx-token window, batch 1, logits of the last position; decode:
+--new-tokens greedy steps after a ctx-token prompt. Each round times every row once (interleaved), the median of
+--repeats rounds is reported. The float-rounding spread of a static-int8 perplexity is shown as the native model in
+float64 (the same integers in double precision): the export's goal is checked against it."""
+
+from __future__ import annotations
+
+import collections
+import copy
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+from bench_runtime import measure
+from benchlib import REPO, parser, setup, write_result
+
+from sinkquant.backends.export import export
+from sinkquant.backends.onnx_export import LOGITS_TO_KEEP, MODEL_FILE, build_graph, past_names, save_graph
+from sinkquant.backends.onnx_runtime import OnnxCausalLM, load_onnx, session_options
+from sinkquant.data import TokenStream, plan_windows
+from sinkquant.engine import apply_recipe
+from sinkquant.models import LoadedModel
+from sinkquant.perplexity import Prefix, evaluate
+from sinkquant.recipes.schema import load_recipe
+from sinkquant.tables import markdown_table
+
+RECIPE = "recipes/w8a8-prefix-smooth-except-native.yaml"
+PEERS = ("minmax", "percentile", "entropy", "dynamic")
+# Percentile and Entropy (onnxruntime's HistogramCalibrater) keep every calibration window's intermediate tensors in
+# memory (about 2 GB per 512-token SmolLM2 window): the default runs the peers that fit a shared 24 GB machine.
+DEFAULT_PEERS = ("minmax", "dynamic")
+KERNELS = ("MatMulIntegerToFloat", "QLinearMatMul", "MatMulInteger", "DynamicQuantizeMatMul", "MatMulNBits",
+           "MatMul", "FusedMatMul")
+GOAL_PPL = 0.3  # percent, against the native backend
+GOAL_PREFILL_TORCH, GOAL_PREFILL_ORT, GOAL_DECODE_ORT = 2.5, 1.6, 1.5
+
+
+class CalibrationWindows:
+    """onnxruntime.quantization's CalibrationDataReader over token windows, with an empty past."""
+
+    def __init__(self, windows: list[torch.Tensor], model: OnnxCausalLM) -> None:
+        self.feeds = iter([{"input_ids": w.numpy(), LOGITS_TO_KEEP: np.asarray(0, np.int64), **model.empty_past(1)}
+                           for w in windows])
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        return next(self.feeds, None)
+
+
+def ort_session(path: Path, threads: int) -> Any:
+    return ort.InferenceSession(str(path), session_options(threads), providers=["CPUExecutionProvider"])
+
+
+def kernel_counts(path: Path, threads: int) -> dict[str, int]:
+    """Op counts of ONNX Runtime's optimized graph for `path` (which kernels run)."""
+    with tempfile.TemporaryDirectory(prefix="sinkquant-ort-") as tmp:
+        optimized = Path(tmp) / "optimized.onnx"
+        ort.InferenceSession(str(path), session_options(threads, optimized), providers=["CPUExecutionProvider"])
+        counts = collections.Counter(n.op_type for n in onnx.load(str(optimized), load_external_data=False).graph.node)
+    return {op: counts[op] for op in KERNELS if counts[op]}
+
+
+def quantize_peer(method: str, fp32: Path, out: Path, calibration: list[torch.Tensor], model: OnnxCausalLM) -> Path:
+    from onnxruntime.quantization import (
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_dynamic,
+        quantize_static,
+    )
+
+    out.mkdir(parents=True)
+    target = out / MODEL_FILE
+    if method == "dynamic":
+        quantize_dynamic(fp32, target, weight_type=QuantType.QInt8, per_channel=True, use_external_data_format=True)
+        return target
+    calibrate = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
+                 "entropy": CalibrationMethod.Entropy}[method]
+    quantize_static(fp32, target, CalibrationWindows(calibration, model), quant_format=QuantFormat.QDQ,
+                    per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                    calibrate_method=calibrate, use_external_data_format=True)
+    return target
+
+
+def onnx_prefill(model: OnnxCausalLM, window: np.ndarray, past: dict | None) -> float:
+    start = time.perf_counter()
+    model.run(window, past, logits_to_keep=1)
+    return time.perf_counter() - start
+
+
+def onnx_decode(model: OnnxCausalLM, window: np.ndarray, past: dict | None, new_tokens: int) -> float:
+    logits, past = model.run(window, past, logits_to_keep=1)
+    token = np.asarray([[int(logits[0, -1].argmax())]], np.int64)
+    start = time.perf_counter()
+    for _ in range(new_tokens):
+        logits, past = model.run(token, past, logits_to_keep=1)
+        token = np.asarray([[int(logits[0, -1].argmax())]], np.int64)
+    return time.perf_counter() - start
+
+
+def prefix_past(prefix: Prefix | None) -> dict[str, np.ndarray] | None:
+    if prefix is None:
+        return None
+    past = {}
+    for index, layer in enumerate(prefix.cache.layers):
+        key, value = past_names(index)
+        past[key], past[value] = layer.keys.numpy(), layer.values.numpy()
+    return past
+
+
+def onnx_loaded(base: LoadedModel, session: Any) -> LoadedModel:
+    return LoadedModel(model=OnnxCausalLM(session, base.model.config), tokenizer=base.tokenizer, adapter=base.adapter,
+                       spec=base.spec, source=base.source)
+
+
+def main() -> None:
+    p = parser(__doc__, windows=8, out="eval/results/onnx")
+    p.add_argument("--recipe", type=Path, default=REPO / RECIPE)
+    p.add_argument("--peers", default=",".join(DEFAULT_PEERS),
+                   help=f"ONNX Runtime quantizations to add, comma-separated, of {', '.join(PEERS)}")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.set_defaults(threads=2)
+    args = p.parse_args()
+    loaded, stream = setup(args)
+    recipe = load_recipe(args.recipe)
+    plan = plan_windows(stream, ctx=args.ctx, max_windows=args.windows, calib_windows=recipe.calibration.windows)
+    calibration = [stream.windows(args.ctx, [i]) for i in plan.calib_windows]
+    peers = [p for p in args.peers.split(",") if p]
+    rows: dict[str, dict[str, Any]] = {}
+    with tempfile.TemporaryDirectory(prefix="sinkquant-bench-onnx-") as tmp_name:
+        tmp = Path(tmp_name)
+        (tmp / "fp32").mkdir()
+        save_graph(build_graph(loaded.model)[0], tmp / "fp32")
+        fp32_path = tmp / "fp32" / MODEL_FILE
+        start = time.perf_counter()
+        quantized = apply_recipe(loaded, recipe, stream, args.ctx, copy=True)
+        folder = export(quantized, tmp / "sinkquant", format="onnx")
+        print(f"quantized and exported in {time.perf_counter() - start:.0f} s")
+        exported, prefix, _ = load_onnx(folder, threads=args.threads)
+        onnx_rows: dict[str, tuple[LoadedModel, Prefix | None, Path]] = {
+            "ORT fp32": (onnx_loaded(loaded, ort_session(fp32_path, args.threads)), None, fp32_path)}
+        for peer in peers:
+            start = time.perf_counter()
+            path = quantize_peer(peer, fp32_path, tmp / peer, calibration, onnx_rows["ORT fp32"][0].model)
+            name = "ORT dynamic" if peer == "dynamic" else f"ORT static {peer}"
+            print(f"{name}: quantized in {time.perf_counter() - start:.0f} s")
+            onnx_rows[name] = (onnx_loaded(loaded, ort_session(path, args.threads)), None, path)
+        onnx_rows["sinkquant ONNX (ORT)"] = (exported, prefix, folder / MODEL_FILE)
+
+        native_f32 = quantized.evaluate(stream, plan, bos="never", progress=False).ppl
+        native_f64 = evaluate(loaded, stream, plan, prefix=quantized.prefix,
+                              model=copy.deepcopy(quantized.model).double(), progress=False).ppl
+        rows["torch fp32"] = {"ppl": evaluate(loaded, stream, plan, bos="never", progress=False).ppl}
+        rows["sinkquant native (torch)"] = {"ppl": native_f32, "ppl_float64": native_f64}
+        for name, (model, row_prefix, path) in onnx_rows.items():
+            rows[name] = {"ppl": evaluate(model, stream, plan, bos="never", prefix=row_prefix, progress=False).ppl,
+                          "kernels": kernel_counts(path, args.threads)}
+            print(f"{name}: perplexity {rows[name]['ppl']:.4f}", flush=True)
+
+        window = stream.windows(args.ctx, [plan.eval_windows[0]])
+        timings: dict[str, dict[str, list[float]]] = {n: {"prefill": [], "decode": []} for n in rows}
+        torch_rows = {"torch fp32": (loaded.model, lambda: None),
+                      "sinkquant native (torch)": (quantized.model, lambda: quantized.cache_for_batch(1))}
+        for _ in range(args.repeats):
+            for name, (model, new_cache) in torch_rows.items():
+                speed = measure(model, new_cache, window, args.new_tokens, repeats=1)
+                timings[name]["prefill"].append(args.ctx / speed["prefill_tokens_per_s"])
+                timings[name]["decode"].append(args.new_tokens / speed["decode_tokens_per_s"])
+            for name, (model, row_prefix, _) in onnx_rows.items():
+                past = prefix_past(row_prefix)
+                timings[name]["prefill"].append(onnx_prefill(model.model, window.numpy(), past))
+                timings[name]["decode"].append(onnx_decode(model.model, window.numpy(), past, args.new_tokens))
+        for name, times in timings.items():
+            rows[name]["prefill_tokens_per_s"] = args.ctx / statistics.median(times["prefill"])
+            rows[name]["decode_tokens_per_s"] = args.new_tokens / statistics.median(times["decode"])
+    report(args, rows, plan, stream)
+
+
+def report(args, rows: dict[str, dict[str, Any]], plan, stream: TokenStream) -> None:
+    fp32, ort32 = rows["torch fp32"], rows["ORT fp32"]
+    native, ours = rows["sinkquant native (torch)"], rows["sinkquant ONNX (ORT)"]
+    table = []
+    for name, row in rows.items():
+        table.append([name, f"{row['ppl']:.4f}", f"{100 * (row['ppl'] / fp32['ppl'] - 1):+.1f}%",
+                      f"{row['prefill_tokens_per_s']:.0f}", f"{row['decode_tokens_per_s']:.1f}",
+                      ", ".join(f"{op} {n}" for op, n in row.get("kernels", {}).items()) or "torch"])
+    vs_native = 100 * (ours["ppl"] / native["ppl"] - 1)
+    vs_native64 = 100 * (ours["ppl"] / native["ppl_float64"] - 1)
+    native_spread = 100 * (native["ppl_float64"] / native["ppl"] - 1)
+    checks = [
+        (abs(vs_native64) <= GOAL_PPL or abs(vs_native) <= GOAL_PPL,
+         f"perplexity: ONNX export vs native {vs_native:+.2f}%, vs native in float64 {vs_native64:+.2f}% (native "
+         f"float32 vs float64: {native_spread:+.2f}%, the float-rounding spread); goal within {GOAL_PPL}%"),
+        (ours["prefill_tokens_per_s"] >= GOAL_PREFILL_TORCH * fp32["prefill_tokens_per_s"],
+         f"prefill: ONNX export {ours['prefill_tokens_per_s'] / fp32['prefill_tokens_per_s']:.2f}x torch fp32 "
+         f"(goal {GOAL_PREFILL_TORCH}x)"),
+        (ours["prefill_tokens_per_s"] >= GOAL_PREFILL_ORT * ort32["prefill_tokens_per_s"],
+         f"prefill: ONNX export {ours['prefill_tokens_per_s'] / ort32['prefill_tokens_per_s']:.2f}x ORT fp32 "
+         f"(goal {GOAL_PREFILL_ORT}x)"),
+        (ours["decode_tokens_per_s"] >= GOAL_DECODE_ORT * ort32["decode_tokens_per_s"],
+         f"decode: ONNX export {ours['decode_tokens_per_s'] / ort32['decode_tokens_per_s']:.2f}x ORT fp32 "
+         f"(goal {GOAL_DECODE_ORT}x)"),
+    ]
+    body = (f"{args.model}, WikiText-2 test, ctx {args.ctx}, first {len(plan.eval_windows)} windows, no BOS (the "
+            f"sinkquant rows bring their fp prefix); calibration: the recipe's {len(plan.calib_windows)} windows from "
+            f"the end of the text for every quantized row. Speed: batch 1, prefill of {args.ctx} tokens (last "
+            f"logits), decode of {args.new_tokens} tokens after it, {args.threads} threads for torch and ONNX "
+            f"Runtime, median of {args.repeats} interleaved rounds on a machine shared with other jobs (ratios "
+            "between rows of one run are what counts).\n\n"
+            + markdown_table(["row", "perplexity", "vs fp32", "prefill tok/s", "decode tok/s",
+                              "ONNX Runtime kernels (optimized graph)"], table)
+            + "\n\n" + "\n".join(f"- {'PASS' if ok else 'MISS'}: {text}" for ok, text in checks))
+    write_result(args.out, "ONNX Runtime: sinkquant's export and ONNX Runtime's own int8", body,
+                 {"rows": rows, "checks": [{"ok": ok, "text": text} for ok, text in checks],
+                  "data": {"sha256": stream.text_sha256, **plan.describe()}})
+
+
+if __name__ == "__main__":
+    main()
