@@ -17,7 +17,8 @@ from sinkquant.artifacts import read_structured
 from sinkquant.engine.backends import BACKENDS
 from sinkquant.errors import SinkquantError
 from sinkquant.quant.scheme import Scheme
-from sinkquant.steps import SPECS, Stage, Step, StepSpec
+from sinkquant.steps import Stage, Step, StepSpec
+from sinkquant.steps.base import known_steps
 
 
 class CalibrationConfig(BaseModel):
@@ -117,15 +118,16 @@ def format_validation(exc: ValidationError, root: type[BaseModel], prefix: str =
 def _check_steps(entries: list[dict[str, Any]], scheme: Scheme) -> tuple[StepSpec, ...]:
     """The steps as their specs (no torch), every parse-time rule checked."""
     steps: list[StepSpec] = []
+    known = known_steps()
     for index, entry in enumerate(entries):
         where = f"steps[{index}]"
         if not isinstance(entry, dict) or len(entry) != 1:
             raise SinkquantError(f"{where}: each step is a mapping with one key, the step's name; valid names: "
-                                 f"{', '.join(sorted(SPECS))}")
+                                 f"{', '.join(sorted(known))}")
         (name, args), = entry.items()
-        cls = SPECS.get(name)
+        cls = known.get(name)
         if cls is None:
-            raise SinkquantError(f"{where}: unknown step {name!r}; valid steps: {', '.join(sorted(SPECS))}")
+            raise SinkquantError(f"{where}: unknown step {name!r}; valid steps: {', '.join(sorted(known))}")
         try:
             config = cls.Config.model_validate(args or {})
         except ValidationError as exc:

@@ -98,8 +98,8 @@ class Step(StepSpec, ABC):
         """Redo, on a freshly built model, what the saved tensors do not hold (default: nothing)."""
         return None
 
-SPECS: dict[str, type[StepSpec]] = {}  # every step a recipe may name (specs.py, and steps registered later)
-STEPS: dict[str, type[Step]] = {}  # the steps that do the work, by the same names
+SPECS: dict[str, type[StepSpec]] = {}  # the built-in steps' rules (specs.py), known before torch is imported
+STEPS: dict[str, type[Step]] = {}  # the steps that do the work: the built-in ones by the same names, and any other
 
 
 def spec(cls: type[StepSpec]) -> type[StepSpec]:
@@ -118,5 +118,9 @@ def register(cls: type[Step]) -> type[Step]:
     if known is not None and not issubclass(cls, known):
         raise ValueError(f"step {cls.name!r} must subclass its spec {known.__name__}")
     STEPS[cls.name] = cls
-    SPECS.setdefault(cls.name, cls)
     return cls
+
+
+def known_steps() -> dict[str, type[StepSpec]]:
+    """Every step a recipe may name: the specs, and steps registered without one (their module imported)."""
+    return {**SPECS, **{name: cls for name, cls in STEPS.items() if name not in SPECS}}
