@@ -191,8 +191,10 @@ def main() -> None:
                    "fp_ppl": fp["ppl"], "quant_ppl": ppl["ppl"], "fp_peak_rss_bytes": fp["peak_rss_bytes"]}
             rows.append(row)
             print(json.dumps({k: v for k, v in row.items() if k != "layer_seconds"}), flush=True)
-    write_result(args.out, "Streaming quantization cost against model size", table(rows, args), {"rows": rows})
-    plot(rows, args.out.with_suffix(".png"))
+            # written after every row: a long run leaves what it measured so far
+            write_result(args.out, "Streaming quantization cost against model size", table(rows, args),
+                         {"rows": rows})
+            plot(rows, args.out.with_suffix(".png"))
 
 
 def table(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:

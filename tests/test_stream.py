@@ -168,6 +168,7 @@ def test_bf16_embeddings_with_fp32_layers(recipe: str, tokenizer, wikitext_strea
         assert stream[name].dtype == (torch.bfloat16 if embedding else tensor.dtype), name
 
 
+@pytest.mark.long
 def test_cli_streams_when_asked_or_when_the_model_would_not_fit(tokenizer, wikitext_path, tmp_path, capsys) -> None:
     """`sinkquant quantize --stream always` writes the sharded artifact and evaluates it streamed; `auto` streams
     only a model that would not fit; --recipe auto refuses to stream."""
