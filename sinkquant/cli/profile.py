@@ -53,6 +53,8 @@ def run(args: argparse.Namespace) -> None:
     print(f"sink positions {verdict['sink_positions']}, peak channels {verdict['peak_channels']}, "
           f"sink rate {report['attention']['sink_rate']['0.3']:.1f}% (eps 0.3), origin {verdict['origin']}, "
           f"prefix ids {verdict['prefix_ids']} {verdict['prefix_tokens']}")
+    print(f"recommended: {report['recommendation']['command']}\n  or search one: "
+          f"{report['recommendation']['auto_command']}")
     print(f"wrote {args.out}/report.json, report.html, report.md")
 
 

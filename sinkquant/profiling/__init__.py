@@ -36,7 +36,7 @@ from sinkquant.profiling.domains import domain_heads
 from sinkquant.profiling.interventions import INTERVENTIONS, massive_interventions
 from sinkquant.profiling.probe import origin_probe
 from sinkquant.profiling.report import SCHEMA, SCHEMA_VERSION, finalize, write_report
-from sinkquant.profiling.verdict import Verdict, build_verdict
+from sinkquant.profiling.verdict import Verdict, build_verdict, recommend
 
 __all__ = ["SCHEMA", "SCHEMA_VERSION", "Verdict", "profile"]
 
@@ -239,6 +239,7 @@ def profile(
                 "seconds": time.perf_counter() - clock, "torch_threads": torch.get_num_threads(),
                 "platform": platform.platform()},
     })
+    report["recommendation"] = recommend(report)
     if out is not None:
         write_report(report, out, overwrite=overwrite)
     return report

@@ -18,6 +18,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from sinkquant.artifacts import atomic_dir, to_json  # noqa: E402
 from sinkquant.profiling import metrics  # noqa: E402
+from sinkquant.profiling.verdict import recommend  # noqa: E402
 
 SCHEMA = "sinkquant.profile"
 SCHEMA_VERSION = 1
@@ -94,7 +95,8 @@ def plots(report: dict[str, Any]) -> dict[str, bytes]:
             xs.append(row["layer"])
             ys.append(row["int8_stretch"])
     for module, (xs, ys) in sorted(by_module.items()):
-        ax.plot(xs, ys, "o-", ms=3, label=module)
+        layers, stretches = zip(*sorted(zip(xs, ys, strict=True)), strict=True)
+        ax.plot(layers, stretches, "o-", ms=3, label=module)
     ax.axhline(1, color="grey", lw=0.8)
     ax.set(yscale="log", xlabel="decoder layer", ylabel="absmax with sinks / without (log)",
            title=_title(report, "Per-tensor int8 scale stretch at each Linear input caused by the sink tokens"))
@@ -177,6 +179,42 @@ def _module_of(name: str) -> str:
     return ".".join(parts[index + 1 :])
 
 
+def captions(report: dict[str, Any]) -> dict[str, str]:
+    """One line under each plot: what it shows on this model, read from the numbers behind it."""
+    residual, att, verdict = report["residual"], report["attention"], report["verdict"]
+    tops = [(row["layer"], row["top"][0], row["median_abs"]) for row in residual["layers"] if row["top"]]
+    out: dict[str, str] = {}
+    if tops:
+        layer, top, median = max(tops, key=lambda t: t[1]["value"])
+        out["residual_peaks.png"] = (f"The peak is |h| {top['value']:,.0f} at token {top['position']} "
+                                     f"({top['token']!r}), channel {top['channel']}, layer {layer}, against a median "
+                                     f"|h| of {median:.2g} there; peaks appear at layer {residual['appear_layer']} "
+                                     f"and vanish at layer {residual['vanish_layer']}.")
+    rates = att["sink_rate"]
+    out["sink_rate_heatmap.png"] = (f"{rates['0.3']:.0f}% of heads put more than 0.3 of their attention on token 0, "
+                                    f"{rates['0.8']:.0f}% more than 0.8; bright cells are sink heads.")
+    late = max(att["first_token_late"], key=lambda r: r["mean"])
+    out["first_token_attention.png"] = (f"Late queries attend to token 0 most in layer {late['layer']} (mean "
+                                        f"{late['mean']:.2f} over heads, std {late['std']:.2f}).")
+    broken = verdict["broken_linears"]
+    out["int8_stretch.png"] = (f"{len(broken)} Linear inputs have their per-tensor int8 scale stretched 4x or more "
+                               "by the sinks" + (f"; the worst, {broken[0]['name']}, {broken[0]['int8_stretch']:.0f}x."
+                                                 if broken else "."))
+    prefix = ", ".join(repr(t) for t in verdict["prefix_tokens"]) or "none"
+    out["token_outlier_ratio.png"] = (f"{verdict['outlier_token_count']} outlier tokens cross eta = "
+                                      f"{metrics.TOKEN_OUTLIER_ETA:g} at the down projection; PrefixQuant's prefix: "
+                                      f"{prefix}.")
+    if report.get("domains"):
+        out["domain_heads.png"] = (f"{len(report['domains']['switching_heads'])} heads are dormant (D) on one text "
+                                   "and active on another.")
+    if report.get("context_sweep"):
+        sweep = report["context_sweep"]
+        forms = ", ".join(f"{m.replace('_', ' ')} at length {sweep[m]['forms_at']}" for m in ("no_bos", "bos")
+                          if m in sweep)
+        out["context_sweep.png"] = f"The sink forms {forms}."
+    return out
+
+
 def _fmt(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.4g}"
@@ -221,7 +259,7 @@ def tables(report: dict[str, Any]) -> list[tuple[str, list[str], list[list[Any]]
     outliers = [[t["id"], repr(t["text"]), t["count"], t["seen"]]
                 for t in report["token_outliers"]["outlier_token_ids"]]
     result = [
-        ("Verdict", ["what", "value"], verdict),
+        ("Verdict details", ["what", "value"], verdict),
         ("Residual-state peaks per layer (Sun et al.)",
          ["layer", "median |h|", "top-1", "top-2", "top-3", "top-1 / median", "massive entries",
           "kurtosis (Bondarenko)"], residual),
@@ -319,22 +357,56 @@ def _paper_tables(report: dict[str, Any]) -> list[tuple[str, list[str], list[lis
     return result
 
 
-_CSS = """body{font-family:system-ui,sans-serif;margin:2em;max-width:1200px;color:#222}
+_CSS = """body{font-family:system-ui,sans-serif;margin:1.5em 2em;color:#222;line-height:1.4}
+nav{font-size:13px;margin:0.5em 0 1em}nav a{margin-right:0.9em}
+.advice{display:grid;grid-template-columns:repeat(auto-fit,minmax(440px,1fr));gap:1.2em}
+.advice section{border:1px solid #ccc;border-radius:6px;padding:0.4em 1.2em 0.8em}
+#recommendation{background:#f3f8f1;border-color:#8bb37f}
+code{display:block;background:#f4f4f4;padding:4px 8px;border-radius:3px;font-size:12.5px;white-space:pre-wrap;
+overflow-wrap:anywhere;margin:0.3em 0}
+.plots{display:grid;grid-template-columns:repeat(auto-fit,minmax(560px,1fr));gap:1.2em;align-items:start}
+figure{margin:0;border:1px solid #ddd;padding:0.4em}figure img{width:100%;height:auto;max-height:600px;
+object-fit:contain}
+figcaption{font-size:13px;color:#444;padding:0.2em 0.3em}
 table{border-collapse:collapse;margin:0.5em 0 1.5em;font-size:13px}td,th{border:1px solid #ccc;padding:3px 8px;
-text-align:left}th{background:#f0f0f0}img{max-width:100%;border:1px solid #ddd;margin:0.5em 0}"""
+text-align:left}th{background:#f0f0f0}"""
+
+
+def _anchor(text: str) -> str:
+    return "t-" + "".join(c if c.isalnum() else "-" for c in text.lower()).strip("-")[:60]
 
 
 def render_html(report: dict[str, Any], images: dict[str, bytes]) -> str:
+    """The verdict and the recommendation first (a 30-second read), then the plots in a grid, each with its one-line
+    reading, then the tables; a table of contents links every section."""
+    advice, notes, sections = recommend(report), captions(report), tables(report)
+    esc = html.escape
+    toc = [("verdict", "Verdict"), ("recommendation", "Recommendation"), ("plots", "Plots"),
+           *[(_anchor(title), title) for title, _, _ in sections]]
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>sinkquant profile: "
-             f"{html.escape(report['model']['spec'])}</title><style>{_CSS}</style></head><body>",
-             f"<h1>Sink and outlier profile: {html.escape(report['model']['spec'])}</h1>"]
+             f"{esc(report['model']['spec'])}</title><style>{_CSS}</style></head><body>",
+             f"<h1>Sink and outlier profile: {esc(report['model']['spec'])}</h1>",
+             "<nav>" + "".join(f"<a href='#{key}'>{esc(title)}</a>" for key, title in toc) + "</nav>",
+             "<div class='advice'><section id='verdict'><h2>Verdict</h2><ul>",
+             *[f"<li>{esc(line)}</li>" for line in advice["findings"]],
+             "</ul></section><section id='recommendation'><h2>Recommendation</h2>",
+             f"<p>Start from <b>{esc(advice['recipe'])}</b>:</p><p><code>{esc(advice['command'])}</code></p>",
+             f"<p>Expected cost: {esc(advice['cost'])} (<a href='{advice['evidence']}'>{esc(advice['evidence'])}</a>)."
+             "</p><p>Why, from this profile:</p><ul>",
+             *[f"<li>{esc(reason)}</li>" for reason in advice["reasons"]],
+             f"</ul><p>Or search a recipe for this model ({esc(advice['auto_cost'])}):</p>"
+             f"<code>{esc(advice['auto_command'])}</code></section></div>",
+             "<h2 id='plots'>Plots</h2><div class='plots'>"]
     for name, data in images.items():
-        parts.append(f"<img alt='{name}' src='data:image/png;base64,{base64.b64encode(data).decode()}'>")
-    for title, header, rows in tables(report):
-        parts.append(f"<h2>{html.escape(title)}</h2><table><tr>"
-                     + "".join(f"<th>{html.escape(h)}</th>" for h in header) + "</tr>")
+        parts.append(f"<figure id='{_anchor(name)}'><img alt='{name}' "
+                     f"src='data:image/png;base64,{base64.b64encode(data).decode()}'>"
+                     f"<figcaption>{esc(notes.get(name, name))}</figcaption></figure>")
+    parts.append("</div>")
+    for title, header, rows in sections:
+        parts.append(f"<h2 id='{_anchor(title)}'>{esc(title)}</h2><table><tr>"
+                     + "".join(f"<th>{esc(h)}</th>" for h in header) + "</tr>")
         for row in rows:
-            parts.append("<tr>" + "".join(f"<td>{html.escape(_fmt(c))}</td>" for c in row) + "</tr>")
+            parts.append("<tr>" + "".join(f"<td>{esc(_fmt(c))}</td>" for c in row) + "</tr>")
         parts.append("</table>")
     parts.append("</body></html>\n")
     return "\n".join(parts)
@@ -345,8 +417,16 @@ def _md_cell(value: Any) -> str:
 
 
 def render_markdown(report: dict[str, Any], images: dict[str, bytes]) -> str:
-    lines = [f"# Sink and outlier profile: {report['model']['spec']}", ""]
-    lines += [f"![{name}](plots/{name})" for name in images] + [""]
+    advice, notes = recommend(report), captions(report)
+    lines = [f"# Sink and outlier profile: {report['model']['spec']}", "", "## Verdict", ""]
+    lines += [f"- {line}" for line in advice["findings"]]
+    lines += ["", "## Recommendation", "", f"Start from **{advice['recipe']}**:", "", f"    {advice['command']}", "",
+              f"Expected cost: {advice['cost']} ({advice['evidence']}). Why, from this profile:", ""]
+    lines += [f"- {reason}" for reason in advice["reasons"]]
+    lines += ["", f"Or search a recipe for this model ({advice['auto_cost']}):", "", f"    {advice['auto_command']}",
+              "", "## Plots", ""]
+    for name in images:
+        lines += [f"![{name}](plots/{name})", "", f"*{notes.get(name, name)}*", ""]
     for title, header, rows in tables(report):
         lines += [f"## {title}", "", "| " + " | ".join(_md_cell(h) for h in header) + " |", "|" + "---|" * len(header)]
         lines += ["| " + " | ".join(_md_cell(c) for c in row) + " |" for row in rows]

@@ -145,3 +145,91 @@ def build_verdict(summary: dict[str, Any], outlier_ids: Counter[int], windows: i
                     bos_trained else "BOS first: PrefixQuant's rule (training convention not checked)" if
                     bos_trained is None else "no BOS: the model is not trained with one"),
     )
+
+
+# The shipped static W8A8 recipe the report recommends, with what it cost on the models it was checked on
+# (eval/results/recommendation.md: `sinkquant compare` with every shipped static W8A8 recipe, ctx 512, 8 windows).
+RECOMMENDED = "w8a8-prefix-smooth-except"
+RECOMMENDED_COST = ("+1.9% perplexity on SmolLM2-135M, -1.0% to +7.8% on the held-out Gemma 3 270M and "
+                    "Qwen2.5-Coder 0.5B (WikiText-2, ctx 512); every Linear runs static per-tensor int8 except 8 "
+                    "inputs kept in full precision, plus the prefix's fp KV")
+AUTO_COST = ("searches prefix, rotation, smoothing, exception layers and clipping on calibration windows: within "
+             "+3% of fp32 on all six held-out model x text cells, about 2.5x the fixed recipe's quantize time")
+RESULTS = "eval/results/recommendation.md"
+
+
+def _data_flag(report: dict[str, Any]) -> str:
+    """The --data value that names the profiled text again."""
+    data = report["data"]
+    if str(data.get("dataset", "")).startswith("wikitext-2"):
+        return "wikitext2"
+    return str(data.get("path") or data.get("name") or "TEXT")
+
+
+def _sink_peak(report: dict[str, Any], position: int) -> dict[str, Any] | None:
+    """The largest residual |h| a position reaches, its channel, and the layers where it is massive."""
+    rows = [(layer["layer"], top, layer["median_abs"]) for layer in report["residual"]["layers"]
+            for top in layer["top"] if top["position"] == position]
+    if not rows:
+        return None
+    layer, top, _ = max(rows, key=lambda r: r[1]["value"])
+    massive = sorted({r[0] for r in rows if r[1]["value"] >= max(metrics.MASSIVE_ABS, metrics.MASSIVE_RATIO * r[2])})
+    medians = [r[2] for r in rows if r[0] in massive] or [rows[0][2]]
+    return {"value": top["value"], "channel": top["channel"], "layer": layer, "token": top["token"],
+            "massive_layers": massive, "median": sorted(medians)[len(medians) // 2]}
+
+
+def recommend(report: dict[str, Any]) -> dict[str, Any]:
+    """The report's advice: a shipped recipe to start from, the `--recipe auto` command, what each costs, and the
+    reasons, read from the profile. One recipe is recommended for every profile: on the three models it was checked
+    on it is the best shipped static W8A8 recipe (RESULTS); the reasons say which of its steps the profile calls
+    for. `findings` are the short summary sentences the report opens with."""
+    verdict = report["verdict"]
+    spec, ctx, data = report["model"]["spec"], report["ctx"], _data_flag(report)
+    findings, reasons = [], []
+    rates = report["attention"]["sink_rate"]
+    position = verdict["top_sinks"][0]["position"] if verdict["top_sinks"] else (verdict["sink_positions"] or [0])[0]
+    others = [p for p in verdict["sink_positions"] if p != 0]
+    findings.append(f"{rates['0.3']:.0f}% of attention heads put more than 0.3 of their attention on token 0"
+                    + (f"; other sink positions: {others}." if others else "."))
+    peak = _sink_peak(report, position)
+    if peak and peak["massive_layers"]:
+        layers = peak["massive_layers"]
+        span = f"layer {layers[0]}" + (f" to {layers[-1]}" if layers[-1] != layers[0] else "")
+        findings.append(f"Token {position} carries |h| {peak['value']:,.0f} in channel {peak['channel']} from "
+                        f"{span} (median |h| there {peak['median']:.2g}): one per-tensor int8 scale stretched to "
+                        "cover it leaves ordinary tokens a few levels.")
+        first = repr(verdict["prefix_tokens"][0]) if verdict["prefix_tokens"] else "the first token"
+        reasons.append(f"token {position} carries |h| {peak['value']:,.0f} in channel {peak['channel']} from layer "
+                       f"{layers[0]}: a one-token prefix ({first}) whose KV is computed once in full precision "
+                       "takes the sink's place, so no quantized activation holds it")
+    else:
+        findings.append("No massive residual activation at the sink: per-tensor scales are not stretched by it.")
+    broken = verdict["broken_linears"]
+    total = report["model"].get("linear_inputs")
+    if broken:
+        worst = broken[0]
+        findings.append(f"{len(broken)} of {total} Linear inputs have their int8 scale stretched 4x or more by the "
+                        f"sinks; the worst, {worst['name']}, {worst['int8_stretch']:.0f}x.")
+        if reasons:
+            reasons[-1] += f"; that also undoes the stretch at those {len(broken)} Linear inputs"
+    else:
+        findings.append("No Linear input has its int8 scale stretched 4x or more by the sinks.")
+    widths = {name: row["absmax_without_sinks"] for name, row in report["linears"].items()
+              if row.get("absmax_without_sinks") is not None}
+    if widths:
+        widest = max(widths, key=widths.get)
+        median = sorted(widths.values())[len(widths) // 2]
+        reasons.append(f"without the sinks the widest Linear input still reaches |x| {widths[widest]:.3g} "
+                       f"({widest}) against a median of {median:.2g}: smoothing moves such channels into the "
+                       "weights, and the 8 widest inputs keep full precision")
+    if verdict["top_content_sinks"]:
+        tokens = ", ".join(repr(c["token"]) for c in verdict["top_content_sinks"])
+        findings.append(f"Content sinks (massive wherever they stand): {tokens}; the prefix holds the most "
+                        "frequent ones.")
+    findings.append(f"Sinks are chosen by {verdict['origin']} (origin probe).")
+    command = f"sinkquant quantize --model {spec} --data {data} --ctx {ctx} --recipe recipes/{RECOMMENDED}.yaml " \
+              f"--out out/{RECOMMENDED}"
+    auto = f"sinkquant quantize --model {spec} --data {data} --ctx {ctx} --recipe auto --out out/auto"
+    return {"recipe": RECOMMENDED, "command": command, "cost": RECOMMENDED_COST, "reasons": reasons,
+            "auto_command": auto, "auto_cost": AUTO_COST, "evidence": RESULTS, "findings": findings}
