@@ -56,10 +56,10 @@ from sinkquant.perplexity import PerplexityResult, evaluate
 from sinkquant.quant.embeddings import embedding_weights
 from sinkquant.quant.embeddings import restore as restore_embedding
 from sinkquant.quant.simulate import QuantLinear
+from sinkquant.recipes.schema import Recipe
 
 if TYPE_CHECKING:
     from sinkquant.engine.session import Session
-from sinkquant.recipes.schema import Recipe
 
 Transform = Callable[[int, nn.Module], None]
 # Steps whose whole-model forwards come before quantization and whose weight changes go through
@@ -74,9 +74,12 @@ def checkpoint_index(folder: Path) -> dict[str, Path]:
     if index.is_file():
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
-            return {name: folder / file for name, file in weight_map.items()}
-        except (OSError, ValueError, KeyError, TypeError) as exc:
+            files = {name: folder / file for name, file in weight_map.items() if Path(file).name == file}
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
             raise SinkquantError(f"{index}: not a readable weight index ({_first_line(exc)})") from None
+        if len(files) != len(weight_map):
+            raise SinkquantError(f"{index}: the weight_map names a file outside the folder; valid: file names")
+        return files
     files: dict[str, Path] = {}
     for file in sorted(folder.glob("*.safetensors")):
         try:
