@@ -21,6 +21,7 @@ from sinkquant.backends.export import export
 from sinkquant.backends.onnx_export import DATA_FILE, MODEL_FILE, ONNX_MANIFEST, PREFIX_FILE, onnx_refusals
 from sinkquant.backends.onnx_runtime import generate, load_onnx, session_options
 from sinkquant.cli import main
+from sinkquant.engine import save
 from sinkquant.engine.apply import apply_recipe
 from sinkquant.errors import SinkquantError
 from sinkquant.perplexity import evaluate
@@ -151,6 +152,18 @@ def test_cli_eval_runs_the_export(tiny_exports, wikitext_path, tmp_path, capsys)
     assert "run by ONNX Runtime behind its fp prefix KV" in capsys.readouterr().out
     result = json.loads(out.read_text())
     assert result["context_cached"] and result["model"]["kind"] == "onnx"
+
+
+def test_cli_export_writes_the_onnx_folder(tiny_exports, tmp_path, capsys) -> None:
+    """`sinkquant export ART --format onnx` from an artifact on disk: the same graph inputs and prefix."""
+    quantized, folder = tiny_exports["llama"]
+    save(quantized, tmp_path / "art")
+    code = main(["export", str(tmp_path / "art"), "--format", "onnx", "--out", str(tmp_path / "onnx")])
+    assert code in (0, None)
+    assert "(onnx); prefix KV beside it (1 tokens)" in capsys.readouterr().out
+    _, prefix, manifest = load_onnx(tmp_path / "onnx")
+    assert prefix.ids == manifest["prefix_ids"] == quantized.prefix.ids
+    assert manifest["layers"] == json.loads((folder / ONNX_MANIFEST).read_text())["layers"]
 
 
 @pytest.mark.slow
