@@ -44,7 +44,8 @@ class SinkquantLM(TemplateLM):
     """`--model sinkquant --model_args artifact=DIR` (a `sinkquant quantize` folder) or `model=SPEC` (the fp model
     under the same conventions, for the baseline). Other model_args: `ctx` (windows of loglikelihood_rolling),
     `bos` (never / per-window / auto, for an fp model or an artifact without a prefix), `verify` (the artifact's
-    sha256 check), `max_gen_toks`, `trust_remote_code`."""
+    sha256 check), `max_gen_toks`, `trust_remote_code`. lm-eval also passes its --batch_size, --max_batch_size and
+    --device: requests run one per forward on the CPU, so only 1 and cpu are accepted."""
 
     def __init__(self, artifact: str | None = None, model: str | None = None, ctx: int = DEFAULT_CTX,
                  bos: str = "auto", verify: bool = True, max_gen_toks: int = DEFAULT_MAX_GEN_TOKS,
@@ -69,14 +70,12 @@ class SinkquantLM(TemplateLM):
             self.context = prefix.ids if prefix is not None else self._bos_context(bos)
             self.cached = prefix is not None and prefix.cache is not None
             self.make_cache: Callable[[int], Cache | None] | None = quantized.cache_for_batch
-            self.source = {"artifact": str(artifact), "recipe": quantized.recipe.name}
         else:
             from sinkquant.models import load_model
 
             self.loaded = load_model(str(model), trust_remote_code=bool(trust_remote_code))
             self.model = self.loaded.model
             self.context, self.cached, self.make_cache = self._bos_context(bos), False, None
-            self.source = {"model": str(model)}
         self.model.eval()
         self.tokenizer = self.loaded.tokenizer
         self.ctx = ctx

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from sinkquant.profiling import profile
-from sinkquant.profiling.verdict import RECOMMENDED, recommend
+from sinkquant.profiling.verdict import RECOMMENDED, RECOMMENDED_CONTENT_SINKS, recommend
 from tests.tiny import tiny_model
 
 REPO = Path(__file__).resolve().parent.parent
@@ -74,7 +74,8 @@ def test_report_opens_with_verdict_and_recommendation(smollm2, wikitext_stream, 
     assert outline.links and set(outline.links) <= outline.ids  # every table-of-contents link lands
     assert {"verdict", "recommendation", "plots"} <= set(outline.links)
     text = outline.text["advice"]
-    assert f"recipes/{RECOMMENDED}.yaml" in text and (REPO / "recipes" / f"{RECOMMENDED}.yaml").is_file()
+    recipe = report["recommendation"]["recipe"]
+    assert f"recipes/{recipe}.yaml" in text and (REPO / "recipes" / f"{recipe}.yaml").is_file()
     assert "--recipe auto" in text and "Expected cost" in text
     assert report["recommendation"] == recommend(report)
     markdown = (tmp_path / "r" / "report.md").read_text()
@@ -92,3 +93,18 @@ def test_smollm2_recommendation_names_the_sink_from_the_profile(smollm2, wikitex
     assert advice["command"].startswith("sinkquant quantize --model smollm2-135m --data ")
     assert " --ctx 128 " in advice["command"]
     assert "--recipe auto" in advice["auto_command"]
+
+
+def test_content_sinks_call_for_attention_calibration(smollm2, wikitext_stream) -> None:
+    """The rule eval/results/recommendation.md checks: sinks by position alone -> the prefix recipe; content sinks
+    (massive wherever they stand, as in Gemma 3) -> the same with ACT."""
+    report = profile(tiny_model("llama", smollm2.tokenizer), wikitext_stream, ctx=64, windows=1, progress=False,
+                     probe=False)
+    report["verdict"]["top_content_sinks"] = []
+    assert recommend(report)["recipe"] == RECOMMENDED
+    report["verdict"]["top_content_sinks"] = [{"id": 278, "token": " the", "count": 4, "seen": 4, "frequency": 1.0,
+                                               "probe_sink": True}]
+    advice = recommend(report)
+    assert advice["recipe"] == RECOMMENDED_CONTENT_SINKS and "' the'" in advice["reasons"][-1]
+    for recipe in (RECOMMENDED, RECOMMENDED_CONTENT_SINKS):
+        assert (REPO / "recipes" / f"{recipe}.yaml").is_file()

@@ -70,7 +70,7 @@ def plots(report: dict[str, Any]) -> dict[str, bytes]:
     out["residual_peaks.png"] = _png(fig)
 
     alpha = report["attention"]["alpha0"]
-    fig, ax = plt.subplots(figsize=(max(5, 0.45 * len(alpha[0]) + 3), max(4, 0.22 * len(alpha) + 1.5)))
+    fig, ax = plt.subplots(figsize=(max(7.5, 0.45 * len(alpha[0]) + 3), max(4, 0.22 * len(alpha) + 1.5)))
     image = ax.imshow(alpha, aspect="auto", cmap="viridis", vmin=0, vmax=1, origin="lower")
     fig.colorbar(image, ax=ax, label="alpha_0 = mean attention to token 0")
     rates = report["attention"]["sink_rate"]
@@ -188,7 +188,7 @@ def captions(report: dict[str, Any]) -> dict[str, str]:
         layer, top, median = max(tops, key=lambda t: t[1]["value"])
         out["residual_peaks.png"] = (f"The peak is |h| {top['value']:,.0f} at token {top['position']} "
                                      f"({top['token']!r}), channel {top['channel']}, layer {layer}, against a median "
-                                     f"|h| of {median:.2g} there; peaks appear at layer {residual['appear_layer']} "
+                                     f"|h| of {median:.3g} there; peaks appear at layer {residual['appear_layer']} "
                                      f"and vanish at layer {residual['vanish_layer']}.")
     rates = att["sink_rate"]
     out["sink_rate_heatmap.png"] = (f"{rates['0.3']:.0f}% of heads put more than 0.3 of their attention on token 0, "
