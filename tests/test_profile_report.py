@@ -97,10 +97,11 @@ def test_smollm2_recommendation_names_the_sink_from_the_profile(smollm2, wikitex
 
 def test_content_sinks_call_for_attention_calibration(smollm2, wikitext_stream) -> None:
     """The rule eval/results/recommendation.md checks: sinks by position alone -> the prefix recipe; content sinks
-    (massive wherever they stand, as in Gemma 3) -> the same with ACT."""
+    (massive wherever they stand, as in Gemma 3: at 91% to 100% of their occurrences) -> the same with ACT."""
     report = profile(tiny_model("llama", smollm2.tokenizer), wikitext_stream, ctx=64, windows=1, progress=False,
                      probe=False)
-    report["verdict"]["top_content_sinks"] = []
+    report["verdict"]["top_content_sinks"] = [{"id": 3297, "token": " ,", "count": 1, "seen": 3, "frequency": 1 / 3,
+                                               "probe_sink": False}]  # massive once in three: no pattern
     assert recommend(report)["recipe"] == RECOMMENDED
     report["verdict"]["top_content_sinks"] = [{"id": 278, "token": " the", "count": 4, "seen": 4, "frequency": 1.0,
                                                "probe_sink": True}]

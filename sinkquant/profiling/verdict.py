@@ -152,6 +152,9 @@ def build_verdict(summary: dict[str, Any], outlier_ids: Counter[int], windows: i
 # SmolLM2 and the held-out Gemma 3 and Qwen2.5, ctx 512, 8 windows). A sink chosen by position alone is absorbed by
 # the prefix; content sinks recur through the text, and attention calibration (ACT) damps what they draw.
 RECOMMENDED = "w8a8-prefix-smooth-except"
+# A content sink calls for ACT when the probe made it a sink wherever it stood, or it is massive at most of its
+# occurrences (one massive ' ,' in three, as in a single SmolLM2 window, is no pattern).
+CONTENT_SINK_FREQUENCY = 0.5
 RECOMMENDED_CONTENT_SINKS = "w8a8-prefix-smooth-except-act"
 COSTS = {
     RECOMMENDED: ("+1.3% perplexity on SmolLM2-135M and -1.0% on the held-out Qwen2.5-Coder 0.5B, the checked models "
@@ -234,8 +237,10 @@ def recommend(report: dict[str, Any]) -> dict[str, Any]:
                        f"({widest}) against a median of {median:.2g}: smoothing moves such channels into the "
                        "weights, and the 8 widest inputs keep full precision")
     recipe = RECOMMENDED
-    if verdict["top_content_sinks"]:
-        tokens = ", ".join(repr(c["token"]) for c in verdict["top_content_sinks"])
+    content = [c for c in verdict["top_content_sinks"]
+               if c["probe_sink"] or (c["frequency"] or 0.0) >= CONTENT_SINK_FREQUENCY]
+    if content:
+        tokens = ", ".join(repr(c["token"]) for c in content)
         findings.append(f"Content sinks (massive wherever they stand): {tokens}.")
         recipe = RECOMMENDED_CONTENT_SINKS
         reasons.append(f"content sinks ({tokens}) recur all through the text, where no prefix reaches them: "
