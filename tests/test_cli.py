@@ -224,6 +224,8 @@ def test_compare_says_and_records_the_prefix_overriding_bos(tmp_path, capsys, wi
     assert result["run"] == {"device": "cpu", "dtype": "float32"}
 
 
+@pytest.mark.slow
+@pytest.mark.long
 def test_compare_calib_windows_overrides_every_recipe_like_quantize(tmp_path, wikitext_path, smollm2,
                                                                     wikitext_stream) -> None:
     """One meaning per flag: `compare --calib-windows 2` calibrates each recipe on 2 windows, as `quantize` does."""
