@@ -157,7 +157,7 @@ RECOMMENDED = "w8a8-prefix-smooth-except"
 CONTENT_SINK_FREQUENCY = 0.5
 RECOMMENDED_CONTENT_SINKS = "w8a8-prefix-smooth-except-act"
 COSTS = {
-    RECOMMENDED: ("+1.3% perplexity on SmolLM2-135M and -1.0% on the held-out Qwen2.5-Coder 0.5B, the checked models "
+    RECOMMENDED: ("+1.3% perplexity on SmolLM2-135M and -1.1% on the held-out Qwen2.5-Coder 0.5B, the checked models "
                   "whose only sink is token 0 (WikiText-2, ctx 512, 8 windows); static per-tensor int8 everywhere but "
                   "the 8 widest Linear inputs, plus the prefix's fp KV"),
     RECOMMENDED_CONTENT_SINKS: ("+8.5% perplexity on the held-out Gemma 3 270M, the checked model with content sinks "
