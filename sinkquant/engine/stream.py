@@ -90,6 +90,17 @@ def checkpoint_index(folder: Path) -> dict[str, Path]:
     return files
 
 
+def _read(handle: Any, key: str, dtype: torch.dtype | None) -> torch.Tensor:
+    """One tensor in memory of its own (safetensors' pread backend reads it into a fresh buffer), converted to
+    `dtype` if floating point. A tensor already in `dtype` is kept as read, not copied (a 0.5-1 GB embedding
+    would briefly be held twice), unless its buffer is not 64-byte aligned like torch's own allocations:
+    kernels may round differently on unaligned data, and the in-memory path computes on torch's copies."""
+    tensor = handle.get_tensor(key)
+    if dtype is not None and tensor.is_floating_point() and tensor.dtype != dtype:
+        return tensor.to(dtype)
+    return tensor if tensor.data_ptr() % 64 == 0 else tensor.clone()
+
+
 def read_tensors(files: dict[str, Path], names: list[str], dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
     """`names` read from their files (pread, one tensor at a time) into memory torch allocates, floating-point
     tensors in `dtype` (None: as stored): the values `models.read_weights` and from_pretrained give the in-memory
@@ -105,9 +116,7 @@ def read_tensors(files: dict[str, Path], names: list[str], dtype: torch.dtype | 
         try:
             with safe_open(file, framework="pt", device="cpu", backend="pread") as handle:
                 for key in keys:
-                    tensor = handle.get_tensor(key)
-                    floating = dtype is not None and tensor.is_floating_point()
-                    tensors[key] = tensor.to(dtype, copy=True) if floating else tensor.clone()
+                    tensors[key] = _read(handle, key, dtype)
         except Exception as exc:  # safetensors raises its own error types for a damaged file
             raise SinkquantError(f"{file} is not a readable safetensors file: {_first_line(exc)}") from exc
     return tensors
