@@ -261,12 +261,20 @@ def _from_folder(folder: Path, dtype: torch.dtype, trust_remote_code: bool
         return _from_pretrained(str(folder), dtype, trust_remote_code, local=True)
     try:
         model = model_class.from_pretrained(None, config=config, state_dict=read_weights(folder), dtype=dtype)
+        _attach_transforms(model, folder)
         if (folder / "generation_config.json").is_file():
             model.generation_config = GenerationConfig.from_pretrained(folder)
         tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
     except (OSError, ValueError) as exc:
         raise SinkquantError(f"could not load model folder {folder}: {_first_line(exc)}") from exc
     return model, tokenizer
+
+
+def _attach_transforms(model: PreTrainedModel, folder: Path) -> None:
+    """A compressed-tensors folder's online transforms (its transform_config), which transformers 5 drops."""
+    from sinkquant.backends.transforms import attach_saved_transforms
+
+    attach_saved_transforms(model, folder)
 
 
 def read_weights(folder: Path) -> dict[str, torch.Tensor]:

@@ -256,3 +256,61 @@ def test_exception_count_is_the_smallest_that_meets_in_logarithmic_steps(limit) 
 
         assert _counts(limit, meets) == smallest
         assert len(asked) <= 2 * math.ceil(math.log2(limit)) + 1
+
+
+def test_target_restricts_the_search_and_names_its_backend(smollm2, wikitext_stream) -> None:
+    """--target compressed-tensors on a Gemma 3 model: its rotation (online after the post-norms) has no
+    compressed-tensors form, so the rotation candidate is logged as refused and never quantized (no objective,
+    no seconds); everything else is tried, and the chosen recipe runs on the native backend."""
+    loaded = tiny_model("gemma3", smollm2.tokenizer)
+    recipe, trace = auto_recipe(loaded, wikitext_stream, budget=1e-12, target="compressed-tensors", **SEARCH)
+    rotate = [c for c in trace["candidates"] if c["stage"] == "rotate"]
+    assert len(rotate) == 1 and "objective" not in rotate[0] and "seconds" not in rotate[0]
+    assert rotate[0]["refused"] == ["step 'rotate': online rotation after the post-norms (Gemma): a runtime "
+                                    "applies online transforms at a Linear's input or output only, and these sit "
+                                    "between the norm and the residual add"]
+    assert all("objective" in c for c in trace["candidates"] if c["stage"] not in ("rotate", "keep_sink"))
+    assert all("refused" in c for c in trace["candidates"] if c["stage"] == "keep_sink")
+    assert trace["target"] == "compressed-tensors" and recipe.backend == "native"
+    assert not any(step.name in ("rotate", "keep_sink") for step in recipe.steps)
+
+
+@pytest.mark.parametrize(("kwargs", "match"), [
+    ({"target": "tflite"}, r"--target 'tflite' is not valid; valid: native, compressed-tensors, onnx, simulated"),
+    ({"target": "native", "scheme": "w4a8kv8"}, r"--scheme w4a8kv8 cannot run on --target native \(scheme\.weights"),
+    ({"target": "compressed-tensors", "scheme": "w4a4kv4"}, r"cannot run on --target compressed-tensors \(W4A4"),
+])
+def test_a_target_that_cannot_run_the_scheme_is_a_one_line_error(smollm2, wikitext_stream, kwargs, match) -> None:
+    with pytest.raises(SinkquantError, match=match) as info:
+        auto_recipe(tiny_model("llama", smollm2.tokenizer), wikitext_stream, **{**SEARCH, **kwargs})
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.long
+@pytest.mark.parametrize("target", ["native", "compressed-tensors"])
+def test_quantize_auto_writes_the_targets_artifact(smollm2, wikitext_path, tmp_path, target) -> None:
+    """`quantize --recipe auto` (default target native) writes a native artifact, not a simulated one;
+    `--target compressed-tensors` writes a compressed-tensors folder that `sinkquant eval` runs."""
+    from sinkquant.backends.native import NativeLinear
+    from sinkquant.cli import main
+    from sinkquant.engine import load
+
+    model_dir = tmp_path / "model"
+    tiny = tiny_model("llama", smollm2.tokenizer)
+    tiny.model.save_pretrained(model_dir)
+    smollm2.tokenizer.save_pretrained(model_dir)
+    text = tmp_path / "text.txt"
+    text.write_text(wikitext_path.read_text()[:40000])
+    common = ["--quiet", "--model", str(model_dir), "--data", str(text), "--ctx", "64", "--max-windows", "2",
+              "--bos", "never"]
+    flags = [] if target == "native" else ["--target", target]
+    assert main(["quantize", "--recipe", "auto", *flags, *common, "--calib-windows", "3", "--out",
+                 str(tmp_path / "out")]) == 0
+    if target == "native":
+        artifact = load(tmp_path / "out")
+        assert artifact.recipe.backend == "native"
+        assert any(isinstance(m, NativeLinear) for m in artifact.model.modules())
+    else:
+        manifest = json.loads((tmp_path / "out" / "sinkquant_export.json").read_text())
+        assert manifest["format"] == "compressed-tensors" and manifest["recipe"]["backend"] == "native"
+        assert main(["eval", *common, "--model", str(tmp_path / "out")]) == 0

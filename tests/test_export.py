@@ -18,6 +18,7 @@ from transformers import AutoModelForCausalLM
 
 from sinkquant.backends.export import PREFIX_KV, export, export_compressed_tensors, load_prefix_cache
 from sinkquant.backends.native import NativeLinear, convert_to_native
+from sinkquant.data import plan_windows
 from sinkquant.engine.apply import apply_recipe, quantize_session
 from sinkquant.engine.session import Session
 from sinkquant.errors import SinkquantError
@@ -163,3 +164,137 @@ def test_engine_w8a8_prefix_model_round_trips_through_export(smollm2, wikitext_s
     assert abs(exported_ppl / native_ppl - 1) < 5e-3 + 2 * abs(native64_ppl / native_ppl - 1)
     with pytest.raises(SinkquantError, match="format='gguf' is not valid"):
         export(quantized, tmp_path / "other", format="gguf")
+
+
+def _tiny_llama(smollm2, hidden: int, intermediate: int):
+    from transformers import LlamaConfig
+
+    from sinkquant.models import random_model
+    from tests.tiny import VOCAB
+
+    config = LlamaConfig(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, vocab_size=VOCAB,
+                         bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    torch.manual_seed(0)
+    return random_model(config, smollm2.tokenizer, spec=f"tiny-llama-{hidden}-{intermediate}")
+
+
+def _random_stream(windows: int, ctx: int = 64):
+    from sinkquant.data import TokenStream
+
+    return TokenStream(ids=torch.randint(3, 5000, (ctx * windows,), generator=torch.Generator().manual_seed(0)),
+                       text_sha256="random", source={})
+
+
+ROTATED_W8A8 = {"name": "rotated", "description": "rotation, a one-token fp prefix, static W8A8", "backend": "native",
+                "steps": [{"rotate": {}}, {"prefix": {"tokens": ["\n"], "bos": "never", "check": False}}],
+                "scheme": {"weights": {"bits": 8, "granularity": "channel"},
+                           "activations": {"bits": 8, "mode": "static"}},
+                "calibration": {"windows": 2}}
+
+
+@pytest.mark.parametrize(("hidden", "intermediate", "down_type"), [(64, 128, "hadamard"),
+                                                                    (48, 96, "random-hadamard")])
+def test_rotated_recipe_round_trips_through_transforms(smollm2, tmp_path, hidden, intermediate, down_type) -> None:
+    """The rotate step's fused rotations are in the weights and described as R1/R2; the online Hadamard before
+    down_proj is an R4 `input` transform whose matrix is stored (Sylvester where the width is a power of two,
+    else Paley x Sylvester: 48 and 96 have no Sylvester matrix). Loaded back by transformers + compressed-tensors
+    with it attached, the model computes what the native backend computes; without it, it does not."""
+    from compressed_tensors.transform.utils.hadamard import deterministic_hadamard_matrix
+
+    from sinkquant.models import load_model
+    from sinkquant.quant.hadamard import hadamard
+
+    stream = _random_stream(12)
+    quantized = apply_recipe(_tiny_llama(smollm2, hidden, intermediate), parse_recipe(ROTATED_W8A8), stream, ctx=64)
+    out = export(quantized, tmp_path / "ct")
+    groups = json.loads((out / "config.json").read_text())["quantization_config"]["transform_config"]["config_groups"]
+    assert {n: g["type"] for n, g in groups.items()} == {"R1": "random-hadamard", "R2": "random-hadamard",
+                                                         "R4": down_type}
+    assert [(a["location"], a["inverse"]) for a in groups["R4"]["apply"]] == [("input", False),
+                                                                              ("weight_input", True)]
+    assert groups["R2"]["head_dim"] == hidden // 4
+    with safe_open(str(out / "model.safetensors"), "pt") as handle:
+        stored = handle.get_tensor("model.layers.0.mlp.down_proj.R4_input.weight")
+    expected = deterministic_hadamard_matrix(intermediate, torch.float64) if down_type == "hadamard" \
+        else hadamard(intermediate)
+    torch.testing.assert_close(stored.double(), expected, rtol=0, atol=0)
+
+    reloaded = load_model(str(out))
+    down = reloaded.model.model.layers[1].mlp.down_proj
+    assert hasattr(down, "R4_input") and reloaded.model.transform_config.config_groups.keys() == groups.keys()
+    plan = plan_windows(stream, 64, max_windows=8, calib_windows=2)
+    prefix = Prefix(*load_prefix_cache(out, reloaded.model.config))
+    assert prefix.ids == quantized.prefix.ids
+    exported = evaluate(reloaded, stream, plan, prefix=prefix, progress=False).ppl
+    native = quantized.evaluate(stream, plan, progress=False).ppl
+    native64 = evaluate(quantized.base, stream, plan, prefix=quantized.prefix,
+                        model=copy.deepcopy(quantized.model).double(), progress=False).ppl
+    assert abs(exported / native - 1) < 3e-3 + 2 * abs(native64 / native - 1), (exported, native, native64)
+    bare = AutoModelForCausalLM.from_pretrained(out)  # transformers alone drops the online transform
+    ids = stream.windows(64, [0])
+    with torch.no_grad():  # behind the prefix, as perplexity runs them (the native model keeps its positions)
+        reference = quantized.model(input_ids=ids, past_key_values=quantized.cache_for_batch(1)).logits
+        with_transforms = reloaded.model(input_ids=ids, past_key_values=prefix.cache_for_batch(1)).logits
+        without = bare(input_ids=ids, past_key_values=prefix.cache_for_batch(1)).logits
+    error = float((with_transforms - reference).abs().mean())
+    assert error < 0.1 * float((without - reference).abs().mean()), error
+
+
+@pytest.mark.parametrize(("recipe", "arch", "reasons"), [
+    ("w4a16-gptq", "llama", []),
+    ("w4a16-gptq", "gemma3", ["step 'rotate': online rotation after the post-norms"]),
+    ("w4a16-gptq", "gpt2", ["step 'rotate': LayerNorms turned into RMS norms", "step 'rotate': lm_head bias"]),
+    ("w4a8kv8-rotate-prefix-gptq", "llama", ["W4A8", "scheme.kv"]),
+    ("w4a4kv4-rotate-dynamic", "llama", ["W4A4", "scheme.kv"]),
+    ("w4a4kv4-rotate-prefix-gptq", "llama", ["W4A4", "scheme.kv"]),
+])
+def test_shipped_rotated_recipes_export_or_are_refused_by_name(smollm2, recipe, arch, reasons) -> None:
+    from sinkquant.backends.export import compressed_tensors_refusals
+    from sinkquant.recipes import load_recipe
+    from tests.tiny import tiny_model
+
+    found = compressed_tensors_refusals(load_recipe(Path("recipes") / f"{recipe}.yaml"),
+                                        tiny_model(arch, smollm2.tokenizer).model)
+    assert len(found) == len(reasons) and all(r.startswith(p) for r, p in zip(found, reasons, strict=True)), found
+
+
+def test_rotated_gemma_is_refused_before_writing(smollm2, tmp_path) -> None:
+    from tests.tiny import tiny_model
+
+    data = {**ROTATED_W8A8, "steps": [{"rotate": {}}]}
+    quantized = apply_recipe(tiny_model("gemma3", smollm2.tokenizer), parse_recipe(data), _random_stream(4), ctx=64)
+    with pytest.raises(SinkquantError, match="step 'rotate': online rotation after the post-norms"):
+        export(quantized, tmp_path / "ct")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_eval_of_an_export_folder_runs_behind_its_prefix_and_says_so(smollm2, wikitext_path, tmp_path,
+                                                                     capsys) -> None:
+    """`sinkquant eval --model <export>` once evaluated the compressed-tensors folder without its sidecar prefix,
+    silently; it must score what the artifact it came from scores (same windows, its calibration windows left
+    out) and print that it used the prefix and the transforms."""
+    from sinkquant.cli import main
+
+    loaded = _tiny_llama(smollm2, 64, 128)
+    model_dir = tmp_path / "model"
+    loaded.model.save_pretrained(model_dir)
+    smollm2.tokenizer.save_pretrained(model_dir)
+    text = tmp_path / "text.txt"
+    text.write_text(wikitext_path.read_text()[:30000])
+    recipe = tmp_path / "rotated.yaml"
+    recipe.write_text(yaml.safe_dump(ROTATED_W8A8))
+    common = ["--quiet", "--data", str(text), "--ctx", "64", "--max-windows", "4", "--bos", "never"]
+    assert main(["quantize", "--model", str(model_dir), "--recipe", str(recipe), *common,
+                 "--out", str(tmp_path / "artifact")]) == 0
+    assert main(["export", "--quiet", str(tmp_path / "artifact"), "--out", str(tmp_path / "ct")]) == 0
+    assert main(["eval", "--model", str(tmp_path / "artifact"), *common, "--out", str(tmp_path / "a.json")]) == 0
+    capsys.readouterr()
+    assert main(["eval", "--model", str(tmp_path / "ct"), *common, "--out", str(tmp_path / "ct.json")]) == 0
+    printed = capsys.readouterr().out
+    assert "compressed-tensors export: evaluated behind its fp prefix KV (1 tokens" in printed, printed
+    assert "transforms R1, R2, R4 (R4 online)" in printed, printed
+    artifact, exported = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("a", "ct"))
+    assert exported["context_cached"] and exported["context_ids"] == artifact["context_ids"]
+    assert exported["tokens"] == artifact["tokens"]
+    assert abs(exported["ppl"] / artifact["ppl"] - 1) < 5e-3, (exported["ppl"], artifact["ppl"])

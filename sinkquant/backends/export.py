@@ -5,7 +5,9 @@ The layout is produced by the `compressed-tensors` package itself (the path llm-
 with sinkquant's own integer grids: each quantized Linear's weight is the dequantized QuantizedWeight (which the
 compressor rounds back to the same integers), `weight_scale` / `weight_zero_point` and `input_scale` /
 `input_zero_point` are sinkquant's. Layers left in floating point (and lm_head) are `ignore`d; exception layers
-of a W8A8 model (weight-only) become a second, weight-only config group.
+of a W8A8 model (weight-only) become a second, weight-only config group. A rotated model's rotations become the
+config's transform_config (sinkquant.backends.transforms: fused ones described, the online Hadamard before
+down_proj stored and applied at load).
 
 The fp prefix KV has no place in the format: it is written beside the model as `prefix_kv.safetensors`
 (`layers.{i}.keys` / `layers.{i}.values`, [1, kv_heads, prefix_len, head_dim]) with its token ids in
@@ -37,6 +39,7 @@ from sinkquant.artifacts import (
     verify_digests,
 )
 from sinkquant.backends.native import NativeLinear, convert_to_native
+from sinkquant.backends.transforms import attach_online, expected_rotation, rotation_refusals, transform_config
 from sinkquant.engine.backends import BACKENDS
 from sinkquant.errors import SinkquantError
 from sinkquant.perplexity import Prefix
@@ -44,6 +47,7 @@ from sinkquant.quant.qweight import QuantizedWeight
 
 if TYPE_CHECKING:
     from sinkquant.engine.apply import QuantizedModel
+    from sinkquant.recipes.schema import Recipe
 
 FORMATS = ("compressed-tensors", "onnx")
 PREFIX_KV = "prefix_kv.safetensors"
@@ -137,9 +141,10 @@ def _fill_parameters(module: nn.Module, layer: NativeLinear) -> None:
 
 def export_compressed_tensors(
     model: nn.Module, tokenizer: Any, out: str | os.PathLike, prefix: Prefix | None = None,
-    overwrite: bool = False, provenance: dict[str, Any] | None = None,
+    overwrite: bool = False, provenance: dict[str, Any] | None = None, rotation: dict[str, Any] | None = None,
 ) -> Path:
-    """Write `model` (its quantized layers NativeLinear) as a compressed-tensors folder, atomically."""
+    """Write `model` (its quantized layers NativeLinear) as a compressed-tensors folder, atomically; `rotation`
+    (the rotate step's record) becomes its transform_config (sinkquant.backends.transforms)."""
     from compressed_tensors.compressors import ModelCompressor
     from compressed_tensors.quantization import apply_quantization_config
 
@@ -152,6 +157,7 @@ def export_compressed_tensors(
     if len({layer.bits for layer in layers.values()}) > 1:
         raise SinkquantError("mixed 4- and 8-bit weights cannot be exported in one compressed-tensors format "
                              "(one format per model: int-quantized or pack-quantized)")
+    transforms, matrices = transform_config(model, rotation) if rotation else (None, {})
     plain = copy.deepcopy(model)
     for name, layer in layers.items():
         linear = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None)
@@ -168,6 +174,8 @@ def export_compressed_tensors(
     apply_quantization_config(plain, config, show_progress=False)
     for name, layer in layers.items():
         _fill_parameters(plain.get_submodule(name), layer)
+    if transforms is not None:
+        attach_online(plain, transforms, matrices)
     compressor = ModelCompressor.from_pretrained_model(plain)
     compressor.compress_model(plain)
     with atomic_dir(out, overwrite=overwrite) as tmp:
@@ -185,14 +193,45 @@ def export_compressed_tensors(
     return Path(out)
 
 
-def _online_rotation_parts(record: dict[str, Any] | None) -> list[str]:
-    """What a rotation left outside the weights: online transforms and module changes a plain model lacks. The
-    Q/K rotation is not listed: without KV quantization (refused above) it leaves Q K^T unchanged."""
-    if record is None:
-        return []
-    parts = {"down_proj": "online Hadamard before down_proj", "centered": "LayerNorms turned into RMS norms",
-             "post_norm_online": "online rotation after the post-norms", "lm_head_bias": "lm_head bias"}
-    return [text for key, text in parts.items() if record.get(key)]
+def compressed_tensors_refusals(recipe: Recipe, model: nn.Module | None = None) -> list[str]:
+    """The parts of a recipe compressed-tensors (as vLLM runs it) cannot express, one line each naming the part
+    (empty: exportable), decided before quantizing; with `model`, its rotation too. Kept positions outside the
+    prefix and mixed bit widths are checked at export, on the quantized layers."""
+    refusals: list[str] = []
+    if not BACKENDS[recipe.backend].runs_recipes:
+        refusals.append(f"backend {recipe.backend!r}: a peer library's quantization has no sinkquant integers to "
+                        "export (valid: 'simulated' or 'native')")
+    scheme = recipe.scheme
+    weights, acts = scheme.weights, scheme.activations
+    if weights is None:
+        refusals.append("scheme.weights missing: compressed-tensors stores quantized weights (valid: 4 or 8 bits)")
+    elif acts is None and (weights.bits not in (4, 8) or not weights.symmetric):
+        refusals.append(f"scheme.weights bits={weights.bits} symmetric={weights.symmetric}: weight-only layers "
+                        "export as symmetric 4- or 8-bit (pack-quantized asymmetric zero points do not load)")
+    if acts is not None and acts.mode == "dynamic-tensor":
+        refusals.append("scheme.activations.mode='dynamic-tensor': vLLM's int8 kernels take static per-tensor or "
+                        "dynamic per-token scales (valid: 'static', 'dynamic-token')")
+    w8a8 = acts is not None and weights is not None and acts.bits == weights.bits == 8
+    if acts is not None and weights is not None and not w8a8:
+        refusals.append(f"W{weights.bits}A{acts.bits}: compressed-tensors' integer W*A* formats that vLLM runs are "
+                        "W8A8 int8 (valid: W8A8, W8A16, W4A16 group)")
+    if w8a8 and (not weights.symmetric or weights.granularity == "group"):
+        refusals.append("W8A8 with asymmetric or group-wise weights: vLLM's int8 W8A8 kernels take symmetric "
+                        "per-tensor or per-channel weights")
+    if scheme.kv is not None:
+        refusals.append("scheme.kv: its kv_cache_scheme has static per-tensor scales, sinkquant's KV is quantized "
+                        "per token at run time (valid: no kv)")
+    for step in recipe.steps:
+        if step.name == "act":
+            refusals.append("step 'act': its calibrated attention (scaling hidden sinks at run time) has no "
+                            "compressed-tensors form")
+        if step.name == "keep_sink" and acts is not None and not any(s.name == "prefix" for s in recipe.steps):
+            refusals.append("step 'keep_sink': compressed-tensors has no per-token full precision; only positions "
+                            "inside the fp prefix (a prefix step) are expressible")
+        if step.name == "rotate" and model is not None:
+            refusals.extend(f"step 'rotate': {reason}" for reason in
+                            rotation_refusals(expected_rotation(model, step.config)))
+    return refusals
 
 
 def export(quantized: QuantizedModel, out: str | os.PathLike, format: str = "compressed-tensors",
@@ -206,24 +245,18 @@ def export(quantized: QuantizedModel, out: str | os.PathLike, format: str = "com
 
         return export_onnx(quantized, out, overwrite=overwrite)
     recipe = quantized.recipe
-    if not BACKENDS[recipe.backend].runs_recipes:
-        raise SinkquantError(f"backend {recipe.backend!r} quantizes by a peer library's rules and cannot be exported "
-                             "to compressed-tensors; valid: recipes with backend 'simulated' or 'native'")
-    if recipe.scheme.kv is not None:
-        raise SinkquantError("scheme.kv cannot be exported to compressed-tensors: its kv_cache_scheme has static "
-                             "per-tensor scales, sinkquant's KV is quantized per token at run time")
-    online = _online_rotation_parts(quantized.step_record("rotate"))
-    if online:
-        raise SinkquantError(f"the rotate step's {', '.join(online)} cannot be expressed in compressed-tensors (a "
-                             "runtime would load the weights without them); valid: rotate with down_proj: false on "
-                             "a model with RMS norms and no post-norms (rotations fused into the weights only)")
+    rotation = quantized.step_record("rotate")
+    refusals = [*compressed_tensors_refusals(recipe), *(f"step 'rotate': {r}" for r in rotation_refusals(rotation))]
+    if refusals:
+        raise SinkquantError(f"recipe {recipe.name!r} cannot be exported to compressed-tensors: {'; '.join(refusals)}")
     model = quantized.model
     if any(isinstance(getattr(m, "qweight", None), QuantizedWeight) for m in model.modules()):
         model = copy.deepcopy(model)  # simulated layers: convert a copy, the same integers and scales
         convert_to_native(model)
     return export_compressed_tensors(model, quantized.base.tokenizer, out, prefix=quantized.prefix,
                                      overwrite=overwrite, provenance={"recipe": recipe.resolved(),
-                                                                      "model": quantized.base.spec})
+                                                                      "model": quantized.base.spec},
+                                     rotation=rotation)
 
 
 def _write_prefix(folder: Path, prefix: Prefix) -> dict[str, str]:
@@ -241,6 +274,19 @@ def _write_prefix(folder: Path, prefix: Prefix) -> dict[str, str]:
                  "model.generate(<prefix ids + prompt ids>, past_key_values=cache)",
     })
     return {name: sha256_file(folder / name) for name in (PREFIX_KV, PREFIX_META)}
+
+def export_manifest(folder: str | os.PathLike) -> dict[str, Any] | None:
+    """The manifest of a folder written by `export`, None for any other folder."""
+    path = Path(folder) / MANIFEST
+    if not path.is_file():
+        return None
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise SinkquantError(f"{path} is not valid JSON ({exc.msg}, line {exc.lineno}); re-export the folder") from exc
+    if not isinstance(manifest, dict):
+        raise SinkquantError(f"{path} is not a JSON object; re-export the folder")
+    return manifest
 
 
 def load_prefix_cache(folder: str | os.PathLike, config: Any) -> tuple[list[int], DynamicCache]:

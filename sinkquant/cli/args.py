@@ -128,9 +128,13 @@ def add_auto_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-exceptions", type=int, default=None,
                         help="--recipe auto: the most Linear inputs it may keep in full precision while the budget "
                              "is unmet (default 32; 0: none); each one runs its GEMM on float activations")
+    parser.add_argument("--target", default=None,
+                        help="--recipe auto: the runtime the result must run on; the search tries only what it "
+                             "executes: native (default: sinkquant's int8 kernels, a native artifact), "
+                             "compressed-tensors (vLLM), onnx (ONNX Runtime) or simulated (research, any scheme)")
 
 
-AUTO_FLAGS = ("scheme", "budget", "max_exceptions")  # what only `--recipe auto` reads
+AUTO_FLAGS = ("scheme", "budget", "max_exceptions", "target")  # what only `--recipe auto` reads
 
 
 def check_auto_args(args: argparse.Namespace, auto: bool = True) -> None:
@@ -152,8 +156,12 @@ def check_auto_args(args: argparse.Namespace, auto: bool = True) -> None:
             raise SinkquantError(f"--{given.replace('_', '-')} only applies to --recipe auto; a recipe file sets "
                                  "its own scheme and steps: leave the flag out")
         return
+    from sinkquant.engine.targets import DEFAULT_TARGET, check_target
+
     args.scheme = args.scheme or "w8a8-static"
     base_scheme(args.scheme)
+    args.target = args.target or DEFAULT_TARGET
+    check_target(args.target, args.scheme)
     args.budget = check_budget(DEFAULT_BUDGET if args.budget is None else args.budget)
     args.max_exceptions = check_max_exceptions(DEFAULT_MAX_EXCEPTIONS if args.max_exceptions is None
                                                else args.max_exceptions)
@@ -183,7 +191,8 @@ def auto_recipe_file(args: argparse.Namespace, loaded: LoadedModel, stream: Toke
 
     recipe, trace = auto_recipe(loaded, stream, scheme=args.scheme, ctx=args.ctx,
                                 calib_windows=getattr(args, "calib_windows", None) or AUTO_CALIB_WINDOWS,
-                                budget=args.budget, max_exceptions=args.max_exceptions, progress=not args.quiet)
+                                budget=args.budget, max_exceptions=args.max_exceptions, progress=not args.quiet,
+                                target=args.target)
     path, _ = write_auto_recipe(recipe, trace, Path(folder) / f"auto-{args.scheme}.yaml")
     print(f"sinkquant: --recipe auto chose {[s.name for s in recipe.steps]}; wrote "
           f"{Path(shown) / path.name if shown else path} and its trace", file=sys.stderr)

@@ -32,6 +32,8 @@ def run(args: argparse.Namespace) -> None:
         result, loaded = _evaluate_artifact(args)
     elif is_onnx_export(args.model):
         result, loaded = _evaluate_onnx(args)
+    elif (manifest := _export_manifest(args.model)) is not None:
+        result, loaded = _evaluate_export(args, manifest)
     else:
         loaded, stream = load_inputs(args)
         plan = plan_windows(stream, args.ctx, max_windows(args))
@@ -59,6 +61,42 @@ def _evaluate_artifact(args: argparse.Namespace):
     stream = tokenize(text, quantized.base.tokenizer)
     plan = plan_windows(stream, args.ctx, max_windows(args), calib_windows=quantized.recipe.calibration.windows)
     return quantized.evaluate(stream, plan, bos=args.bos, progress=not args.quiet), quantized.base
+
+
+def _export_manifest(model: str) -> dict | None:
+    from sinkquant.backends.export import export_manifest
+
+    return export_manifest(model) if Path(model).is_dir() else None
+
+
+def _evaluate_export(args: argparse.Namespace, manifest: dict):
+    """A folder written by `sinkquant export` runs as its runtime runs it (transformers + compressed-tensors, its
+    online transforms attached) behind its sidecar fp prefix KV, the tokens after the prefix only; its recipe's
+    calibration windows stay out of the evaluation windows, as for the artifact it came from."""
+    from sinkquant.backends.export import PREFIX_KV, load_prefix_cache
+    from sinkquant.data import plan_windows
+    from sinkquant.perplexity import Prefix, evaluate
+
+    loaded, stream = load_inputs(args)
+    prefix = None
+    if manifest.get("prefix_ids"):
+        ids, cache = load_prefix_cache(args.model, loaded.model.config)
+        prefix = Prefix(ids=ids, cache=cache)
+    calib = (manifest.get("recipe") or {}).get("calibration", {}).get("windows", 0)
+    plan = plan_windows(stream, args.ctx, max_windows(args), calib_windows=calib)
+    transforms = getattr(loaded.model, "transform_config", None)
+    groups = transforms.config_groups if transforms is not None else {}
+    online = [name for name, scheme in groups.items() if any(a.is_online() for a in scheme.apply)]
+    said = [f"evaluated behind its fp prefix KV ({len(prefix.ids)} tokens {prefix.ids} from {PREFIX_KV})"
+            if prefix is not None else "no prefix KV beside it"]
+    if prefix is not None and args.bos != "never":
+        said.append(f"--bos {args.bos} overridden (the prefix decides whether BOS is there)")
+    if groups:
+        said.append(f"transforms {', '.join(groups)} ({', '.join(online) or 'none'} online)")
+    print(f"sinkquant eval: {args.model} is a {manifest.get('format')} export: {'; '.join(said)}")
+    result = evaluate(loaded, stream, plan, bos=args.bos if prefix is None else "never", prefix=prefix,
+                      progress=not args.quiet, batch_size=args.batch_size)
+    return result, loaded
 
 
 def _evaluate_onnx(args: argparse.Namespace):

@@ -40,6 +40,7 @@ def run(args: argparse.Namespace) -> None:
 
     from sinkquant.data import plan_windows
     from sinkquant.engine import apply_recipe, save
+    from sinkquant.engine.targets import TARGETS
     from sinkquant.recipes import load_recipe
     from sinkquant.tables import print_table
 
@@ -63,16 +64,24 @@ def run(args: argparse.Namespace) -> None:
                                                              args.bos)):
         overrides.append(bos)
     result = quantized.evaluate(stream, plan, bos=args.bos, progress=not args.quiet)
-    save(quantized, args.out, overwrite=args.overwrite, attachments=attachments,
-         extra={"perplexity": result.to_dict(), "overrides": overrides,
-                "run": {"device": args.device, "dtype": args.dtype, "calib_windows": recipe.calibration.windows}})
+    export_format = TARGETS[args.target].export_format if auto else None
+    if export_format is not None:  # --target compressed-tensors / onnx: that runtime's folder is the artifact
+        from sinkquant.backends.export import export
+
+        export(quantized, args.out, format=export_format, overwrite=args.overwrite)
+    else:
+        save(quantized, args.out, overwrite=args.overwrite, attachments=attachments,
+             extra={"perplexity": result.to_dict(), "overrides": overrides,
+                    "run": {"device": args.device, "dtype": args.dtype, "calib_windows": recipe.calibration.windows}})
     print_table(
         f"{recipe.name} on {loaded.spec}",
         ["recipe", "backend", "prefix", "ctx", "windows", "perplexity", "quantize s", "eval s"],
         [[recipe.name, recipe.backend, quantized.prefix_tokens or "-", result.ctx, result.windows, f"{result.ppl:.4f}",
           f"{quantized.record['seconds']:.1f}", f"{result.seconds:.1f}"]],
     )
-    print(f"wrote {args.out}")
+    print(f"wrote {args.out}" + (f" ({export_format} export; the perplexity above is the native backend's, the "
+                                 f"same integers: sinkquant eval --model {args.out} runs the export itself)"
+                                 if export_format else ""))
 
 
 def refuse_auto_at_scale(args: argparse.Namespace) -> None:

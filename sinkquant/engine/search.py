@@ -58,6 +58,7 @@ from sinkquant.engine.search_space import (  # BASE_SCHEMES re-exported: the sea
     check_max_exceptions,
 )
 from sinkquant.engine.session import Session
+from sinkquant.engine.targets import check_target
 from sinkquant.errors import SinkquantError
 from sinkquant.models import LoadedModel
 from sinkquant.perplexity import Prefix
@@ -138,9 +139,10 @@ def improvement_z(candidate: torch.Tensor, best: torch.Tensor, block: int = NOIS
 
 
 def _recipe(name: str, description: str, steps: list[dict[str, Any]], scheme: dict[str, Any], windows: int,
-            ctx: int) -> Recipe:
-    return parse_recipe({"name": name, "description": description, "steps": steps, "scheme": scheme,
-                         "calibration": {"windows": windows, "ctx": ctx}}, f"auto recipe {name}")
+            ctx: int, backend: str = "simulated") -> Recipe:
+    return parse_recipe({"name": name, "description": description, "backend": backend, "steps": steps,
+                         "scheme": scheme, "calibration": {"windows": windows, "ctx": ctx}}, f"auto recipe {name}")
+
 
 
 def _prefix_step(loaded: LoadedModel, ids: list[int]) -> dict[str, Any]:
@@ -214,8 +216,10 @@ class _Search:
     """Candidates, their objective values and seconds, and the best so far."""
 
     def __init__(self, loaded: LoadedModel, stream: TokenStream, base: BaseScheme, ctx: int, search_windows: int,
-                 objective: Objective, report: dict[str, Any] | None, progress: bool) -> None:
+                 objective: Objective, report: dict[str, Any] | None, progress: bool,
+                 refuse: Callable[[Recipe], list[str]] | None = None) -> None:
         self.loaded, self.stream, self.base, self.ctx = loaded, stream, base, ctx
+        self.refuse = refuse or (lambda _recipe: [])  # what the target runtime cannot run: never tried
         self.search_windows, self.objective, self.report = search_windows, objective, report
         self.calibration = stream.windows(ctx, list(plan_windows(stream, ctx, 1, search_windows).calib_windows))
         self.candidates: list[dict[str, Any]] = []
@@ -249,15 +253,27 @@ class _Search:
         """The new best and its per-token KL, which later candidates are paired against."""
         self.best, self.best_tokens = best, tokens
 
+    def refused(self, stage: str, what: dict[str, Any], steps: list[dict[str, Any]],
+                scheme: dict[str, Any] | None = None) -> bool:
+        """A candidate the target cannot run is logged with the reasons (`refused`) and never quantized."""
+        recipe = _recipe(f"search-{len(self.candidates)}", "auto recipe candidate", steps,
+                         scheme or self.base.scheme, self.search_windows, self.ctx)
+        reasons = self.refuse(recipe)
+        if reasons:
+            self.candidates.append({"stage": stage, **what, "refused": reasons})
+        return bool(reasons)
+
     def calibrated(self, stage: str, steps: list[dict[str, Any]], scheme: dict[str, Any] | None = None) -> bool:
         """Quantize and calibrate a candidate on the search windows (the base scheme unless `scheme` is given);
         keep it if it beats the best so far beyond the objective's noise."""
         start = time.perf_counter()
+        what = {"steps": steps} if scheme is None else {"steps": steps, "scheme": scheme}
+        if self.refused(stage, what, steps, scheme):
+            return False
         recipe = _recipe(f"search-{len(self.candidates)}", "auto recipe candidate", steps,
                          scheme or self.base.scheme, self.search_windows, self.ctx)
         quantized = apply_recipe(self.loaded, recipe, self.stream, self.ctx, profile_report=self.report, copy=True,
                                  memo=self.memo)
-        what = {"steps": steps} if scheme is None else {"steps": steps, "scheme": scheme}
         measured = self.objective.measure(quantized.model, quantized.prefix)
         entry = self.record(stage, what, measured, start)
         if not self.beats(entry):
@@ -287,10 +303,13 @@ def _budget_met(stage: str, before: float, budget: float, ablation: list[dict[st
 def auto_recipe(
     loaded: LoadedModel, stream: TokenStream, scheme: str = "w8a8-static", ctx: int = 512, calib_windows: int = 8,
     budget: float = DEFAULT_BUDGET, progress: bool = True, *, max_exceptions: int = DEFAULT_MAX_EXCEPTIONS,
-    score_windows: int = SCORE_WINDOWS, search_windows: int = SEARCH_WINDOWS,
+    score_windows: int = SCORE_WINDOWS, search_windows: int = SEARCH_WINDOWS, target: str = "simulated",
 ) -> tuple[Recipe, dict[str, Any]]:
     """Search a recipe for `loaded` on calibration windows only; returns it with the trace of what was tried.
-    The loaded model is left untouched (every candidate works on a copy)."""
+    The loaded model is left untouched (every candidate works on a copy). Only candidates that `target`
+    (sinkquant.engine.targets) runs are tried; the chosen recipe names the target's backend. The CLI's default
+    target is native; this function's stays simulated, the search's research setting."""
+    chosen = check_target(target, scheme)
     base, budget = base_scheme(scheme), check_budget(budget)
     max_exceptions = check_max_exceptions(max_exceptions)
     final_windows = check_calib_windows(calib_windows, score_windows, search_windows) - score_windows
@@ -301,7 +320,8 @@ def auto_recipe(
     search_ids = region[-search_windows:]
     search_sample = stream.windows(ctx, search_ids)
     report = _profile(loaded, search_sample)
-    search = _Search(loaded, stream, base, ctx, search_windows, objective, report, progress)
+    search = _Search(loaded, stream, base, ctx, search_windows, objective, report, progress,
+                     refuse=lambda recipe: chosen.refusals(recipe, loaded.model))
     ablation: list[dict[str, Any]] = []
 
     try:
@@ -330,9 +350,10 @@ def auto_recipe(
     kept = [s["step"] for s in ablation if s["kept"]] or ["none"]
     recipe = _recipe(f"auto-{scheme}", f"Searched by --recipe auto for {loaded.spec} on calibration data "
                      f"(kept: {', '.join(kept)}); see the trace beside this file.", _steps(search),
-                     best["scheme"], final_windows, ctx)
+                     best["scheme"], final_windows, ctx, backend=chosen.backend)
     trace = {
-        "scheme": scheme, "model": loaded.spec, "data_sha256": stream.text_sha256, "ctx": ctx, "budget": budget,
+        "scheme": scheme, "target": target, "model": loaded.spec, "data_sha256": stream.text_sha256, "ctx": ctx,
+        "budget": budget,
         "max_exceptions": max_exceptions,
         "objective": OBJECTIVE,
         "windows": {"score": region[:score_windows], "search_calibration": search_ids,
@@ -417,7 +438,7 @@ def _alpha_walk(search: _Search, ablation: list[dict[str, Any]]) -> None:
 
     def attempt(alpha: float) -> float:
         search.calibrated("alpha", [*steps, {"smooth": {"alpha": alpha}}, *tail])
-        tried[alpha] = search.candidates[-1]["objective"]
+        tried[alpha] = search.candidates[-1].get("objective", math.inf)  # a refused candidate has none
         return tried[alpha]
 
     for direction in (sorted(a for a in alphas if a > alphas[0]), sorted((a for a in alphas if a < alphas[0]),
@@ -458,6 +479,9 @@ def _exceptions(search: _Search, budget: float, max_exceptions: int, ablation: l
     before = search.best["objective"]
     if _budget_met("exceptions", before, budget, ablation):
         return
+    if search.refused("exceptions", {}, [*_steps(search), {"exceptions": {"top": 1}}]):
+        ablation.append(_skipped("exceptions", before, "the target cannot run it"))
+        return
     layers = _quantized_layers(search.model)
     ranking = _exception_ranking(search.model, layers, search.calibration, search.objective.context)
     limit = min(int(MAX_SHARE * len(layers)), max_exceptions, len(ranking))
@@ -492,6 +516,9 @@ def _clip(search: _Search, budget: float, ablation: list[dict[str, Any]]) -> Non
     """Clipping on the calibrated best candidate; its scales are restored when clipping does not pay."""
     before, quantized, start = search.best["objective"], search.model, time.perf_counter()
     if _budget_met("clip", before, budget, ablation):
+        return
+    if search.refused("clip", {}, [*_steps(search), {"clip": search.base.clip.model_dump(mode="json")}]):
+        ablation.append(_skipped("clip", before, "the target cannot run it"))
         return
     layers = _quantized_layers(quantized)
     saved = {n: (m.act_scale, m.act_zero_point) for n, m in layers.items()}
