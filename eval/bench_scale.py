@@ -20,6 +20,7 @@ import argparse
 import json
 import os
 import resource
+import shlex
 import subprocess
 import sys
 import time
@@ -38,6 +39,15 @@ SHAPES: dict[str, dict[str, Any]] = {  # the public config.json values of each m
            "num_key_value_heads": 8, "head_dim": 128, "tie_word_embeddings": False, "rope_factor": 8.0},
 }
 NAMES = {"1b": "Llama-3.2-1B", "3b": "Llama-3.2-3B", "8b": "Llama-3.1-8B"}
+# Llama-3.1-70B's decoder layer, for the projection only (never measured here): hidden, intermediate, heads, kv heads
+LLAMA_70B = {"hidden_size": 8192, "intermediate_size": 28672, "num_hidden_layers": 80, "num_attention_heads": 64,
+             "num_key_value_heads": 8, "head_dim": 128}
+
+
+def layer_params(shape: dict[str, Any]) -> int:
+    """Weights of one decoder layer's Linears: what its calibration and quantization cost scales with."""
+    h, i, d = shape["hidden_size"], shape["intermediate_size"], shape["head_dim"]
+    return 2 * h * shape["num_attention_heads"] * d + 2 * h * shape["num_key_value_heads"] * d + 3 * h * i
 GPTQ = {"name": "w4a16-gptq-norotate", "description": "int4 group-64 GPTQ, no rotation",
         "scheme": {"weights": {"bits": 4, "granularity": "group", "group_size": 64, "gptq": {}}}}
 STATIC = REPO / "recipes/w8a8-prefix-smooth-except.yaml"
@@ -169,7 +179,18 @@ def main() -> None:
     p.add_argument("--worker", choices=["static", "gptq", "ppl-fp", "ppl-quant"], help=argparse.SUPPRESS)
     p.add_argument("--checkpoint", help=argparse.SUPPRESS)
     p.add_argument("--artifact", help=argparse.SUPPRESS)
+    p.add_argument("--render", action="store_true",
+                   help="rewrite the .md and .png from the .json of an earlier run (its command is kept)")
     args = p.parse_args()
+    if args.render:
+        measured = json.loads(args.out.with_suffix(".json").read_text())
+        command = measured.get("measured_by", measured["command"])
+        settings = p.parse_args(shlex.split(command)[2:])  # the measuring run's ctx and windows
+        body = table(measured["rows"], settings) + f"\n\nMeasured by: `{command}`"
+        write_result(args.out, "Streaming quantization cost against model size", body,
+                     {"rows": measured["rows"], "measured_by": command})
+        plot(measured["rows"], args.out.with_suffix(".png"))
+        return
     if args.worker:
         args.task = args.worker
         print(json.dumps(worker(args)))
@@ -204,13 +225,20 @@ def table(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
         lines.append(f"| {r['shape']} (random) | {r['recipe']} | {r['layers']} | {r['weight_bytes'] / 1e9:.2f} | "
                      f"{r['peak_rss_bytes'] / 1e9:.2f} | {r['rss_ratio']:.2f}x | {r['layer_seconds_mean']:.1f} | "
                      f"{r['seconds']:.0f} | {r['fp_ppl']:.1f} | {r['quant_ppl']:.1f} |")
-    per_layer = {r["recipe"]: r["layer_seconds_mean"] for r in rows if r["shape"] == rows[-1]["shape"]}
-    projection = ", ".join(f"{k}: {80 * v / 60:.0f} min" for k, v in per_layer.items())
+    largest = rows[-1]["shape"]
+    ratio = layer_params(LLAMA_70B) / layer_params(SHAPES[next(k for k, v in NAMES.items() if v == largest)])
+    layers = LLAMA_70B["num_hidden_layers"]
+    projection = "; ".join(
+        f"{r['recipe']}: pipeline {layers * r['layer_seconds_mean'] * ratio / 3600:.1f} h, whole run "
+        f"{r['seconds'] / r['layers'] * layers * ratio / 3600:.1f} h" for r in rows if r["shape"] == largest)
     return ("\n".join(lines) + f"\n\nctx {args.ctx}, {args.calib_windows} calibration windows, {args.windows} "
-            f"evaluation windows, threads {args.threads or torch.get_num_threads()}, machine shared with other jobs."
-            f"\nProjection (not measured) to Llama-3.1-70B's 80 layers, scaling the last shape's per-layer seconds "
-            f"by layer count only (a 70B layer is ~4x an 8B layer's weights, so multiply by ~4 for compute): "
-            f"{projection}.")
+            f"evaluation windows, threads {args.threads or torch.get_num_threads()}, machine shared with other jobs. "
+            "'s per layer': each decoder layer's turn in the quantization pipeline; 'total s' adds the whole-model "
+            "forwards before it (prefix selection with its profile and fp-loss checks, smoothing statistics), which "
+            "read every layer once per calibration window."
+            f"\n\nProjection to Llama-3.1-70B (not measured): {largest}'s seconds scaled by the ratio of decoder-layer "
+            f"weights ({ratio:.1f}x per layer) and by layer count (80), same ctx and windows, "
+            f"same machine: {projection}.")
 
 
 def plot(rows: list[dict[str, Any]], path: Path) -> None:
