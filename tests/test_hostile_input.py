@@ -184,6 +184,11 @@ def test_recipe_and_flag_refusals_come_before_torch(case, message, tmp_path) -> 
     assert not (tmp_path / "out").exists()
 
 
+def test_export_format_is_refused_before_torch(tmp_path) -> None:
+    err = refused_before_torch(["export", str(tmp_path / "art"), "--format", "gguf", "--out", str(tmp_path / "o")])
+    assert "--format 'gguf' is not valid; valid: compressed-tensors, onnx" in err
+
+
 def test_auto_flags_without_an_auto_recipe_are_refused_by_compare(tmp_path) -> None:
     err = refused_before_torch(["compare", "--recipes", NAIVE, "--budget", "0.01", "--out", str(tmp_path / "c")])
     assert "--budget only applies to --recipe auto" in err

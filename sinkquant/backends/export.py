@@ -38,6 +38,7 @@ from sinkquant.artifacts import (
     sha256_file,
     verify_digests,
 )
+from sinkquant.backends import FORMATS
 from sinkquant.backends.native import NativeLinear, convert_to_native
 from sinkquant.backends.transforms import attach_online, expected_rotation, rotation_refusals, transform_config
 from sinkquant.engine.backends import BACKENDS
@@ -49,7 +50,6 @@ if TYPE_CHECKING:
     from sinkquant.engine.apply import QuantizedModel
     from sinkquant.recipes.schema import Recipe
 
-FORMATS = ("compressed-tensors", "onnx")
 PREFIX_KV = "prefix_kv.safetensors"
 PREFIX_META = "prefix.json"
 MANIFEST = "sinkquant_export.json"

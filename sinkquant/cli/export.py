@@ -9,8 +9,14 @@ from sinkquant.cli.args import add_output_args
 
 
 def check(args: argparse.Namespace) -> None:
-    """Before torch: the artifact is one, and --out may be written (never the artifact or a folder holding it)."""
+    """Before torch: the format is one, the artifact is one, and --out may be written (never the artifact or a
+    folder holding it)."""
     from sinkquant.artifacts import ARTIFACT_MANIFEST, check_output_dir, read_manifest
+    from sinkquant.backends import FORMATS
+    from sinkquant.errors import SinkquantError
+
+    if args.format not in FORMATS:
+        raise SinkquantError(f"--format {args.format!r} is not valid; valid: {', '.join(FORMATS)}")
 
     read_manifest(args.artifact, ARTIFACT_MANIFEST, "it is not a sinkquant artifact; write one with `sinkquant "
                   "quantize`")
@@ -19,12 +25,9 @@ def check(args: argparse.Namespace) -> None:
 
 def run(args: argparse.Namespace) -> None:
     from sinkquant.artifacts import check_output_dir
-    from sinkquant.backends.export import FORMATS, export
+    from sinkquant.backends.export import export
     from sinkquant.engine import load
-    from sinkquant.errors import SinkquantError
 
-    if args.format not in FORMATS:
-        raise SinkquantError(f"--format {args.format!r} is not valid; valid: {', '.join(FORMATS)}")
     check_output_dir(args.out, args.overwrite, reads=(args.artifact,))
     quantized = load(args.artifact, verify=not args.no_verify)
     folder = export(quantized, args.out, format=args.format, overwrite=args.overwrite)

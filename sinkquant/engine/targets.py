@@ -50,23 +50,6 @@ class Target:
     export_format: str | None  # None: a sinkquant artifact; else `sinkquant.backends.export.export`'s format
     refusals: Callable[[Recipe, nn.Module | None], list[str]]  # what the runtime cannot run, by part
 
-    def check_available(self) -> None:
-        """Refuse a target whose exporter is not in this build (one line, before any model loads)."""
-        if self.export_format is None:
-            return
-        from sinkquant.backends.export import FORMATS
-
-        if self.export_format not in FORMATS:
-            raise SinkquantError(f"--target {self.name}: this build has no {self.export_format} exporter yet; "
-                                 f"valid: {', '.join(t for t, v in TARGETS.items() if v.usable())}")
-
-    def usable(self) -> bool:
-        try:
-            self.check_available()
-        except SinkquantError:
-            return False
-        return True
-
 
 TARGETS: dict[str, Target] = {
     "native": Target("native", "native", None, _native),
@@ -78,8 +61,8 @@ DEFAULT_TARGET = "native"
 
 
 def check_target(name: str, scheme: str) -> Target:
-    """The target named `name`, refused in one line (before any model loads) where the name is not one, this
-    build has no exporter for it, or its runtime cannot run the base scheme `scheme` at all."""
+    """The target named `name`, refused in one line (before any model loads) where the name is not one or its
+    runtime cannot run the base scheme `scheme` at all."""
     from sinkquant.engine.search_space import base_scheme
     from sinkquant.recipes.schema import parse_recipe
 
@@ -87,7 +70,6 @@ def check_target(name: str, scheme: str) -> Target:
         raise SinkquantError(f"--target {name!r} is not valid; valid: {', '.join(TARGETS)} (default "
                              f"{DEFAULT_TARGET})")
     chosen = TARGETS[name]
-    chosen.check_available()
     base = parse_recipe({"name": f"auto-{scheme}", "description": "base scheme", "scheme": base_scheme(scheme).scheme},
                         f"base scheme {scheme}")
     reasons = chosen.refusals(base, None)
