@@ -133,14 +133,17 @@ def main() -> None:
     p.add_argument("--recipe", type=Path, default=REPO / RECIPE)
     p.add_argument("--peers", default=",".join(DEFAULT_PEERS),
                    help=f"ONNX Runtime quantizations to add, comma-separated, of {', '.join(PEERS)}")
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=3, help="speed rounds; 0: perplexity only")
+    p.add_argument("--peer-calib-windows", type=int, default=None,
+                   help="calibrate ONNX Runtime's static peers on only the first N of the recipe's calibration "
+                        "windows (each window's calibration pass needs its memory; default: all)")
     p.add_argument("--new-tokens", type=int, default=64)
     p.set_defaults(threads=2)
     args = p.parse_args()
     loaded, stream = setup(args)
     recipe = load_recipe(args.recipe)
     plan = plan_windows(stream, ctx=args.ctx, max_windows=args.windows, calib_windows=recipe.calibration.windows)
-    calibration = [stream.windows(args.ctx, [i]) for i in plan.calib_windows]
+    calibration = [stream.windows(args.ctx, [i]) for i in plan.calib_windows][:args.peer_calib_windows]
     peers = [p for p in args.peers.split(",") if p]
     rows: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory(prefix="sinkquant-bench-onnx-") as tmp_name:
@@ -186,19 +189,20 @@ def main() -> None:
                 past = prefix_past(row_prefix)
                 timings[name]["prefill"].append(onnx_prefill(model.model, window.numpy(), past))
                 timings[name]["decode"].append(onnx_decode(model.model, window.numpy(), past, args.new_tokens))
-        for name, times in timings.items():
+        for name, times in timings.items() if args.repeats else ():
             rows[name]["prefill_tokens_per_s"] = args.ctx / statistics.median(times["prefill"])
             rows[name]["decode_tokens_per_s"] = args.new_tokens / statistics.median(times["decode"])
-    report(args, rows, plan, stream)
+    report(args, rows, plan, stream, len(calibration))
 
 
-def report(args, rows: dict[str, dict[str, Any]], plan, stream: TokenStream) -> None:
+def report(args, rows: dict[str, dict[str, Any]], plan, stream: TokenStream, peer_calib: int) -> None:
     fp32, ort32 = rows["torch fp32"], rows["ORT fp32"]
     native, ours = rows["sinkquant native (torch)"], rows["sinkquant ONNX (ORT)"]
     table = []
     for name, row in rows.items():
         table.append([name, f"{row['ppl']:.4f}", f"{100 * (row['ppl'] / fp32['ppl'] - 1):+.1f}%",
-                      f"{row['prefill_tokens_per_s']:.0f}", f"{row['decode_tokens_per_s']:.1f}",
+                      f"{row.get('prefill_tokens_per_s', float('nan')):.0f}",
+                      f"{row.get('decode_tokens_per_s', float('nan')):.1f}",
                       ", ".join(f"{op} {n}" for op, n in row.get("kernels", {}).items()) or "torch"])
     vs_native = 100 * (ours["ppl"] / native["ppl"] - 1)
     vs_native64 = 100 * (ours["ppl"] / native["ppl_float64"] - 1)
@@ -207,6 +211,8 @@ def report(args, rows: dict[str, dict[str, Any]], plan, stream: TokenStream) -> 
         (abs(vs_native64) <= GOAL_PPL or abs(vs_native) <= GOAL_PPL,
          f"perplexity: ONNX export vs native {vs_native:+.2f}%, vs native in float64 {vs_native64:+.2f}% (native "
          f"float32 vs float64: {native_spread:+.2f}%, the float-rounding spread); goal within {GOAL_PPL}%"),
+    ]
+    checks += [] if not args.repeats else [
         (ours["prefill_tokens_per_s"] >= GOAL_PREFILL_TORCH * fp32["prefill_tokens_per_s"],
          f"prefill: ONNX export {ours['prefill_tokens_per_s'] / fp32['prefill_tokens_per_s']:.2f}x torch fp32 "
          f"(goal {GOAL_PREFILL_TORCH}x)"),
@@ -219,10 +225,11 @@ def report(args, rows: dict[str, dict[str, Any]], plan, stream: TokenStream) -> 
     ]
     body = (f"{args.model}, WikiText-2 test, ctx {args.ctx}, first {len(plan.eval_windows)} windows, no BOS (the "
             f"sinkquant rows bring their fp prefix); calibration: the recipe's {len(plan.calib_windows)} windows from "
-            f"the end of the text for every quantized row. Speed: batch 1, prefill of {args.ctx} tokens (last "
+            f"the end of the text for the sinkquant rows, the first {peer_calib} of them for ONNX Runtime's static "
+            f"rows. Speed: batch 1, prefill of {args.ctx} tokens (last "
             f"logits), decode of {args.new_tokens} tokens after it, {args.threads} threads for torch and ONNX "
             f"Runtime, median of {args.repeats} interleaved rounds on a machine shared with other jobs (ratios "
-            "between rows of one run are what counts).\n\n"
+            "between rows of one run are what counts; not measured: nan, with --repeats 0).\n\n"
             + markdown_table(["row", "perplexity", "vs fp32", "prefill tok/s", "decode tok/s",
                               "ONNX Runtime kernels (optimized graph)"], table)
             + "\n\n" + "\n".join(f"- {'PASS' if ok else 'MISS'}: {text}" for ok, text in checks))
