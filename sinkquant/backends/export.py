@@ -41,7 +41,7 @@ from sinkquant.artifacts import (
 from sinkquant.backends import FORMATS
 from sinkquant.backends.native import NativeLinear, convert_to_native
 from sinkquant.backends.transforms import attach_online, expected_rotation, rotation_refusals, transform_config
-from sinkquant.engine.backends import BACKENDS
+from sinkquant.engine.backends import export_refusals
 from sinkquant.errors import SinkquantError
 from sinkquant.perplexity import Prefix
 from sinkquant.quant.qweight import QuantizedWeight
@@ -197,10 +197,7 @@ def compressed_tensors_refusals(recipe: Recipe, model: nn.Module | None = None) 
     """The parts of a recipe compressed-tensors (as vLLM runs it) cannot express, one line each naming the part
     (empty: exportable), decided before quantizing; with `model`, its rotation too. Kept positions outside the
     prefix and mixed bit widths are checked at export, on the quantized layers."""
-    refusals: list[str] = []
-    if not BACKENDS[recipe.backend].runs_recipes:
-        refusals.append(f"backend {recipe.backend!r}: a peer library's quantization has no sinkquant integers to "
-                        "export (valid: 'simulated' or 'native')")
+    refusals = export_refusals(recipe.backend)
     scheme = recipe.scheme
     weights, acts = scheme.weights, scheme.activations
     if weights is None:

@@ -33,7 +33,7 @@ from torch import nn
 from sinkquant.adapters import adapter_for
 from sinkquant.artifacts import atomic_dir, atomic_write_json, file_digests, library_versions
 from sinkquant.backends.native import NativeLinear, convert_to_native
-from sinkquant.engine.backends import BACKENDS
+from sinkquant.engine.backends import export_refusals
 from sinkquant.errors import SinkquantError
 from sinkquant.quant.embeddings import int8_rows
 from sinkquant.quant.qweight import QuantizedWeight
@@ -68,10 +68,7 @@ def onnx_refusals(recipe: Recipe | dict[str, Any]) -> list[str]:
 
     if isinstance(recipe, dict):
         recipe = parse_recipe(recipe, "recipe")
-    refusals: list[str] = []
-    if not BACKENDS[recipe.backend].runs_recipes:
-        refusals.append(f"backend {recipe.backend!r}: a peer library's quantization has no sinkquant integers to "
-                        "export (valid: 'simulated' or 'native')")
+    refusals = export_refusals(recipe.backend)
     scheme = recipe.scheme
     weights, acts = scheme.weights, scheme.activations
     if weights is not None and weights.bits != 8:

@@ -67,3 +67,11 @@ BACKENDS: dict[str, Backend] = {
                       kv_cache=_int8_kv_cache),
     **{name: Backend(name, peer.description, peer=peer) for name, peer in PEERS.items()},
 }
+
+
+def export_refusals(backend: str) -> list[str]:
+    """Every export writes sinkquant's own integers and scales; a peer library's backend has none to write."""
+    if BACKENDS[backend].runs_recipes:
+        return []
+    return [f"backend {backend!r}: a peer library's quantization has no sinkquant integers to export (valid: "
+            "'simulated' or 'native')"]
