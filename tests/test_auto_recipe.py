@@ -29,7 +29,7 @@ from sinkquant.engine.search import (
 )
 from sinkquant.errors import SinkquantError
 from sinkquant.recipes import load_recipe, parse_recipe
-from tests.tiny import tiny_model
+from tests.tiny import tiny_folder, tiny_model
 
 CTX = 64
 # calib 3 = 1 scoring window + 2 calibrating ones, which the search also calibrates on: the trace's objective
@@ -295,10 +295,7 @@ def test_quantize_auto_writes_the_targets_artifact(smollm2, wikitext_path, tmp_p
     from sinkquant.cli import main
     from sinkquant.engine import load
 
-    model_dir = tmp_path / "model"
-    tiny = tiny_model("llama", smollm2.tokenizer)
-    tiny.model.save_pretrained(model_dir)
-    smollm2.tokenizer.save_pretrained(model_dir)
+    model_dir = tiny_folder("llama", smollm2.tokenizer, tmp_path / "model")
     text = tmp_path / "text.txt"
     text.write_text(wikitext_path.read_text()[:40000])
     common = ["--quiet", "--model", str(model_dir), "--data", str(text), "--ctx", "64", "--max-windows", "2",

@@ -24,7 +24,7 @@ from sinkquant.recipes.schema import check_recipe
 from sinkquant.regression import read_baseline
 from sinkquant.steps import SPECS, STEPS
 from tests.test_recipes_apply import tiny_artifact  # noqa: F401  (fixture)
-from tests.tiny import tiny_config, tiny_model
+from tests.tiny import tiny_config, tiny_folder, tiny_model
 
 REPO = Path(__file__).resolve().parent.parent
 W8A8 = {"weights": {"bits": 8}, "activations": {"bits": 8, "mode": "static"}}
@@ -378,10 +378,7 @@ def test_auto_recipe_and_trace_go_inside_the_artifact(smollm2, wikitext_path, tm
     the recipe and its trace are files of the artifact (listed, verified, and the recipe the artifact ran)."""
     from sinkquant.cli import main
 
-    model_dir = tmp_path / "model"
-    tiny = tiny_model("llama", smollm2.tokenizer)
-    tiny.model.save_pretrained(model_dir)
-    smollm2.tokenizer.save_pretrained(model_dir)
+    model_dir = tiny_folder("llama", smollm2.tokenizer, tmp_path / "model")
     text = tmp_path / "text.txt"
     text.write_text(wikitext_path.read_text()[:40000])
     (tmp_path / "auto-w8a8-static.yaml").write_text("mine")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from transformers import (
     Gemma3TextConfig,
@@ -47,3 +49,10 @@ ARCHS = ("llama", "qwen2", "gemma3", "gpt2", "opt", "gpt_neox")
 def tiny_model(arch: str, tokenizer) -> LoadedModel:
     torch.manual_seed(0)
     return random_model(tiny_config(arch), tokenizer, spec=f"tiny-{arch}")
+
+
+def tiny_folder(arch: str, tokenizer, folder: Path) -> Path:
+    """A tiny model of `arch` saved as a safetensors folder with its tokenizer, as `--model FOLDER` reads it."""
+    tiny_model(arch, tokenizer).model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
