@@ -13,9 +13,9 @@ from benchlib import REPO, parser, setup, write_result
 
 from sinkquant.data import plan_windows
 from sinkquant.engine import apply_recipe
-from sinkquant.engine.search import DEFAULT_BUDGET, DEFAULT_MAX_EXCEPTIONS, auto_recipe, write_auto_recipe
 from sinkquant.perplexity import evaluate
-from sinkquant.recipes import load_recipe
+from sinkquant.recipe import load_recipe
+from sinkquant.search.auto import DEFAULT_BUDGET, DEFAULT_MAX_EXCEPTIONS, auto_recipe, write_auto_recipe
 
 # Per base scheme: the fixed recipes beside auto, the fixed best last (its time and the search's are taken back to
 # back; the cost goal is a multiple of it).

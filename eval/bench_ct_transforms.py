@@ -26,13 +26,14 @@ import benchlib
 import yaml
 
 import sinkquant.backends.native as native_backend
-from sinkquant.backends.export import compressed_tensors_refusals, export, load_prefix_cache
+from sinkquant.backends.export import export
+from sinkquant.backends.export.compressed_tensors import compressed_tensors_refusals, load_prefix_cache
+from sinkquant.backends.registry import native_refusal
 from sinkquant.data import plan_windows
 from sinkquant.engine import apply_recipe
-from sinkquant.engine.backends import native_refusal
 from sinkquant.models import load_model
 from sinkquant.perplexity import Prefix, evaluate
-from sinkquant.recipes import parse_recipe
+from sinkquant.recipe import parse_recipe
 from sinkquant.tables import markdown_table
 
 GOAL = 0.3  # percent

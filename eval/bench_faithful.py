@@ -25,7 +25,7 @@ import yaml
 from sinkquant.data import TokenStream, WindowPlan, plan_windows
 from sinkquant.engine import QuantizedModel, apply_recipe
 from sinkquant.perplexity import evaluate
-from sinkquant.recipes import parse_recipe
+from sinkquant.recipe import parse_recipe
 from sinkquant.tables import markdown_table
 
 RECIPES = ("w8a8-prefix-smooth-except", "w8a16", "w8a8-dynamic-token")

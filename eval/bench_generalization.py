@@ -21,12 +21,12 @@ from typing import Any
 import benchlib
 import torch
 
-from sinkquant.artifacts import atomic_write_bytes, code_sha256, sha256_file
 from sinkquant.comparison import compare
 from sinkquant.data import Text, load_text, tokenize
-from sinkquant.engine.search import DEFAULT_MAX_EXCEPTIONS, auto_recipe, write_auto_recipe
+from sinkquant.io import atomic_write_bytes, code_sha256, sha256_file
 from sinkquant.models import load_model
-from sinkquant.recipes import load_recipe
+from sinkquant.recipe import load_recipe
+from sinkquant.search.auto import DEFAULT_MAX_EXCEPTIONS, auto_recipe, write_auto_recipe
 from sinkquant.tables import markdown_table
 from sinkquant.zoo import DEFAULT_MODEL, ZOO
 

@@ -112,7 +112,7 @@ def run_child(python: Path, model_dir: Path, windows_file: Path, variant: str) -
 
 def sinkquant_rows(loaded, stream, plan, ctx: int) -> dict[str, dict]:
     from sinkquant.engine import apply_recipe
-    from sinkquant.recipes import load_recipe
+    from sinkquant.recipe import load_recipe
 
     rows = {}
     for name, path in SINKQUANT.items():

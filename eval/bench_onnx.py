@@ -31,13 +31,13 @@ from bench_runtime import measure
 from benchlib import REPO, parser, setup, write_result
 
 from sinkquant.backends.export import export
-from sinkquant.backends.onnx_export import LOGITS_TO_KEEP, MODEL_FILE, build_graph, past_names, save_graph
-from sinkquant.backends.onnx_runtime import OnnxCausalLM, load_onnx, session_options
+from sinkquant.backends.export.onnx import LOGITS_TO_KEEP, MODEL_FILE, build_graph, past_names, save_graph
+from sinkquant.backends.export.onnx_runtime import OnnxCausalLM, load_onnx, session_options
 from sinkquant.data import TokenStream, plan_windows
 from sinkquant.engine import apply_recipe
 from sinkquant.models import LoadedModel
 from sinkquant.perplexity import Prefix, evaluate
-from sinkquant.recipes.schema import load_recipe
+from sinkquant.recipe import load_recipe
 from sinkquant.tables import markdown_table
 
 RECIPE = "recipes/w8a8-prefix-smooth-except-native.yaml"

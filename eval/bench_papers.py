@@ -17,13 +17,13 @@ from pathlib import Path
 import benchlib
 
 from sinkquant.data import plan_windows, tokenize
-from sinkquant.engine.session import Session
 from sinkquant.perplexity import evaluate
-from sinkquant.profiling import profile
 from sinkquant.profiling.context import CONTEXT_LENGTHS
 from sinkquant.profiling.domains import numbers_text
+from sinkquant.profiling.profiler import profile
 from sinkquant.quant.scheme import Scheme
 from sinkquant.steps.act import ActConfig, ActStep
+from sinkquant.steps.session import Session
 from sinkquant.tables import markdown_table
 
 

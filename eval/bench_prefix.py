@@ -12,8 +12,8 @@ import time
 import benchlib
 
 from sinkquant.engine.apply import calibration_windows
-from sinkquant.recipes import parse_recipe
-from sinkquant.recipes.prefix import max_linear_input, select_prefix_ids
+from sinkquant.recipe import parse_recipe
+from sinkquant.steps.prefix import max_linear_input, select_prefix_ids
 from sinkquant.tables import markdown_table
 
 

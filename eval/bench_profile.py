@@ -12,7 +12,7 @@ from pathlib import Path
 import benchlib
 
 from sinkquant.data import plan_windows
-from sinkquant.profiling import profile
+from sinkquant.profiling.profiler import profile
 from sinkquant.tables import markdown_table
 
 

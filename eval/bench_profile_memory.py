@@ -19,7 +19,7 @@ from transformers import AutoTokenizer, Qwen2Config
 
 from sinkquant.data import load_text, plan_windows, tokenize
 from sinkquant.models import random_model
-from sinkquant.profiling import profile
+from sinkquant.profiling.profiler import profile
 from sinkquant.tables import markdown_table
 from sinkquant.zoo import DEFAULT_MODEL, ZOO
 

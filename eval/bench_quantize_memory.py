@@ -33,11 +33,11 @@ import torch
 from transformers import AutoTokenizer, Qwen2Config
 from sinkquant.data import load_text, tokenize
 from sinkquant.models import load_model, random_model
-from sinkquant.recipes import load_recipe
+from sinkquant.recipe import load_recipe
 try:  # this code
     from sinkquant.engine import apply_recipe
 except ImportError:  # the engine before the step components
-    from sinkquant.recipes import apply_recipe
+    from sinkquant.recipe import apply_recipe
 
 def status(field):  # bytes, from /proc/self/status (VmRSS: now, VmHWM: peak since the last reset)
     with open("/proc/self/status") as f:

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import benchlib
 
-from sinkquant.artifacts import atomic_write_bytes
 from sinkquant.comparison import HEADERS, compare, plot, table_rows
+from sinkquant.io import atomic_write_bytes
 from sinkquant.tables import markdown_table
 
 SUITES: dict[str, list[str]] = {

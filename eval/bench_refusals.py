@@ -23,7 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from sinkquant.artifacts import OUTPUT_MARKER, atomic_write_json, atomic_write_text, library_versions
+from sinkquant.io import OUTPUT_MARKER, atomic_write_json, atomic_write_text, library_versions
 
 REPO = Path(__file__).resolve().parent.parent
 SINKQUANT = str(Path(sys.executable).with_name("sinkquant"))

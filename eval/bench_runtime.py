@@ -8,7 +8,7 @@ embeddings stored once). Variants:
   native-w8a8-prefix-smooth-except   recipes/w8a8-prefix-smooth-except-native.yaml through the engine
                                      (fp prefix, smoothing, 8 exceptions, static per-tensor int8 activations)
   native-w8a16 / native-w4a16        recipes/w8a16-native.yaml / recipes/w4a16-group64-native.yaml
-  torchao-int8dyn, quanto-w8a8, bnb-int8   peers (sinkquant.quant.backends)
+  torchao-int8dyn, quanto-w8a8, bnb-int8   peers (sinkquant.backends.peers)
 The native rows are `apply_recipe` with the -native recipes (embedding and lm_head stored int8 per row),
 calibrated on the recipe's windows from the end of the text (--calib-windows overrides their number); their
 artifact is `sinkquant.engine.save`."""
@@ -32,10 +32,10 @@ import torch
 from benchlib import REPO, parser, setup, write_result
 from transformers import Cache, DynamicCache
 
+from sinkquant.backends.peers import quantize_backend, save_backend
 from sinkquant.data import TokenStream, plan_windows
 from sinkquant.engine import apply_recipe, save
-from sinkquant.quant.backends import quantize_backend, save_backend
-from sinkquant.recipes.schema import load_recipe
+from sinkquant.recipe import load_recipe
 
 NATIVE = {
     "native-w8a8-prefix-smooth-except": "recipes/w8a8-prefix-smooth-except-native.yaml",

@@ -73,7 +73,7 @@ def write_checkpoint(shape: str, folder: Path, seed: int = 0) -> Path:
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from sinkquant.artifacts import atomic_dir, atomic_write_json
+    from sinkquant.io import atomic_dir, atomic_write_json
 
     if (folder / "model.safetensors.index.json").is_file():
         return folder
@@ -124,8 +124,7 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     from sinkquant.data import load_text, plan_windows, tokenize
     from sinkquant.engine.artifact import load
     from sinkquant.engine.stream import evaluate_streaming, quantize_streaming
-    from sinkquant.recipes import load_recipe, parse_recipe
-    from sinkquant.recipes.schema import Recipe
+    from sinkquant.recipe import Recipe, load_recipe, parse_recipe
 
     torch.set_num_threads(args.threads or torch.get_num_threads())
     torch.manual_seed(0)

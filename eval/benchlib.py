@@ -14,8 +14,8 @@ from typing import Any
 
 import torch
 
-from sinkquant.artifacts import atomic_write_json, atomic_write_text, library_versions
 from sinkquant.data import WIKITEXT2_ENV, TokenStream, load_text, tokenize
+from sinkquant.io import atomic_write_json, atomic_write_text, library_versions
 from sinkquant.models import LoadedModel, load_model
 
 REPO = Path(__file__).resolve().parent.parent

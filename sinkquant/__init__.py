@@ -22,12 +22,12 @@ _API: dict[str, tuple[str, str]] = {
     "load": ("sinkquant.engine", "load"),
     "save": ("sinkquant.engine", "save"),
     "load_model": ("sinkquant.models", "load_model"),
-    "load_recipe": ("sinkquant.recipes", "load_recipe"),
-    "parse_recipe": ("sinkquant.recipes", "parse_recipe"),
+    "load_recipe": ("sinkquant.recipe", "load_recipe"),
+    "parse_recipe": ("sinkquant.recipe", "parse_recipe"),
     "load_text": ("sinkquant.data", "load_text"),
     "plan_windows": ("sinkquant.data", "plan_windows"),
     "tokenize": ("sinkquant.data", "tokenize"),
-    "profile": ("sinkquant.profiling", "profile"),
+    "profile": ("sinkquant.profiling.profiler", "profile"),
     "export": ("sinkquant.backends.export", "export"),
 }
 __all__ = sorted([*_API, "SinkquantError"])

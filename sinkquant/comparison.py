@@ -18,7 +18,11 @@ from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from sinkquant.artifacts import (
+from sinkquant.data import TokenStream, plan_windows
+from sinkquant.engine import apply_recipe
+from sinkquant.engine.artifact import stored_bytes
+from sinkquant.errors import SinkquantError
+from sinkquant.io import (
     atomic_write_bytes,
     atomic_write_json,
     atomic_write_text,
@@ -28,10 +32,9 @@ from sinkquant.artifacts import (
     sha256_bytes,
     to_json,
 )
-from sinkquant.data import TokenStream, plan_windows
-from sinkquant.errors import SinkquantError
 from sinkquant.models import LoadedModel
 from sinkquant.perplexity import evaluate
+from sinkquant.recipe import load_recipe
 from sinkquant.tables import markdown_table
 
 log = logging.getLogger(__name__)
@@ -104,9 +107,6 @@ def compare(
 ) -> dict[str, Any]:
     """Evaluate fp32 and every recipe on the same evaluation windows; returns the comparison as a dict.
     `calib_windows` replaces every recipe's `calibration.windows` (as `quantize --calib-windows` does)."""
-    from sinkquant.engine import apply_recipe
-    from sinkquant.engine.artifact import stored_bytes
-    from sinkquant.recipes import load_recipe
 
     if cache_dir is not None:  # refused now, not when the first row is stored minutes later
         check_writable_place(cache_dir, "compare cache", inside=True)

@@ -9,9 +9,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sinkquant.artifacts import sha256_bytes
 from sinkquant.errors import SinkquantError
 from sinkquant.hub import declared_offline, unreachable
+from sinkquant.io import sha256_bytes
 
 if TYPE_CHECKING:  # this module is torch-free until token ids are cut into windows: the CLI checks files first
     import torch

@@ -24,7 +24,9 @@ from transformers import (
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
 from sinkquant.adapters import Adapter, adapter_for, normalize
-from sinkquant.artifacts import (
+from sinkquant.errors import SinkquantError
+from sinkquant.hub import declared_offline, unreachable
+from sinkquant.io import (
     ARTIFACT_MANIFEST,
     atomic_dir,
     atomic_write_json,
@@ -35,8 +37,7 @@ from sinkquant.artifacts import (
     sha256_file,
     verify_digests,
 )
-from sinkquant.errors import SinkquantError
-from sinkquant.hub import declared_offline, unreachable
+from sinkquant.online_transforms import attach_saved_transforms
 from sinkquant.zoo import ZOO, EmbeddedModel, embedded
 
 log = logging.getLogger(__name__)
@@ -261,20 +262,13 @@ def _from_folder(folder: Path, dtype: torch.dtype, trust_remote_code: bool
         return _from_pretrained(str(folder), dtype, trust_remote_code, local=True)
     try:
         model = model_class.from_pretrained(None, config=config, state_dict=read_weights(folder), dtype=dtype)
-        _attach_transforms(model, folder)
+        attach_saved_transforms(model, folder)  # a compressed-tensors folder's online rotations
         if (folder / "generation_config.json").is_file():
             model.generation_config = GenerationConfig.from_pretrained(folder)
         tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
     except (OSError, ValueError) as exc:
         raise SinkquantError(f"could not load model folder {folder}: {_first_line(exc)}") from exc
     return model, tokenizer
-
-
-def _attach_transforms(model: PreTrainedModel, folder: Path) -> None:
-    """A compressed-tensors folder's online transforms (its transform_config), which transformers 5 drops."""
-    from sinkquant.backends.transforms import attach_saved_transforms
-
-    attach_saved_transforms(model, folder)
 
 
 def read_weights(folder: Path) -> dict[str, torch.Tensor]:
@@ -327,3 +321,30 @@ def _from_pretrained(
 
 def _first_line(exc: BaseException) -> str:
     return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+
+
+def _template_starts_with_bos(loaded: LoadedModel) -> bool | None:
+    """Does the chat template put BOS first? None when the tokenizer has no template or it cannot render."""
+    tokenizer = loaded.tokenizer
+    if not getattr(tokenizer, "chat_template", None):
+        return None
+    try:
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=True)
+    except Exception:  # templates raise arbitrary errors (e.g. on a missing system turn)
+        return None
+    if isinstance(ids, dict) or hasattr(ids, "input_ids"):
+        ids = ids["input_ids"]
+    return len(ids) > 0 and ids[0] == loaded.bos_id
+
+
+def bos_evidence(loaded: LoadedModel) -> dict[str, Any]:
+    """Whether the model is trained with its BOS token, and the evidence: the tokenizer adds it, the GGUF
+    metadata says so, or the chat template starts with it. Any one suffices; a BOS id alone does not."""
+    if loaded.bos_id is None:
+        return {"bos_id": None, "trained": False, "evidence": "the tokenizer defines no BOS token"}
+    facts = {"tokenizer_adds_bos": loaded.adds_bos, "gguf_add_bos_token": loaded.source.get(ADD_BOS),
+             "chat_template_starts_with_bos": _template_starts_with_bos(loaded)}
+    yes = [name for name, value in facts.items() if value]
+    return {"bos_id": loaded.bos_id, "bos_token": loaded.tokenizer.decode([loaded.bos_id]), **facts,
+            "trained": bool(yes), "evidence": ", ".join(yes) or "none of tokenizer, GGUF metadata, chat template"}
+

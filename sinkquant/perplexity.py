@@ -17,9 +17,9 @@ from tqdm.auto import tqdm
 from transformers import Cache, DynamicCache
 from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
-from sinkquant.artifacts import library_versions
 from sinkquant.data import TokenStream, WindowPlan
 from sinkquant.errors import SinkquantError
+from sinkquant.io import library_versions
 from sinkquant.memory import release_freed_memory
 from sinkquant.models import LoadedModel
 

@@ -21,8 +21,8 @@ from typing import TYPE_CHECKING, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from sinkquant.artifacts import atomic_write_json, library_versions, read_structured, sha256_file
 from sinkquant.errors import SinkquantError
+from sinkquant.io import atomic_write_json, library_versions, read_structured, sha256_file
 
 if TYPE_CHECKING:
     from sinkquant.data import TokenStream
@@ -230,7 +230,7 @@ def measure(path: str | Path, fp32: bool, progress: bool = False) -> Measurement
     from sinkquant.data import plan_windows
     from sinkquant.engine import apply_recipe
     from sinkquant.perplexity import evaluate
-    from sinkquant.recipes import load_recipe
+    from sinkquant.recipe import load_recipe
 
     path = Path(path)
     spec = read_baseline(path)

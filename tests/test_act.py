@@ -11,15 +11,15 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from sinkquant.artifacts import to_json
 from sinkquant.data import TokenStream
-from sinkquant.engine.session import Session
 from sinkquant.errors import SinkquantError
+from sinkquant.io import to_json
 from sinkquant.models import LoadedModel
 from sinkquant.perplexity import evaluate
 from sinkquant.quant.attention import ATTENTION_NAME, add_transform
 from sinkquant.quant.scheme import Scheme
 from sinkquant.steps.act import ActConfig, ActState, ActStep, act_attention, additive_mask, calibrate, install
+from sinkquant.steps.session import Session
 from tests.tiny import ARCHS, tiny_model
 
 CTX = 64

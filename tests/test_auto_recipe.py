@@ -12,8 +12,9 @@ import torch
 
 from sinkquant.data import plan_windows
 from sinkquant.engine import apply_recipe
-from sinkquant.engine.search import (
-    BASE_SCHEMES,
+from sinkquant.errors import SinkquantError
+from sinkquant.recipe import load_recipe, parse_recipe
+from sinkquant.search.auto import (
     NOISE_Z,
     Objective,
     _alpha_walk,
@@ -27,8 +28,7 @@ from sinkquant.engine.search import (
     improvement_z,
     write_auto_recipe,
 )
-from sinkquant.errors import SinkquantError
-from sinkquant.recipes import load_recipe, parse_recipe
+from sinkquant.search.space import BASE_SCHEMES
 from tests.tiny import tiny_folder, tiny_model
 
 CTX = 64

@@ -19,7 +19,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from sinkquant.artifacts import (
+from sinkquant.cli import main
+from sinkquant.comparison import compare
+from sinkquant.errors import SinkquantError
+from sinkquant.io import (
     MAX_STRUCTURED_BYTES,
     atomic_dir,
     atomic_write_json,
@@ -30,9 +33,6 @@ from sinkquant.artifacts import (
     read_structured,
     verify_digests,
 )
-from sinkquant.cli import main
-from sinkquant.comparison import compare
-from sinkquant.errors import SinkquantError
 from sinkquant.models import _cache_problem, cache_root, empty_model, is_artifact, load_model
 from tests.tiny import tiny_config
 

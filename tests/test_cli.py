@@ -231,7 +231,7 @@ def test_compare_calib_windows_overrides_every_recipe_like_quantize(tmp_path, wi
     """One meaning per flag: `compare --calib-windows 2` calibrates each recipe on 2 windows, as `quantize` does."""
     from sinkquant.data import plan_windows
     from sinkquant.engine import apply_recipe
-    from sinkquant.recipes import load_recipe
+    from sinkquant.recipe import load_recipe
 
     assert main(["compare", "--quiet", "--data", str(wikitext_path), "--ctx", "32", "--max-windows", "1",
                  "--recipes", "recipes/w8a8-naive.yaml", "--calib-windows", "2", "--out", str(tmp_path)]) == 0

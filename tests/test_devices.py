@@ -8,7 +8,7 @@ import torch
 
 from sinkquant.data import TokenStream, plan_windows
 from sinkquant.engine import apply_recipe
-from sinkquant.recipes import parse_recipe
+from sinkquant.recipe import parse_recipe
 from tests.tiny import tiny_model
 
 RECIPE = {"name": "placement", "description": "every step that makes tensors",

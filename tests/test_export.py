@@ -16,15 +16,20 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM
 
-from sinkquant.backends.export import PREFIX_KV, export, export_compressed_tensors, load_prefix_cache
+from sinkquant.backends.export import export
+from sinkquant.backends.export.compressed_tensors import (
+    PREFIX_KV,
+    export_compressed_tensors,
+    load_prefix_cache,
+)
 from sinkquant.backends.native import NativeLinear, convert_to_native
 from sinkquant.data import plan_windows
 from sinkquant.engine.apply import apply_recipe, quantize_session
-from sinkquant.engine.session import Session
 from sinkquant.errors import SinkquantError
 from sinkquant.perplexity import Prefix, build_prefix, evaluate
 from sinkquant.quant.scheme import ActivationScheme, KeepPolicy, Scheme, WeightScheme
-from sinkquant.recipes.schema import parse_recipe
+from sinkquant.recipe import parse_recipe
+from sinkquant.steps.session import Session
 from tests.bounds import rounding_bound
 
 
@@ -255,8 +260,8 @@ def test_rotated_recipe_round_trips_through_transforms(smollm2, tmp_path, hidden
     ("w4a4kv4-rotate-prefix-gptq", "llama", ["W4A4", "scheme.kv"]),
 ])
 def test_shipped_rotated_recipes_export_or_are_refused_by_name(smollm2, recipe, arch, reasons) -> None:
-    from sinkquant.backends.export import compressed_tensors_refusals
-    from sinkquant.recipes import load_recipe
+    from sinkquant.backends.export.compressed_tensors import compressed_tensors_refusals
+    from sinkquant.recipe import load_recipe
     from tests.tiny import tiny_model
 
     found = compressed_tensors_refusals(load_recipe(Path("recipes") / f"{recipe}.yaml"),

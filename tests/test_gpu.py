@@ -9,7 +9,7 @@ import torch
 
 from sinkquant.data import TokenStream, plan_windows
 from sinkquant.engine import apply_recipe
-from sinkquant.recipes import parse_recipe
+from sinkquant.recipe import parse_recipe
 from tests.test_native import _layer, _relative, _simulated
 from tests.tiny import tiny_model
 

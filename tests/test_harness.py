@@ -23,7 +23,7 @@ from sinkquant.engine import apply_recipe, load, save
 from sinkquant.errors import SinkquantError
 from sinkquant.harness import NAME, SinkquantLM
 from sinkquant.perplexity import evaluate
-from sinkquant.recipes import parse_recipe
+from sinkquant.recipe import parse_recipe
 from tests.tiny import tiny_model
 
 CTX = 64

@@ -15,12 +15,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from sinkquant.artifacts import OUTPUT_MARKER, atomic_dir, check_output_dir, sha256_file
-from sinkquant.backends.export import MANIFEST, PREFIX_KV, PREFIX_META, load_prefix_cache
+from sinkquant.backends.export.compressed_tensors import MANIFEST, PREFIX_KV, PREFIX_META, load_prefix_cache
 from sinkquant.engine import apply_recipe, load, save
 from sinkquant.errors import SinkquantError
-from sinkquant.recipes import load_recipe, parse_recipe
-from sinkquant.recipes.schema import check_recipe
+from sinkquant.io import OUTPUT_MARKER, atomic_dir, check_output_dir, sha256_file
+from sinkquant.recipe import check_recipe, load_recipe, parse_recipe
 from sinkquant.regression import read_baseline
 from sinkquant.steps import SPECS, STEPS
 from tests.test_recipes_apply import tiny_artifact  # noqa: F401  (fixture)

@@ -16,13 +16,13 @@ from sinkquant.backends.kv_cache import Int8KVCache
 from sinkquant.backends.native import NativeLinear, convert_to_native
 from sinkquant.engine import load, save
 from sinkquant.engine.apply import apply_recipe, quantize_session
-from sinkquant.engine.session import Session
 from sinkquant.errors import SinkquantError
 from sinkquant.perplexity import build_prefix, evaluate
-from sinkquant.quant.keep import attach_keep_state
+from sinkquant.quant.keep import attach_keep_state, keep_state
 from sinkquant.quant.kv import enable_kv_quant
 from sinkquant.quant.scheme import ActivationScheme, KeepPolicy, KVScheme, Scheme, WeightScheme
-from sinkquant.recipes.schema import parse_recipe
+from sinkquant.recipe import parse_recipe
+from sinkquant.steps.session import Session
 from tests.bounds import rounding_bound
 from tests.tiny import tiny_model
 
@@ -140,14 +140,14 @@ def test_native_w8a8_int8_kv_and_prefix_like_the_simulator(smollm2, wikitext_str
         expected = sim(input_ids=ids, past_key_values=prefix.cache_for_batch(1), use_cache=True).logits
         spread = relative(copy.deepcopy(sim).double()(input_ids=ids, past_key_values=prefix.cache_for_batch(1),
                                                       use_cache=True).logits, expected)
-        cache = Int8KVCache(native.config, SPEC, native._sinkquant_keep, prefix)
+        cache = Int8KVCache(native.config, SPEC, keep_state(native), prefix)
         got = native(input_ids=ids, past_key_values=cache, use_cache=True).logits
     assert relative(got, expected) < 2 * spread + 1e-3, (relative(got, expected), spread)
     assert cache.layers[0].stored["q_keys"].dtype == torch.uint8
     prompt = smollm2.tokenizer("The capital of France is", return_tensors="pt").input_ids
     full = torch.cat([torch.tensor([prefix.ids]), prompt], dim=1)
     with torch.no_grad():
-        cache = Int8KVCache(native.config, SPEC, native._sinkquant_keep, prefix)
+        cache = Int8KVCache(native.config, SPEC, keep_state(native), prefix)
         out = native.generate(full, past_key_values=cache, max_new_tokens=8, min_new_tokens=8, do_sample=False)
     assert out.shape == (1, full.shape[1] + 8) and torch.equal(out[:, : full.shape[1]], full)
     assert cache.get_seq_length() == full.shape[1] + 7

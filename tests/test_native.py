@@ -21,7 +21,7 @@ from sinkquant.quant.primitives import scale_zero_point
 from sinkquant.quant.qweight import QuantizedWeight, quantize_rtn
 from sinkquant.quant.scheme import ActivationScheme, KeepPolicy, Scheme, WeightScheme
 from sinkquant.quant.simulate import fake_quant_activation
-from sinkquant.recipes.schema import parse_recipe
+from sinkquant.recipe import parse_recipe
 from tests.bounds import rounding_bound
 
 GRIDS = [(8, "channel", None), (8, "tensor", None), (4, "group", 64), (4, "channel", None), (8, "group", 32)]

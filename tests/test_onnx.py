@@ -1,7 +1,7 @@
-"""ONNX export (sinkquant.backends.onnx_export) and running the exported folder through ONNX Runtime
-(sinkquant.backends.onnx_runtime): round trip on tiny models of each supported architecture, the integer kernels in
-ONNX Runtime's optimized graph, refusals before anything is written, damaged folders, and the exported SmolLM2's
-perplexity against the native backend's."""
+"""ONNX export (sinkquant.backends.export.onnx) and running the exported folder through ONNX Runtime
+(sinkquant.backends.export.onnx_runtime): round trip on tiny models of each supported architecture, the integer
+kernels in ONNX Runtime's optimized graph, refusals before anything is written, damaged folders, and the exported
+SmolLM2's perplexity against the native backend's."""
 
 from __future__ import annotations
 
@@ -18,14 +18,14 @@ import torch
 import yaml
 
 from sinkquant.backends.export import export
-from sinkquant.backends.onnx_export import DATA_FILE, MODEL_FILE, ONNX_MANIFEST, PREFIX_FILE, onnx_refusals
-from sinkquant.backends.onnx_runtime import generate, load_onnx, session_options
+from sinkquant.backends.export.onnx import DATA_FILE, MODEL_FILE, ONNX_MANIFEST, PREFIX_FILE, onnx_refusals
+from sinkquant.backends.export.onnx_runtime import generate, load_onnx, session_options
 from sinkquant.cli import main
 from sinkquant.engine import save
 from sinkquant.engine.apply import apply_recipe
 from sinkquant.errors import SinkquantError
 from sinkquant.perplexity import evaluate
-from sinkquant.recipes.schema import load_recipe, parse_recipe
+from sinkquant.recipe import load_recipe, parse_recipe
 from tests.bounds import rounding_bound
 from tests.tiny import tiny_model
 

@@ -8,16 +8,16 @@ import torch
 
 from sinkquant.data import plan_windows
 from sinkquant.errors import SinkquantError
-from sinkquant.recipes.prefix import (
+from sinkquant.models import bos_evidence
+from sinkquant.recipe import parse_recipe
+from sinkquant.steps.prefix import (
     MAX_NLL_INCREASE,
-    bos_evidence,
     calibration_nll,
     check_prefix,
     select_prefix_ids,
     token_id,
     with_bos,
 )
-from sinkquant.recipes.schema import parse_recipe
 from sinkquant.zoo import ZOO
 
 CTX = 128

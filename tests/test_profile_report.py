@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from sinkquant.profiling import profile
+from sinkquant.profiling.profiler import profile
 from sinkquant.profiling.verdict import RECOMMENDED, RECOMMENDED_CONTENT_SINKS, recommend
 from tests.tiny import tiny_model
 

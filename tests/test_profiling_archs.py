@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from sinkquant.artifacts import to_json
 from sinkquant.data import TokenStream
 from sinkquant.errors import SinkquantError
+from sinkquant.io import to_json
 from sinkquant.models import LoadedModel
-from sinkquant.profiling import SCHEMA, SCHEMA_VERSION, profile
 from sinkquant.profiling.collectors import ProfileCollector
+from sinkquant.profiling.profiler import SCHEMA, SCHEMA_VERSION, profile
 from tests.tiny import ARCHS, tiny_model
 
 CTX = 32

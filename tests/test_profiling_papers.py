@@ -13,10 +13,10 @@ import torch
 from sinkquant.data import TokenStream, tokenize
 from sinkquant.errors import SinkquantError
 from sinkquant.models import LoadedModel
-from sinkquant.profiling import profile
 from sinkquant.profiling.context import context_sweep, uniform_share
 from sinkquant.profiling.domains import domain_heads, numbers_text
 from sinkquant.profiling.interventions import _Intervention, massive_interventions
+from sinkquant.profiling.profiler import profile
 from sinkquant.profiling.report import _runs
 from tests.tiny import ARCHS, tiny_model
 

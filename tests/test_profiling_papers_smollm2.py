@@ -9,8 +9,8 @@ import pytest
 
 from sinkquant.data import TokenStream, tokenize
 from sinkquant.models import LoadedModel
-from sinkquant.profiling import profile
 from sinkquant.profiling.domains import numbers_text
+from sinkquant.profiling.profiler import profile
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 LENGTHS = (2, 4, 16, 64, 256, 1024)  # 2048 as well in eval/bench_papers.py; it costs as much as the rest together

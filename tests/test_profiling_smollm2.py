@@ -9,12 +9,12 @@ from typing import Any
 
 import pytest
 
-from sinkquant.artifacts import OUTPUT_MARKER
 from sinkquant.cli import main
 from sinkquant.data import TokenStream
 from sinkquant.errors import SinkquantError
+from sinkquant.io import OUTPUT_MARKER
 from sinkquant.models import LoadedModel
-from sinkquant.profiling import profile
+from sinkquant.profiling.profiler import profile
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 MIDDLE_LAYERS = range(12, 27)  # 0-based layer outputs where token 0 carries |h| ~ 24,000 (measured)

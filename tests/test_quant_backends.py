@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from sinkquant.backends.peers import load_backend, quantize_backend, save_backend
 from sinkquant.errors import SinkquantError
 from sinkquant.perplexity import evaluate
-from sinkquant.quant.backends import load_backend, quantize_backend, save_backend
 
 pytestmark = pytest.mark.slow
 

@@ -14,6 +14,7 @@ from sinkquant.engine.apply import quantize_model
 from sinkquant.errors import SinkquantError
 from sinkquant.perplexity import evaluate
 from sinkquant.quant import ActivationScheme, KeepPolicy, QuantLinear, Scheme, WeightScheme, fake_quant_activation
+from sinkquant.quant.keep import keep_state
 from tests.tiny import ARCHS, tiny_model
 
 STATIC = ActivationScheme(bits=8, mode="static")
@@ -99,7 +100,7 @@ def test_keep_by_token_id_and_cache_offset(tokenizer) -> None:
     ids = torch.tensor([[1, 5, 6, 1, 7, 8]])
     cache = DynamicCache(config=loaded.model.config)
     loaded.model(input_ids=ids[:, :3], past_key_values=cache, use_cache=True)
-    state = loaded.model._sinkquant_keep
+    state = keep_state(loaded.model)
     assert state.mask.tolist() == [[True, False, False]]
     loaded.model(input_ids=ids[:, 3:], past_key_values=cache, use_cache=True)
     assert state.mask.tolist() == [[True, False, False]]  # the id 1 at position 3, not position 0 again

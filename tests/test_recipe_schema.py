@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from sinkquant.errors import SinkquantError
-from sinkquant.recipes import load_recipe, parse_recipe
+from sinkquant.recipe import load_recipe, parse_recipe
 
 RECIPES = sorted((Path(__file__).resolve().parent.parent / "recipes").glob("*.yaml"))
 W8 = {"weights": {"bits": 8}, "activations": {"bits": 8, "mode": "static"}}

@@ -17,10 +17,9 @@ from sinkquant.errors import SinkquantError
 from sinkquant.models import load_model
 from sinkquant.perplexity import build_prefix, evaluate
 from sinkquant.quant.simulate import QuantLinear
-from sinkquant.recipes import load_recipe, parse_recipe
-from sinkquant.recipes.prefix import greedy_prefix, max_linear_input, token_id, with_bos
-from sinkquant.recipes.schema import Recipe
+from sinkquant.recipe import Recipe, load_recipe, parse_recipe
 from sinkquant.steps import STEPS, Stage, Step, StepConfig, register
+from sinkquant.steps.prefix import greedy_prefix, max_linear_input, token_id, with_bos
 from tests.tiny import ARCHS, tiny_model
 
 CTX = 128

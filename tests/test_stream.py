@@ -16,7 +16,7 @@ from sinkquant.engine.stream import evaluate_streaming, quantize_streaming
 from sinkquant.errors import SinkquantError
 from sinkquant.models import load_model
 from sinkquant.perplexity import evaluate
-from sinkquant.recipes import parse_recipe
+from sinkquant.recipe import parse_recipe
 from tests.tiny import tiny_model
 
 CTX = 64

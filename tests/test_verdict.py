@@ -86,7 +86,7 @@ def test_existing_fields_still_hold() -> None:
 
 
 def test_smollm2_profile_ranks_position_zero_first(smollm2, wikitext_stream) -> None:
-    from sinkquant.profiling import profile
+    from sinkquant.profiling.profiler import profile
 
     report = profile(smollm2, wikitext_stream, ctx=128, windows=2, progress=False, probe=False, bos="never")
     verdict = report["verdict"]

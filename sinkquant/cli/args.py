@@ -141,7 +141,7 @@ def check_auto_args(args: argparse.Namespace, auto: bool = True) -> None:
     """Before torch: --scheme, --budget, --max-exceptions and --calib-windows of `--recipe auto` (their defaults
     filled in); without `auto` (recipe files only) any of the first three given is refused, since it would do
     nothing."""
-    from sinkquant.engine.search_space import (
+    from sinkquant.search.space import (
         DEFAULT_BUDGET,
         DEFAULT_MAX_EXCEPTIONS,
         base_scheme,
@@ -156,7 +156,7 @@ def check_auto_args(args: argparse.Namespace, auto: bool = True) -> None:
             raise SinkquantError(f"--{given.replace('_', '-')} only applies to --recipe auto; a recipe file sets "
                                  "its own scheme and steps: leave the flag out")
         return
-    from sinkquant.engine.targets import DEFAULT_TARGET, check_target
+    from sinkquant.search.targets import DEFAULT_TARGET, check_target
 
     args.scheme = args.scheme or "w8a8-static"
     base_scheme(args.scheme)
@@ -187,7 +187,7 @@ def auto_recipe_file(args: argparse.Namespace, loaded: LoadedModel, stream: Toke
     the files end up in, when the caller moves them there (an artifact written atomically)."""
     from pathlib import Path
 
-    from sinkquant.engine.search import auto_recipe, write_auto_recipe
+    from sinkquant.search.auto import auto_recipe, write_auto_recipe
 
     recipe, trace = auto_recipe(loaded, stream, scheme=args.scheme, ctx=args.ctx,
                                 calib_windows=getattr(args, "calib_windows", None) or AUTO_CALIB_WINDOWS,

@@ -22,7 +22,7 @@ from sinkquant.cli.args import (
 
 def check(args: argparse.Namespace) -> None:
     """Before torch: every recipe file, the auto flags (refused when no recipe is auto), the data file."""
-    from sinkquant.recipes.schema import check_recipe_file
+    from sinkquant.recipe import check_recipe_file
 
     check_auto_args(args, any(str(r) == AUTO for r in args.recipes))
     for recipe in args.recipes:

@@ -10,13 +10,13 @@ from sinkquant.cli.args import add_model_args, add_output_args, load_kwargs
 
 def check(args: argparse.Namespace) -> None:
     """Before torch: --out may be written, and is not the model folder being read."""
-    from sinkquant.artifacts import check_output_dir
+    from sinkquant.io import check_output_dir
 
     check_output_dir(args.out, args.overwrite, reads=(args.model,))
 
 
 def run(args: argparse.Namespace) -> None:
-    from sinkquant.artifacts import atomic_dir
+    from sinkquant.io import atomic_dir
     from sinkquant.models import load_model
 
     # models.convert loads with its defaults; this command honours --dtype and --trust-remote-code.

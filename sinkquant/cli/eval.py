@@ -10,8 +10,8 @@ from sinkquant.cli.args import add_data_args, add_model_args, add_output_args, l
 
 def check(args: argparse.Namespace) -> None:
     """Before torch: --out may be written, and a local --data file can hold one window."""
-    from sinkquant.artifacts import check_output_file
     from sinkquant.cli.args import check_data_args
+    from sinkquant.io import check_output_file
 
     if args.out:
         check_output_file(args.out)
@@ -19,9 +19,9 @@ def check(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    from sinkquant.artifacts import atomic_write_json, check_output_file
-    from sinkquant.backends.onnx_runtime import is_onnx_export
+    from sinkquant.backends.export.onnx_runtime import is_onnx_export
     from sinkquant.data import plan_windows
+    from sinkquant.io import atomic_write_json, check_output_file
     from sinkquant.models import is_artifact
     from sinkquant.perplexity import evaluate
     from sinkquant.tables import print_table
@@ -64,7 +64,7 @@ def _evaluate_artifact(args: argparse.Namespace):
 
 
 def _export_manifest(model: str) -> dict | None:
-    from sinkquant.backends.export import export_manifest
+    from sinkquant.backends.export.compressed_tensors import export_manifest
 
     return export_manifest(model) if Path(model).is_dir() else None
 
@@ -73,7 +73,7 @@ def _evaluate_export(args: argparse.Namespace, manifest: dict):
     """A folder written by `sinkquant export` runs as its runtime runs it (transformers + compressed-tensors, its
     online transforms attached) behind its sidecar fp prefix KV, the tokens after the prefix only; its recipe's
     calibration windows stay out of the evaluation windows, as for the artifact it came from."""
-    from sinkquant.backends.export import PREFIX_KV, load_prefix_cache
+    from sinkquant.backends.export.compressed_tensors import PREFIX_KV, load_prefix_cache
     from sinkquant.data import plan_windows
     from sinkquant.perplexity import Prefix, evaluate
 
@@ -102,10 +102,10 @@ def _evaluate_export(args: argparse.Namespace, manifest: dict):
 def _evaluate_onnx(args: argparse.Namespace):
     """A folder written by `sinkquant export --format onnx`, run by ONNX Runtime: the same windows and evaluator,
     its fp prefix KV as the first past, its recipe's calibration windows kept out of the evaluation."""
-    from sinkquant.backends.onnx_runtime import load_onnx
+    from sinkquant.backends.export.onnx_runtime import load_onnx
     from sinkquant.data import load_text, plan_windows, tokenize
     from sinkquant.perplexity import evaluate
-    from sinkquant.recipes.schema import parse_recipe
+    from sinkquant.recipe import parse_recipe
 
     loaded, prefix, manifest = load_onnx(args.model, verify=not args.no_verify)
     recipe = parse_recipe(manifest.get("recipe") or {}, str(args.model))

@@ -11,9 +11,9 @@ from sinkquant.cli.args import add_output_args
 def check(args: argparse.Namespace) -> None:
     """Before torch: the format is one, the artifact is one, and --out may be written (never the artifact or a
     folder holding it)."""
-    from sinkquant.artifacts import ARTIFACT_MANIFEST, check_output_dir, read_manifest
     from sinkquant.backends import FORMATS
     from sinkquant.errors import SinkquantError
+    from sinkquant.io import ARTIFACT_MANIFEST, check_output_dir, read_manifest
 
     if args.format not in FORMATS:
         raise SinkquantError(f"--format {args.format!r} is not valid; valid: {', '.join(FORMATS)}")
@@ -24,9 +24,9 @@ def check(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    from sinkquant.artifacts import check_output_dir
     from sinkquant.backends.export import export
     from sinkquant.engine import load
+    from sinkquant.io import check_output_dir
 
     check_output_dir(args.out, args.overwrite, reads=(args.artifact,))
     quantized = load(args.artifact, verify=not args.no_verify)

@@ -26,18 +26,19 @@ def _named(specs: list[str] | None) -> dict[str, str]:
 
 def check(args: argparse.Namespace) -> None:
     """Before torch: --out may be written, and --data entries are well formed."""
-    from sinkquant.artifacts import check_output_dir
+    from sinkquant.io import check_output_dir
 
     check_output_dir(args.out, args.overwrite, reads=(args.model,))
     _named(args.data)
 
 
 def run(args: argparse.Namespace) -> None:
-    from sinkquant.artifacts import check_output_dir
     from sinkquant.data import load_text, tokenize
+    from sinkquant.io import check_output_dir
     from sinkquant.models import load_model
-    from sinkquant.profiling import profile
     from sinkquant.profiling.context import CONTEXT_LENGTHS
+    from sinkquant.profiling.profiler import profile
+    from sinkquant.profiling.verdict import Verdict
 
     check_output_dir(args.out, args.overwrite)  # refuse before the slow part
     texts = _named(args.data)
@@ -49,10 +50,10 @@ def run(args: argparse.Namespace) -> None:
                      windows=args.calib_windows, bos=args.bos, out=args.out, progress=not args.quiet,
                      overwrite=args.overwrite, probe=not args.no_probe, interventions=args.interventions,
                      context_lengths=CONTEXT_LENGTHS if args.context_sweep else None, seed=args.seed)
-    verdict = report["verdict"]
-    print(f"sink positions {verdict['sink_positions']}, peak channels {verdict['peak_channels']}, "
-          f"sink rate {report['attention']['sink_rate']['0.3']:.1f}% (eps 0.3), origin {verdict['origin']}, "
-          f"prefix ids {verdict['prefix_ids']} {verdict['prefix_tokens']}")
+    verdict = Verdict.of(report)
+    print(f"sink positions {verdict.sink_positions}, peak channels {verdict.peak_channels}, "
+          f"sink rate {report['attention']['sink_rate']['0.3']:.1f}% (eps 0.3), origin {verdict.origin}, "
+          f"prefix ids {verdict.prefix_ids} {verdict.prefix_tokens}")
     print(f"recommended: {report['recommendation']['command']}\n  or search one: "
           f"{report['recommendation']['auto_command']}")
     print(f"wrote {args.out}/report.json, report.html, report.md")

@@ -24,8 +24,8 @@ from sinkquant.cli.args import (
 def check(args: argparse.Namespace) -> None:
     """Every refusal that needs no model, before torch is imported: the recipe (or the auto flags), flags that
     would do nothing, the output folder, the data file."""
-    from sinkquant.artifacts import check_output_dir
-    from sinkquant.recipes.schema import check_recipe_file
+    from sinkquant.io import check_output_dir
+    from sinkquant.recipe import check_recipe_file
 
     auto = str(args.recipe) == AUTO
     check_auto_args(args, auto)
@@ -40,8 +40,8 @@ def run(args: argparse.Namespace) -> None:
 
     from sinkquant.data import plan_windows
     from sinkquant.engine import apply_recipe, save
-    from sinkquant.engine.targets import TARGETS
-    from sinkquant.recipes import load_recipe
+    from sinkquant.recipe import load_recipe
+    from sinkquant.search.targets import TARGETS
     from sinkquant.tables import print_table
 
     auto = str(args.recipe) == AUTO

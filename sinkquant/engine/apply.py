@@ -17,24 +17,24 @@ import torch
 from torch import nn
 from transformers import Cache
 
+from sinkquant.backends.peers import quantize_backend
+from sinkquant.backends.registry import BACKENDS
 from sinkquant.data import TokenStream, WindowPlan, plan_windows
-from sinkquant.engine.backends import BACKENDS
 from sinkquant.engine.pipeline import calibrate_sequential
-from sinkquant.engine.session import Session
 from sinkquant.errors import SinkquantError
 from sinkquant.models import LoadedModel
 from sinkquant.perplexity import PerplexityResult, Prefix, evaluate
-from sinkquant.quant.backends import quantize_backend
 from sinkquant.quant.embeddings import round_embeddings
-from sinkquant.quant.keep import attach_keep_state
+from sinkquant.quant.keep import attach_keep_state, keep_state
 from sinkquant.quant.kv import enable_kv_quant
 from sinkquant.quant.scheme import KeepPolicy, Scheme
 from sinkquant.quant.simulate import calibrate, candidate_layers, check_group_size, swap_linears
-from sinkquant.recipes.schema import Recipe
+from sinkquant.recipe import Recipe
 from sinkquant.steps import Stage
+from sinkquant.steps.session import Session
 
 if TYPE_CHECKING:
-    from sinkquant.engine.stream import LayerStream
+    from sinkquant.quant.stream import LayerStream
 
 
 @dataclass
@@ -68,7 +68,7 @@ class QuantizedModel:
         keep state, which then quantizes the KV for real."""
         kv_cache = BACKENDS[self.recipe.backend].kv_cache
         if kv_cache is not None and self.recipe.scheme.kv is not None:
-            return kv_cache(self.model.config, self.recipe.scheme.kv, self.model._sinkquant_keep, self.prefix)
+            return kv_cache(self.model.config, self.recipe.scheme.kv, keep_state(self.model), self.prefix)
         return None if self.prefix is None else self.prefix.cache_for_batch(batch)
 
     def step_record(self, name: str) -> dict[str, Any] | None:
@@ -140,7 +140,7 @@ def quantize_session(session: Session, pipeline: str = "sequential", kv: bool = 
         if scheme.needs_calibration:
             calibrate(session.model, session.quantized.values(), session.batches())
     if kv and scheme.kv is not None:
-        enable_kv_quant(session.model, session.loaded.adapter, scheme.kv, session.model._sinkquant_keep)
+        enable_kv_quant(session.model, session.loaded.adapter, scheme.kv, keep_state(session.model))
     return record
 
 
@@ -160,7 +160,7 @@ def quantize_model(
 
 
 def _working_copy(loaded: LoadedModel, copy: bool) -> LoadedModel:
-    if getattr(loaded.model, "_sinkquant_keep", None) is not None:
+    if keep_state(loaded.model) is not None:
         raise SinkquantError("this model is already quantized by sinkquant; reload it, or pass copy=True on its "
                              "first use so the original stays untouched")
     return replace(loaded, model=copy_module.deepcopy(loaded.model)) if copy else loaded
@@ -205,3 +205,23 @@ def apply_recipe(
     record["keep"] = {"positions": list(session.keep.positions), "token_ids": list(session.keep.token_ids)}
     record["seconds"] = time.perf_counter() - start
     return QuantizedModel(base=target, model=target.model, recipe=recipe, prefix=session.prefix, record=record)
+
+
+# Steps whose whole-model forwards come before quantization and whose weight changes go through
+# `Session.transform_layers`; the others (rotate, clip) change or run the whole model after that.
+STREAMED_STEPS = ("prefix", "smooth", "exceptions", "keep_sink", "act")
+
+
+def streaming_refusal(recipe: Recipe) -> str | None:
+    """Why `recipe` cannot be streamed, or None."""
+    backend = BACKENDS[recipe.backend]
+    if backend.peer is not None or backend.finalize is not None:
+        return (f"backend {recipe.backend!r} converts the whole model; stream its simulated twin (the artifact's "
+                "tensors are the same) or quantize in memory")
+    if recipe.calibration.pipeline != "sequential":
+        return "calibration.pipeline 'whole' runs whole-model forwards after quantization; use 'sequential'"
+    for step in recipe.steps:
+        if step.name not in STREAMED_STEPS:
+            return (f"step {step.name!r} changes the whole model at once or runs it after quantization (streamed: "
+                    f"{', '.join(STREAMED_STEPS)})")
+    return None

@@ -13,10 +13,16 @@ import torch
 import yaml
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+from torch import nn
 from transformers import AutoTokenizer, DynamicCache
 
 from sinkquant.adapters import adapter_for, normalize
-from sinkquant.artifacts import (
+from sinkquant.backends.native import NativeLinear
+from sinkquant.backends.peers import load_backend, save_backend
+from sinkquant.backends.registry import BACKENDS
+from sinkquant.engine.apply import QuantizedModel, quantize_structure, streaming_refusal
+from sinkquant.errors import SinkquantError
+from sinkquant.io import (
     ARTIFACT_MANIFEST,
     atomic_dir,
     atomic_write_json,
@@ -31,26 +37,29 @@ from sinkquant.artifacts import (
     to_json,
     verify_digests,
 )
-from sinkquant.backends.native import NativeLinear
-from sinkquant.engine.apply import QuantizedModel, quantize_structure
-from sinkquant.engine.backends import BACKENDS
-from sinkquant.engine.session import Session
-from sinkquant.errors import SinkquantError
 from sinkquant.models import LoadedModel, empty_model
 from sinkquant.perplexity import Prefix
-from sinkquant.quant.backends import load_backend, save_backend
 from sinkquant.quant.embeddings import embedding_weights
 from sinkquant.quant.embeddings import restore as restore_embedding
 from sinkquant.quant.embeddings import stored as stored_embedding
 from sinkquant.quant.qweight import QuantizedWeight
 from sinkquant.quant.scheme import KeepPolicy
 from sinkquant.quant.simulate import QuantLinear
-from sinkquant.recipes.schema import parse_recipe
+from sinkquant.quant.stream import (
+    WEIGHTS_INDEX,
+    LayerStream,
+    assign_tensors,
+    checkpoint_index,
+    read_tensors,
+    skeleton,
+    tensor_slots,
+)
+from sinkquant.recipe import parse_recipe
+from sinkquant.steps.session import Session
 
 FORMAT_VERSION = 2
 META = ARTIFACT_MANIFEST
 WEIGHTS = "model.safetensors"
-WEIGHTS_INDEX = "model.safetensors.index.json"  # a streamed quantization's shards, as hub checkpoints name them
 PREFIX = "prefix.safetensors"
 RECIPE = "recipe.yaml"
 QUANT_BUFFERS = ("weight_int", "weight_scale", "weight_zero_point", "act_scale", "act_zero_point")
@@ -273,8 +282,6 @@ def load(folder: str | Path, verify: bool = True, stream: bool = False) -> Quant
                            source={k: v for k, v in model_meta.items() if k not in ("spec", "adapter")})
         return QuantizedModel(base=base, model=model, recipe=recipe, prefix=None, record=record)
     if stream:
-        from sinkquant.engine.stream import skeleton, streaming_refusal
-
         refusal = streaming_refusal(recipe)
         if refusal is not None:
             raise SinkquantError(f"{folder}: this artifact cannot be streamed: {refusal}")
@@ -296,8 +303,6 @@ def load(folder: str | Path, verify: bool = True, stream: bool = False) -> Quant
     quantize_structure(session, kv=backend.kv_cache is None)  # else the backend's KV cache quantizes the KV
     layers = None
     if stream:
-        from sinkquant.engine.stream import artifact_layers
-
         layers = artifact_layers(folder, session)
     else:
         _restore_weights(model, session, read_artifact_weights(folder))
@@ -323,3 +328,32 @@ def load(folder: str | Path, verify: bool = True, stream: bool = False) -> Quant
     if backend.finalize is not None:
         backend.finalize(model, recipe.scheme)
     return QuantizedModel(base=base, model=model, recipe=recipe, prefix=session.prefix, record=record, layers=layers)
+
+
+def artifact_layers(folder: Path, session: Session) -> LayerStream:
+    """An artifact's tensors into the quantized skeleton of `session` (its QuantLinears in place): embeddings, final
+    norm, lm_head and every activation scale now (exceptions and checks read them), each decoder layer's integer
+    weights when a forward reads it. Tensors keep their stored dtype (a bf16 model stays bf16)."""
+    model = session.model
+    files = checkpoint_index(folder)
+    layer_names = f"{session.loaded.adapter.layers}."
+    scales = [n for n in files if n.startswith(layer_names) and n.endswith(("act_scale", "act_zero_point"))]
+    for name, tensor in read_tensors(files, scales, None).items():
+        module_name, _, buffer = name.rpartition(".")
+        setattr(model.get_submodule(module_name), buffer, tensor)
+    rest = read_tensors(files, [n for n in files if not n.startswith(layer_names)], None)
+    for name, weight in embedding_weights(model).items():
+        restore_embedding(rest, name, tuple(weight.shape), WEIGHTS)
+    assign_tensors(model, rest, [n for n in model.state_dict() if not n.startswith(layer_names)], folder)
+    model.tie_weights()
+
+    def read(index: int, layer: nn.Module) -> None:
+        prefix = f"{layer_names}{index}."
+        tensors = {n[len(prefix):]: t for n, t in read_tensors(
+            files, [n for n in files if n.startswith(prefix) and n not in scales], None).items()}
+        for name, module in layer.named_modules():
+            if isinstance(module, QuantLinear):
+                restore_quantized(name, module, tensors)
+        assign_tensors(layer, tensors, [n for n, _ in tensor_slots(layer) if not n.endswith(QUANT_BUFFERS)], folder)
+
+    return LayerStream(model, files, None, reader=read)

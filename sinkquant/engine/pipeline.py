@@ -17,9 +17,11 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import Cache
 
-from sinkquant.engine.session import Session
 from sinkquant.memory import release_freed_memory
+from sinkquant.quant.gptq import HessianAccumulator, gptq_quantize
+from sinkquant.quant.keep import keep_state
 from sinkquant.quant.simulate import QuantLinear
+from sinkquant.steps.session import Session
 
 
 class _StopForward(Exception):
@@ -97,8 +99,6 @@ def gptq_weights(session: Session, index: int, layers: dict[str, QuantLinear], r
     """GPTQ: run the layer once with its floating-point weights and unquantized inputs (no static scale exists
     yet) to collect each Linear's Hessian from its real inputs (kept positions left out), then quantize every
     Linear of the layer from it."""
-    from sinkquant.quant.gptq import HessianAccumulator, gptq_quantize
-
     targets = {name: m for name, m in layers.items() if m.weights_spec is not None}
     hessians = {name: HessianAccumulator(m.in_features, device=m.weight.device) for name, m in targets.items()}
 
@@ -132,7 +132,7 @@ def calibrate_sequential(session: Session) -> dict[str, Any]:
     """Quantize (round-to-nearest or GPTQ, as the scheme says) and calibrate every decoder layer in turn."""
     calls = capture_calls(session)
     decoder = session.loaded.adapter.decoder_layers(session.model)
-    keep = getattr(session.model, "_sinkquant_keep", None)
+    keep = keep_state(session.model)
     window_ids = [w[None].to(session.device) for w in session.calibration]
     hidden = [call.args[0] for call in calls[0]]
     record: dict[str, Any] = {}

@@ -23,6 +23,7 @@ from sinkquant.errors import SinkquantError
 from sinkquant.memory import release_freed_memory
 from sinkquant.models import LoadedModel
 from sinkquant.profiling import metrics
+from sinkquant.profiling.thresholds import HIDDEN_SINK_THRESHOLD
 
 PROBE_NAME = "sinkquant_probe"
 QUANT_SCHEMES: dict[str, tuple[int, bool]] = {
@@ -237,7 +238,7 @@ class AttentionStats:
         self._add(self.entropy, layer, metrics.row_entropy(attn[:, ::ENTROPY_QUERY_STRIDE]).mean(dim=-1))
         self._add(self.drain, layer, metrics.value_drain(value.detach()[0].float()))
         last_key = t - min(MIN_QUERIES_FOR_HIDDEN_SINK, t // 2)
-        heads, keys = torch.nonzero(cols[:, 1 : last_key + 1] > metrics.HIDDEN_SINK_THRESHOLD, as_tuple=True)
+        heads, keys = torch.nonzero(cols[:, 1 : last_key + 1] > HIDDEN_SINK_THRESHOLD, as_tuple=True)
         for h, k in zip(heads.tolist(), keys.tolist(), strict=True):
             self.window_hidden.setdefault(k + 1, []).append(float(cols[h, k + 1]))
 

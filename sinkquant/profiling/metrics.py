@@ -9,8 +9,6 @@ from collections.abc import Iterable
 
 import torch
 
-from sinkquant.steps.specs import HIDDEN_SINK_THRESHOLD  # noqa: F401  (re-exported: the act step uses it too)
-
 # Where each metric comes from; copied into every report so a reader can check the definitions.
 SOURCES: dict[str, str] = {
     "massive_activation": "Sun et al. 2024, Massive Activations in LLMs: |h| > 100 and >= 1000x median",

@@ -16,7 +16,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from sinkquant.artifacts import atomic_dir, to_json  # noqa: E402
+from sinkquant.io import atomic_dir, to_json  # noqa: E402
 from sinkquant.profiling import metrics  # noqa: E402
 from sinkquant.profiling.verdict import recommend  # noqa: E402
 

@@ -30,7 +30,7 @@ CONTENT_CUTOFF = f"massive in at least half as many occurrences as windows, or a
 
 @dataclass(frozen=True)
 class Verdict:
-    """Consumed by the recipes layer as `report["verdict"]`."""
+    """What a profile concludes for the recipes: stored as `report["verdict"]` (JSON), read back with `of`."""
 
     sink_positions: list[int]
     sink_token_ids: list[int]
@@ -54,6 +54,11 @@ class Verdict:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    @classmethod
+    def of(cls, report: dict[str, Any]) -> Verdict:
+        """The verdict of a profile report (a report written to JSON and read back holds it as a dict)."""
+        return cls(**report["verdict"])
 
 
 def _position_peaks(summary: dict[str, Any]) -> dict[int, float]:
@@ -196,12 +201,13 @@ def recommend(report: dict[str, Any]) -> dict[str, Any]:
     reasons, read from the profile. One recipe is recommended for every profile: on the three models it was checked
     on it is the best shipped static W8A8 recipe (RESULTS); the reasons say which of its steps the profile calls
     for. `findings` are the short summary sentences the report opens with."""
-    verdict = report["verdict"]
+    verdict = Verdict.of(report)
     spec, ctx, data = report["model"]["spec"], report["ctx"], _data_flag(report)
     findings, reasons = [], []
     rates = report["attention"]["sink_rate"]
-    position = verdict["top_sinks"][0]["position"] if verdict["top_sinks"] else (verdict["sink_positions"] or [0])[0]
-    others = [p for p in verdict["sink_positions"] if p != 0]
+    top, sinks = verdict.top_sinks, verdict.sink_positions
+    position = top[0]["position"] if top else (sinks or [0])[0]
+    others = [p for p in sinks if p != 0]
     shown = ", ".join(map(str, others[:TOP])) + (f" and {len(others) - TOP} more" if len(others) > TOP else "")
     findings.append(f"{rates['0.3']:.0f}% of attention heads put more than 0.3 of their attention on token 0"
                     + (f"; other sink positions: {shown}." if others else "."))
@@ -212,13 +218,13 @@ def recommend(report: dict[str, Any]) -> dict[str, Any]:
         findings.append(f"Token {position} carries |h| {peak['value']:,.0f} in channel {peak['channel']} from "
                         f"{span} (median |h| there {peak['median']:.3g}): one per-tensor int8 scale stretched to "
                         "cover it leaves ordinary tokens a few levels.")
-        first = f" ({verdict['prefix_tokens'][0]!r})" if verdict["prefix_tokens"] else ""
+        first = f" ({verdict.prefix_tokens[0]!r})" if verdict.prefix_tokens else ""
         reasons.append(f"token {position} carries |h| {peak['value']:,.0f} in channel {peak['channel']} from layer "
                        f"{layers[0]}: a one-token prefix{first} whose KV is computed once in full precision "
                        "takes the sink's place, so no quantized activation holds it")
     else:
         findings.append("No massive residual activation at the sink: per-tensor scales are not stretched by it.")
-    broken = verdict["broken_linears"]
+    broken = verdict.broken_linears
     total = report["model"].get("linear_inputs")
     if broken:
         worst = broken[0]
@@ -237,7 +243,7 @@ def recommend(report: dict[str, Any]) -> dict[str, Any]:
                        f"({widest}) against a median of {median:.2g}: smoothing moves such channels into the "
                        "weights, and the 8 widest inputs keep full precision")
     recipe = RECOMMENDED
-    content = [c for c in verdict["top_content_sinks"]
+    content = [c for c in verdict.top_content_sinks
                if c["probe_sink"] or (c["frequency"] or 0.0) >= CONTENT_SINK_FREQUENCY]
     if content:
         tokens = ", ".join(repr(c["token"]) for c in content)
@@ -246,7 +252,7 @@ def recommend(report: dict[str, Any]) -> dict[str, Any]:
         reasons.append(f"content sinks ({tokens}) recur all through the text, where no prefix reaches them: "
                        "attention calibration (ACT) lowers the attention heads pour onto them before smoothing "
                        "measures the Linear inputs")
-    findings.append(f"Sinks are chosen by {verdict['origin']} (origin probe).")
+    findings.append(f"Sinks are chosen by {verdict.origin} (origin probe).")
     command = f"sinkquant quantize --model {spec} --data {data} --ctx {ctx} --recipe recipes/{recipe}.yaml " \
               f"--out out/{recipe}"
     auto = f"sinkquant quantize --model {spec} --data {data} --ctx {ctx} --recipe auto --out out/auto"

@@ -82,10 +82,24 @@ class KeepState:
         self.input_ids = kwargs.get("input_ids", args[0] if args else None)
 
 
+_ATTRIBUTE = "_sinkquant_keep"  # where a quantized model carries its KeepState (a deepcopy carries it along)
+
+
+def keep_state(model: nn.Module) -> KeepState | None:
+    """The model's KeepState (`attach_keep_state`); None: sinkquant has not quantized this model."""
+    return getattr(model, _ATTRIBUTE, None)
+
+
+def detach_keep_state(model: nn.Module) -> None:
+    """Drop the state from a copy that leaves sinkquant (an export's plain model); its hooks go with the caller's
+    clearing of forward pre-hooks."""
+    model.__dict__.pop(_ATTRIBUTE, None)
+
+
 def attach_keep_state(model: nn.Module, adapter: Adapter, policy: KeepPolicy) -> KeepState:
     """Install the hooks once; the state is an attribute of the model so a copy keeps it consistent."""
     state = KeepState(policy)
-    model._sinkquant_keep = state
+    setattr(model, _ATTRIBUTE, state)
     if policy:
         model.register_forward_pre_hook(state.model_hook, with_kwargs=True)
         for layer in adapter.decoder_layers(model):

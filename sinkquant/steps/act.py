@@ -31,7 +31,7 @@ from sinkquant.steps.base import Step, register
 from sinkquant.steps.specs import ActConfig, ActSpec
 
 if TYPE_CHECKING:
-    from sinkquant.engine.session import Session
+    from sinkquant.steps.session import Session
 
 __all__ = ["ActConfig", "ActState", "ActStep", "act_attention", "additive_mask", "calibrate", "install"]
 

@@ -23,8 +23,8 @@ from pydantic import BaseModel, ConfigDict
 from sinkquant.errors import SinkquantError
 
 if TYPE_CHECKING:
-    from sinkquant.engine.session import Session
     from sinkquant.quant.scheme import Scheme
+    from sinkquant.steps.session import Session
 
 
 class Stage(enum.IntEnum):

@@ -12,7 +12,7 @@ from sinkquant.steps.base import Step, register
 from sinkquant.steps.specs import ClipConfig, ClipSpec
 
 if TYPE_CHECKING:
-    from sinkquant.engine.session import Session
+    from sinkquant.steps.session import Session
 
 __all__ = ["Clip", "ClipConfig"]
 

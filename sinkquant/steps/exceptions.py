@@ -10,7 +10,7 @@ from sinkquant.steps.base import Step, register
 from sinkquant.steps.specs import ExceptionsConfig, ExceptionsSpec
 
 if TYPE_CHECKING:
-    from sinkquant.engine.session import Session
+    from sinkquant.steps.session import Session
 
 __all__ = ["MAX_SHARE", "Exceptions", "ExceptionsConfig", "release"]
 

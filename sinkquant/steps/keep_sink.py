@@ -9,7 +9,7 @@ from sinkquant.steps.base import Step, register
 from sinkquant.steps.specs import KeepSinkConfig, KeepSinkSpec
 
 if TYPE_CHECKING:
-    from sinkquant.engine.session import Session
+    from sinkquant.steps.session import Session
 
 __all__ = ["KeepSink", "KeepSinkConfig"]
 

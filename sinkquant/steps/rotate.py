@@ -17,7 +17,7 @@ from sinkquant.steps.base import Step, register
 from sinkquant.steps.specs import RotateConfig, RotateSpec
 
 if TYPE_CHECKING:
-    from sinkquant.engine.session import Session
+    from sinkquant.steps.session import Session
 
 __all__ = ["Rotate", "RotateConfig"]
 

@@ -26,8 +26,8 @@ from sinkquant.steps.specs import SmoothConfig, SmoothSpec
 __all__ = ["Smooth", "SmoothConfig"]
 
 if TYPE_CHECKING:
-    from sinkquant.engine.session import Session
     from sinkquant.quant.scheme import Scheme
+    from sinkquant.steps.session import Session
 
 # Calibration rows per group the layer-wise choice scores on (sink rows left out), sampled with a fixed seed.
 LAYER_SAMPLES = 128

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 from pydantic import Field, PositiveInt, model_validator
 
 from sinkquant.errors import SinkquantError
+from sinkquant.profiling.thresholds import HIDDEN_SINK_THRESHOLD
 from sinkquant.steps.base import Stage, StepConfig, StepSpec, spec
 
 if TYPE_CHECKING:
@@ -34,7 +35,6 @@ TokenId = Annotated[int, Field(ge=0, le=MAX_TOKEN_ID)]
 Seed = Annotated[int, Field(ge=0, le=MAX_SEED)]
 Alpha = Annotated[float, Field(ge=0.0, le=1.0)]
 
-HIDDEN_SINK_THRESHOLD = 0.1  # ACT's (and the profile's) column mean above which a key is a hidden sink
 BETA = 0.4  # ACT's default
 MIN_QUERIES = 32  # as the profile's hidden sinks: a key seen by a handful of queries has a large mean by construction
 

@@ -16,7 +16,7 @@ from sinkquant.perplexity import Prefix
 from sinkquant.quant.scheme import KeepPolicy, Scheme
 
 if TYPE_CHECKING:
-    from sinkquant.engine.stream import LayerStream
+    from sinkquant.quant.stream import LayerStream
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""An ONNX export folder (sinkquant.backends.onnx_export) as a model like any other: `load_onnx` verifies every
+"""An ONNX export folder (sinkquant.backends.export.onnx) as a model like any other: `load_onnx` verifies every
 file against the manifest's sha256 and returns a LoadedModel whose `model` runs the graph through
 `onnxruntime.InferenceSession`, behind the interface `sinkquant.perplexity.evaluate` and generation use, with the
 fp prefix KV as the first past."""
@@ -16,8 +16,7 @@ from transformers import AutoConfig, AutoTokenizer, DynamicCache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from sinkquant.adapters import adapter_for
-from sinkquant.artifacts import read_manifest, verify_digests
-from sinkquant.backends.onnx_export import (
+from sinkquant.backends.export.onnx import (
     LOGITS_TO_KEEP,
     MODEL_FILE,
     ONNX_MANIFEST,
@@ -26,6 +25,7 @@ from sinkquant.backends.onnx_export import (
     present_names,
 )
 from sinkquant.errors import SinkquantError
+from sinkquant.io import read_manifest, verify_digests
 from sinkquant.models import LoadedModel
 from sinkquant.perplexity import Prefix
 

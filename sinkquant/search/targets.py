@@ -21,24 +21,24 @@ from sinkquant.errors import SinkquantError
 if TYPE_CHECKING:  # the CLI checks --target before torch is imported
     from torch import nn
 
-    from sinkquant.recipes.schema import Recipe
+    from sinkquant.recipe import Recipe
 
 
 def _native(recipe: Recipe, _model: nn.Module | None) -> list[str]:
-    from sinkquant.engine.backends import native_refusal
+    from sinkquant.backends.registry import native_refusal
 
     refusal = native_refusal(recipe.scheme)
     return [refusal] if refusal else []
 
 
 def _compressed_tensors(recipe: Recipe, model: nn.Module | None) -> list[str]:
-    from sinkquant.backends.export import compressed_tensors_refusals
+    from sinkquant.backends.export.compressed_tensors import compressed_tensors_refusals
 
     return compressed_tensors_refusals(recipe, model)
 
 
 def _onnx(recipe: Recipe, _model: nn.Module | None) -> list[str]:
-    from sinkquant.backends.onnx_export import onnx_refusals
+    from sinkquant.backends.export.onnx import onnx_refusals
 
     return onnx_refusals(recipe)
 
@@ -63,8 +63,8 @@ DEFAULT_TARGET = "native"
 def check_target(name: str, scheme: str) -> Target:
     """The target named `name`, refused in one line (before any model loads) where the name is not one or its
     runtime cannot run the base scheme `scheme` at all."""
-    from sinkquant.engine.search_space import base_scheme
-    from sinkquant.recipes.schema import parse_recipe
+    from sinkquant.recipe import parse_recipe
+    from sinkquant.search.space import base_scheme
 
     if name not in TARGETS:
         raise SinkquantError(f"--target {name!r} is not valid; valid: {', '.join(TARGETS)} (default "

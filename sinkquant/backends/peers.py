@@ -18,7 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from sinkquant.artifacts import (
+from sinkquant.errors import SinkquantError
+from sinkquant.io import (
     atomic_dir,
     atomic_write_json,
     check_listed,
@@ -27,7 +28,6 @@ from sinkquant.artifacts import (
     read_manifest,
     verify_digests,
 )
-from sinkquant.errors import SinkquantError
 
 if TYPE_CHECKING:
     import torch

@@ -42,11 +42,18 @@ import torch.nn.functional as F
 import yaml
 from tqdm.auto import tqdm
 
-from sinkquant.artifacts import atomic_write_json, atomic_write_text
 from sinkquant.data import TokenStream, plan_windows
 from sinkquant.engine.apply import QuantizedModel, apply_recipe
-from sinkquant.engine.search_space import (  # BASE_SCHEMES re-exported: the search's callers read it here
-    BASE_SCHEMES,  # noqa: F401
+from sinkquant.errors import SinkquantError
+from sinkquant.io import atomic_write_json, atomic_write_text
+from sinkquant.models import LoadedModel
+from sinkquant.perplexity import Prefix
+from sinkquant.profiling.profiler import profile
+from sinkquant.profiling.verdict import Verdict
+from sinkquant.quant.scheme import KeepPolicy
+from sinkquant.quant.simulate import QuantLinear
+from sinkquant.recipe import Recipe, parse_recipe
+from sinkquant.search.space import (
     DEFAULT_BUDGET,
     DEFAULT_MAX_EXCEPTIONS,
     SCORE_WINDOWS,
@@ -57,17 +64,11 @@ from sinkquant.engine.search_space import (  # BASE_SCHEMES re-exported: the sea
     check_calib_windows,
     check_max_exceptions,
 )
-from sinkquant.engine.session import Session
-from sinkquant.engine.targets import check_target
-from sinkquant.errors import SinkquantError
-from sinkquant.models import LoadedModel
-from sinkquant.perplexity import Prefix
-from sinkquant.quant.scheme import KeepPolicy
-from sinkquant.quant.simulate import QuantLinear
-from sinkquant.recipes.prefix import profile_candidates, with_bos
-from sinkquant.recipes.schema import Recipe, parse_recipe
+from sinkquant.search.targets import check_target
 from sinkquant.steps.clip import Clip
 from sinkquant.steps.exceptions import MAX_SHARE
+from sinkquant.steps.prefix import profile_candidates, with_bos
+from sinkquant.steps.session import Session
 
 OBJECTIVE = "mean KL(fp32 || quantized) of the next-token distribution, nats per scored token"
 
@@ -307,7 +308,7 @@ def auto_recipe(
 ) -> tuple[Recipe, dict[str, Any]]:
     """Search a recipe for `loaded` on calibration windows only; returns it with the trace of what was tried.
     The loaded model is left untouched (every candidate works on a copy). Only candidates that `target`
-    (sinkquant.engine.targets) runs are tried; the chosen recipe names the target's backend. The CLI's default
+    (sinkquant.search.targets) runs are tried; the chosen recipe names the target's backend. The CLI's default
     target is native; this function's stays simulated, the search's research setting."""
     chosen = check_target(target, scheme)
     base, budget = base_scheme(scheme), check_budget(budget)
@@ -331,7 +332,7 @@ def auto_recipe(
             if not search.calibrated("prefix", [_prefix_step(loaded, ids)]) and len(ids) > 1:
                 break
         ablation.append(_ablation("prefix", naive, search.best["objective"]))
-        sinks = report["verdict"]["sink_positions"]
+        sinks = Verdict.of(report).sink_positions
         if not search.best["steps"] and sinks:  # no prefix pays: keep the verdict's sink positions instead
             search.calibrated("keep_sink", [{"keep_sink": {"positions": sinks}}])
             ablation.append(_ablation("keep_sink", naive, search.best["objective"]))
@@ -358,7 +359,7 @@ def auto_recipe(
         "objective": OBJECTIVE,
         "windows": {"score": region[:score_windows], "search_calibration": search_ids,
                     "final_calibration": region[score_windows:]},
-        "verdict": {k: report["verdict"][k] for k in ("prefix_ids", "prefix_tokens", "sink_positions")},
+        "verdict": {k: getattr(Verdict.of(report), k) for k in ("prefix_ids", "prefix_tokens", "sink_positions")},
         "naive_objective": naive, "chosen_objective": best["objective"], "budget_met": best["objective"] <= budget,
         "ablation": ablation, "candidates": search.candidates, "recipe": recipe.resolved(),
         "seconds": time.perf_counter() - start,
@@ -368,7 +369,6 @@ def auto_recipe(
 
 def _profile(loaded: LoadedModel, windows: torch.Tensor) -> dict[str, Any]:
     """One profile of the search windows serves every prefix candidate (as the prefix step would profile)."""
-    from sinkquant.profiling import profile
 
     sample = TokenStream(ids=windows.reshape(-1), text_sha256="calibration windows", source={"kind": "calibration"})
     return profile(loaded, sample, ctx=windows.shape[1], windows=windows.shape[0], bos="never", progress=False,

@@ -31,17 +31,18 @@ from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
 from sinkquant.adapters import adapter_for
-from sinkquant.artifacts import atomic_dir, atomic_write_json, file_digests, library_versions
 from sinkquant.backends.native import NativeLinear, convert_to_native
-from sinkquant.engine.backends import export_refusals
+from sinkquant.backends.registry import export_refusals
 from sinkquant.errors import SinkquantError
+from sinkquant.io import atomic_dir, atomic_write_json, file_digests, library_versions
 from sinkquant.quant.embeddings import int8_rows
+from sinkquant.quant.keep import keep_state
 from sinkquant.quant.qweight import QuantizedWeight
 from sinkquant.quant.rotation import INPUT_ATTRIBUTE, OUTPUT_ATTRIBUTE
+from sinkquant.recipe import Recipe, parse_recipe
 
 if TYPE_CHECKING:
     from sinkquant.engine.apply import QuantizedModel
-    from sinkquant.recipes.schema import Recipe
 
 ONNX_MANIFEST = "sinkquant_onnx.json"
 MODEL_FILE = "model.onnx"
@@ -64,8 +65,6 @@ def present_names(layer: int) -> tuple[str, str]:
 def onnx_refusals(recipe: Recipe | dict[str, Any]) -> list[str]:
     """The parts of a recipe the ONNX export cannot express, one line each naming the part (empty: exportable).
     Model-dependent parts (the architecture, kept positions outside the prefix) are checked at export."""
-    from sinkquant.recipes.schema import parse_recipe
-
     if isinstance(recipe, dict):
         recipe = parse_recipe(recipe, "recipe")
     refusals = export_refusals(recipe.backend)
@@ -417,12 +416,11 @@ def save_graph(graph: onnx.ModelProto, folder: Path) -> list[str]:
 
 
 def _kept_outside_prefix(model: nn.Module, prefix_length: int) -> list[int]:
-    keep = getattr(model, "_sinkquant_keep", None)
-    policy = getattr(keep, "policy", None)
-    if policy is None:
+    keep = keep_state(model)
+    if keep is None:
         return []
-    outside = [p for p in policy.positions if p >= prefix_length]
-    return outside + [-1] * bool(policy.token_ids)
+    outside = [p for p in keep.policy.positions if p >= prefix_length]
+    return outside + [-1] * bool(keep.policy.token_ids)
 
 
 def export_onnx(quantized: QuantizedModel, out: str | os.PathLike, overwrite: bool = False) -> Path:

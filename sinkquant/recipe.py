@@ -13,9 +13,9 @@ from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from sinkquant.artifacts import read_structured
-from sinkquant.engine.backends import BACKENDS
+from sinkquant.backends.registry import BACKENDS
 from sinkquant.errors import SinkquantError
+from sinkquant.io import read_structured
 from sinkquant.quant.scheme import Scheme
 from sinkquant.steps import Stage, Step, StepSpec
 from sinkquant.steps.base import known_steps

@@ -8,7 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from sinkquant.quant.backends import PEERS, Peer
+from sinkquant.backends.peers import PEERS, Peer
 from sinkquant.quant.scheme import Scheme
 
 if TYPE_CHECKING:  # the registry itself is torch-free: the recipe parser reads it before torch is imported

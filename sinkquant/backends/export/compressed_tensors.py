@@ -6,7 +6,7 @@ with sinkquant's own integer grids: each quantized Linear's weight is the dequan
 compressor rounds back to the same integers), `weight_scale` / `weight_zero_point` and `input_scale` /
 `input_zero_point` are sinkquant's. Layers left in floating point (and lm_head) are `ignore`d; exception layers
 of a W8A8 model (weight-only) become a second, weight-only config group. A rotated model's rotations become the
-config's transform_config (sinkquant.backends.transforms: fused ones described, the online Hadamard before
+config's transform_config (sinkquant.backends.export.transforms: fused ones described, the online Hadamard before
 down_proj stored and applied at load).
 
 The fp prefix KV has no place in the format: it is written beside the model as `prefix_kv.safetensors`
@@ -29,7 +29,11 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import DynamicCache
 
-from sinkquant.artifacts import (
+from sinkquant.backends.export.transforms import expected_rotation, rotation_refusals, transform_config
+from sinkquant.backends.native import NativeLinear, convert_to_native
+from sinkquant.backends.registry import export_refusals
+from sinkquant.errors import SinkquantError
+from sinkquant.io import (
     atomic_dir,
     atomic_write_json,
     library_versions,
@@ -38,17 +42,14 @@ from sinkquant.artifacts import (
     sha256_file,
     verify_digests,
 )
-from sinkquant.backends import FORMATS
-from sinkquant.backends.native import NativeLinear, convert_to_native
-from sinkquant.backends.transforms import attach_online, expected_rotation, rotation_refusals, transform_config
-from sinkquant.engine.backends import export_refusals
-from sinkquant.errors import SinkquantError
+from sinkquant.online_transforms import attach_online
 from sinkquant.perplexity import Prefix
+from sinkquant.quant.keep import detach_keep_state
 from sinkquant.quant.qweight import QuantizedWeight
 
 if TYPE_CHECKING:
     from sinkquant.engine.apply import QuantizedModel
-    from sinkquant.recipes.schema import Recipe
+    from sinkquant.recipe import Recipe
 
 PREFIX_KV = "prefix_kv.safetensors"
 PREFIX_META = "prefix.json"
@@ -144,7 +145,7 @@ def export_compressed_tensors(
     overwrite: bool = False, provenance: dict[str, Any] | None = None, rotation: dict[str, Any] | None = None,
 ) -> Path:
     """Write `model` (its quantized layers NativeLinear) as a compressed-tensors folder, atomically; `rotation`
-    (the rotate step's record) becomes its transform_config (sinkquant.backends.transforms)."""
+    (the rotate step's record) becomes its transform_config (sinkquant.backends.export.transforms)."""
     from compressed_tensors.compressors import ModelCompressor
     from compressed_tensors.quantization import apply_quantization_config
 
@@ -166,8 +167,7 @@ def export_compressed_tensors(
             linear.bias.data.copy_(layer.bias)
         parent, _, child = name.rpartition(".")
         setattr(plain.get_submodule(parent), child, linear)
-    for attribute in ("_sinkquant_keep",):
-        plain.__dict__.pop(attribute, None)
+    detach_keep_state(plain)
     plain._forward_pre_hooks.clear()
     ignore = [n for n, m in plain.named_modules() if isinstance(m, nn.Linear) and n not in layers]
     config = _quantization_config(layers, ignore)
@@ -231,29 +231,6 @@ def compressed_tensors_refusals(recipe: Recipe, model: nn.Module | None = None) 
     return refusals
 
 
-def export(quantized: QuantizedModel, out: str | os.PathLike, format: str = "compressed-tensors",
-           overwrite: bool = False) -> Path:
-    """Write an engine-made model (native or simulated layers: the same integers) for serving engines, with its
-    fp prefix KV beside it; the QuantizedModel itself is left untouched."""
-    if format not in FORMATS:
-        raise SinkquantError(f"format={format!r} is not valid; valid: {', '.join(FORMATS)}")
-    if format == "onnx":
-        from sinkquant.backends.onnx_export import export_onnx
-
-        return export_onnx(quantized, out, overwrite=overwrite)
-    recipe = quantized.recipe
-    rotation = quantized.step_record("rotate")
-    refusals = [*compressed_tensors_refusals(recipe), *(f"step 'rotate': {r}" for r in rotation_refusals(rotation))]
-    if refusals:
-        raise SinkquantError(f"recipe {recipe.name!r} cannot be exported to compressed-tensors: {'; '.join(refusals)}")
-    model = quantized.model
-    if any(isinstance(getattr(m, "qweight", None), QuantizedWeight) for m in model.modules()):
-        model = copy.deepcopy(model)  # simulated layers: convert a copy, the same integers and scales
-        convert_to_native(model)
-    return export_compressed_tensors(model, quantized.base.tokenizer, out, prefix=quantized.prefix,
-                                     overwrite=overwrite, provenance={"recipe": recipe.resolved(),
-                                                                      "model": quantized.base.spec},
-                                     rotation=rotation)
 
 
 def _write_prefix(folder: Path, prefix: Prefix) -> dict[str, str]:
@@ -345,3 +322,21 @@ def load_prefix_cache(folder: str | os.PathLike, config: Any) -> tuple[list[int]
         raise SinkquantError(f"{meta_path}: field 'token_ids' {ids} differs from the prefix_ids "
                              f"{manifest.get('prefix_ids')} that {MANIFEST} records")
     return ids, cache
+
+
+def export_quantized(quantized: QuantizedModel, out: str | os.PathLike, overwrite: bool = False) -> Path:
+    """An engine-made model (native or simulated layers: the same integers) as a compressed-tensors folder with
+    its fp prefix KV beside it; the QuantizedModel itself is left untouched."""
+    recipe = quantized.recipe
+    rotation = quantized.step_record("rotate")
+    refusals = [*compressed_tensors_refusals(recipe), *(f"step 'rotate': {r}" for r in rotation_refusals(rotation))]
+    if refusals:
+        raise SinkquantError(f"recipe {recipe.name!r} cannot be exported to compressed-tensors: {'; '.join(refusals)}")
+    model = quantized.model
+    if any(isinstance(getattr(m, "qweight", None), QuantizedWeight) for m in model.modules()):
+        model = copy.deepcopy(model)  # simulated layers: convert a copy, the same integers and scales
+        convert_to_native(model)
+    return export_compressed_tensors(model, quantized.base.tokenizer, out, prefix=quantized.prefix,
+                                     overwrite=overwrite, provenance={"recipe": recipe.resolved(),
+                                                                      "model": quantized.base.spec},
+                                     rotation=rotation)
