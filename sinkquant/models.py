@@ -85,7 +85,7 @@ def _strip_gguf_quantizer(model: PreTrainedModel) -> None:
 
 def gguf_add_bos(path: Path) -> bool | None:
     """`tokenizer.ggml.add_bos_token` from a GGUF file's metadata (None when absent): evidence that the model is
-    trained with BOS (recipes.prefix.bos_evidence). Read once at load, before the weights: parsing a GGUF holds
+    trained with BOS (models.bos_evidence). Read once at load, before the weights: parsing a GGUF holds
     about 1.7x the file in memory for a moment."""
     from gguf import GGUFReader
 

@@ -450,7 +450,7 @@ def test_code_hash_changes_with_any_source_file(tmp_path) -> None:
     shutil.copytree(REPO / "sinkquant", copy, ignore=shutil.ignore_patterns("__pycache__"))
 
     def hash_of(root: Path) -> str:
-        spec = importlib.util.spec_from_file_location("artifacts_copy", root / "artifacts.py")
+        spec = importlib.util.spec_from_file_location("io_copy", root / "io.py")
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
         return module.code_sha256()

@@ -1,4 +1,4 @@
-"""`sinkquant profile`: the command-line face of `sinkquant.profiling.profile`."""
+"""`sinkquant profile`: the command-line face of `sinkquant.profiling.profiler.profile`."""
 
 from __future__ import annotations
 

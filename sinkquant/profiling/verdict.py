@@ -111,7 +111,7 @@ def build_verdict(summary: dict[str, Any], outlier_ids: Counter[int], windows: i
     """Sink positions: massive in at least half the windows, plus 0 when most heads put > 0.3 on it (Gu et al.).
     Sink ids: ids massive outside position 0 in at least half as many occurrences as windows, plus ids the
     probe showed to become sinks wherever they stand. Prefix: PrefixQuant's rule (metrics.md item 2), with
-    BOS only where the model is trained with one (`bos_trained`, from recipes.prefix.bos_evidence; None:
+    BOS only where the model is trained with one (`bos_trained`, from models.bos_evidence; None:
     unknown, PrefixQuant's own rule of BOS whenever the tokenizer names one)."""
     residual = summary["residual"]
     positions = {p["position"] for p in residual["massive_positions"] if 2 * p["windows"] >= windows}
