@@ -15,7 +15,8 @@ from sinkquant.data import plan_windows
 from sinkquant.engine import apply_recipe
 from sinkquant.perplexity import evaluate
 from sinkquant.recipe import load_recipe
-from sinkquant.search.auto import DEFAULT_BUDGET, DEFAULT_MAX_EXCEPTIONS, auto_recipe, write_auto_recipe
+from sinkquant.search import SearchConfig, search_recipe, write_auto_recipe
+from sinkquant.search.space import DEFAULT_BUDGET, DEFAULT_MAX_EXCEPTIONS
 
 # Per base scheme: the fixed recipes beside auto, the fixed best last (its time and the search's are taken back to
 # back; the cost goal is a multiple of it).
@@ -53,9 +54,9 @@ def main() -> None:
                      "quantize_s": wall, "quantize_cpu_s": cpu})
         print(rows[-1], flush=True)
         del quantized
-    (recipe, trace), search_s, search_cpu = timed(auto_recipe, loaded, stream, scheme=args.scheme, ctx=args.ctx,
-                                                  calib_windows=args.calib_windows, budget=args.budget,
-                                                  max_exceptions=args.max_exceptions)
+    config = SearchConfig(scheme=args.scheme, ctx=args.ctx, calib_windows=args.calib_windows, budget=args.budget,
+                          max_exceptions=args.max_exceptions)
+    (recipe, trace), search_s, search_cpu = timed(search_recipe, loaded, stream, config)
     path, _ = write_auto_recipe(recipe, trace, args.out.with_name(f"{args.out.name}-{args.scheme}.yaml"))
     quantized, apply_s, apply_cpu = timed(apply_recipe, loaded, recipe, stream, args.ctx, copy=True)
     rows.append({"recipe": f"auto ({args.scheme})", "ppl": quantized.evaluate(stream, plan, progress=False).ppl,

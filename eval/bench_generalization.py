@@ -26,7 +26,8 @@ from sinkquant.data import Text, load_text, tokenize
 from sinkquant.io import atomic_write_bytes, code_sha256, sha256_file
 from sinkquant.models import load_model
 from sinkquant.recipe import load_recipe
-from sinkquant.search.auto import DEFAULT_MAX_EXCEPTIONS, auto_recipe, write_auto_recipe
+from sinkquant.search import SearchConfig, search_recipe, write_auto_recipe
+from sinkquant.search.space import DEFAULT_MAX_EXCEPTIONS
 from sinkquant.tables import markdown_table
 from sinkquant.zoo import DEFAULT_MODEL, ZOO
 
@@ -93,8 +94,8 @@ def main() -> None:
             auto_path = (args.cache / f"{name}-{text_name}-{code_sha256()[:12]}-x{args.max_exceptions}"
                          / f"{AUTO}.yaml")
             if not auto_path.is_file():
-                recipe, trace = auto_recipe(loaded, stream, ctx=args.ctx, max_exceptions=args.max_exceptions,
-                                            progress=False)
+                recipe, trace = search_recipe(loaded, stream, SearchConfig(
+                    ctx=args.ctx, max_exceptions=args.max_exceptions, progress=False))
                 write_auto_recipe(recipe, trace, auto_path)
             released = [s["exceptions"]["layers"] for s in load_recipe(auto_path).resolved()["steps"]
                         if "exceptions" in s]

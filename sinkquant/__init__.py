@@ -29,6 +29,7 @@ _API: dict[str, tuple[str, str]] = {
     "tokenize": ("sinkquant.data", "tokenize"),
     "profile": ("sinkquant.profiling.profiler", "profile"),
     "export": ("sinkquant.backends.export", "export"),
+    "search_recipe": ("sinkquant.search", "search_recipe"),
 }
 __all__ = sorted([*_API, "SinkquantError"])
 

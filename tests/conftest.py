@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from sinkquant.cli.args import drop_known_noise
+from sinkquant.cli.noise import drop_known_noise
 
 drop_known_noise()  # before the imports below pull in torchao (xdist workers print what pytest does not capture)
 

@@ -14,21 +14,11 @@ from sinkquant.data import plan_windows
 from sinkquant.engine import apply_recipe
 from sinkquant.errors import SinkquantError
 from sinkquant.recipe import load_recipe, parse_recipe
-from sinkquant.search.auto import (
-    NOISE_Z,
-    Objective,
-    _alpha_walk,
-    _counts,
-    _exception_ranking,
-    _layer_alpha,
-    _prefix_candidates,
-    _quantized_layers,
-    _Search,
-    auto_recipe,
-    improvement_z,
-    write_auto_recipe,
-)
+from sinkquant.search.loop import auto_recipe, run_stage, write_auto_recipe
+from sinkquant.search.objective import NOISE_Z, Objective, improvement_z
 from sinkquant.search.space import BASE_SCHEMES
+from sinkquant.search.stages import AlphaWalk, LayerAlpha, exception_ranking, prefix_candidates, smallest_count
+from sinkquant.search.state import Search, quantized_layers
 from tests.tiny import tiny_folder, tiny_model
 
 CTX = 64
@@ -112,12 +102,12 @@ def test_alpha_walk_and_group_alphas_start_from_kept_smoothing(smollm2, wikitext
     loaded = tiny_model("llama", smollm2.tokenizer)
     score = list(plan_windows(wikitext_stream, CTX, max_windows=1, calib_windows=3).calib_windows)[:1]
     base = BASE_SCHEMES["w8a8-static"]
-    search = _Search(loaded, wikitext_stream, base, CTX, 2, Objective(loaded, wikitext_stream.windows(CTX, score)),
-                     None, progress=False)
+    search = Search(loaded, wikitext_stream, base, CTX, 2, Objective(loaded, wikitext_stream.windows(CTX, score)),
+                    None, progress=False)
     assert search.calibrated("smooth", [{"smooth": {"alpha": base.alphas[0]}}])
     ablation: list[dict] = []
-    _alpha_walk(search, ablation)
-    _layer_alpha(search, ablation)
+    run_stage(AlphaWalk(), search, ablation)
+    run_stage(LayerAlpha(), search, ablation)
     assert [a["step"] for a in ablation] == ["alpha", "layer_alpha"] and not any("reason" in a for a in ablation)
     walk = [c["steps"][-1]["smooth"]["alpha"] for c in search.candidates if c["stage"] == "alpha"]
     assert walk[0] == min(a for a in base.alphas if a > base.alphas[0])  # upwards first, one grid step
@@ -221,7 +211,7 @@ def test_prefix_candidates_are_the_prefix_steps_even_where_the_verdict_names_non
     prefix at all there, while the prefix step itself falls back to PrefixQuant's most frequent outliers."""
     loaded = tiny_model("llama", smollm2.tokenizer)
     report = {"verdict": {"prefix_ids": [], "prefix_candidates": [], "outlier_token_count": 0}}
-    candidates = _prefix_candidates(loaded, report, torch.empty(0, 0, dtype=torch.long), max_prefix=4)
+    candidates = prefix_candidates(loaded, report, torch.empty(0, 0, dtype=torch.long), max_prefix=4)
     newline = smollm2.tokenizer.encode("\n", add_special_tokens=False)
     assert candidates and candidates[-1][-1:] == newline
     assert all(longer[: len(shorter)] == shorter for shorter, longer in zip(candidates, candidates[1:], strict=False))
@@ -235,12 +225,12 @@ def test_exceptions_are_ranked_by_measured_output_error_not_range_width(smollm2,
     recipe = parse_recipe({"name": "n", "description": "d", "scheme": BASE_SCHEMES["w8a8-static"].scheme,
                            "calibration": {"windows": 2}})
     quantized = apply_recipe(loaded, recipe, wikitext_stream, CTX, copy=True)
-    layers = _quantized_layers(quantized)
+    layers = quantized_layers(quantized)
     clipped, widened = "model.layers.0.mlp.down_proj", "model.layers.1.self_attn.q_proj"
     layers[clipped].act_scale = layers[clipped].act_scale * 1e-3
     layers[widened].act_scale = layers[widened].act_scale * 1e3
     windows = wikitext_stream.windows(CTX, [0, 1])
-    ranking = _exception_ranking(quantized, layers, windows, [])
+    ranking = exception_ranking(quantized, layers, windows, [])
     assert set(ranking[:2]) == {clipped, widened}
     assert sorted(ranking) == sorted(n for n, m in layers.items() if m.activations is not None)
 
@@ -254,7 +244,7 @@ def test_exception_count_is_the_smallest_that_meets_in_logarithmic_steps(limit) 
             asked.append(k)
             return k >= smallest
 
-        assert _counts(limit, meets) == smallest
+        assert smallest_count(limit, meets) == smallest
         assert len(asked) <= 2 * math.ceil(math.log2(limit)) + 1
 
 

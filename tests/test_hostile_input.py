@@ -218,7 +218,7 @@ def test_too_few_bytes_for_the_calibration_windows_is_refused_before_torch(tmp_p
 
 
 def test_quiet_silences_upstream_progress_bars() -> None:
-    code = ("from sinkquant.cli.args import quiet_libraries\nquiet_libraries(True)\nfrom tqdm import tqdm\n"
+    code = ("from sinkquant.cli.noise import quiet_libraries\nquiet_libraries(True)\nfrom tqdm import tqdm\n"
             "list(tqdm(range(3), desc='Decompressing model'))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
                           env={k: v for k, v in os.environ.items() if k != "TQDM_DISABLE"})

@@ -12,7 +12,7 @@ import sys
 
 from sinkquant.cli import check, compare, convert, export, harness, profile, quantize
 from sinkquant.cli import eval as eval_command
-from sinkquant.cli.args import quiet_libraries
+from sinkquant.cli.noise import quiet_libraries
 from sinkquant.errors import SinkquantError
 
 COMMANDS = (eval_command, convert, profile, quantize, compare, check, export, harness)

@@ -1,20 +1,14 @@
-"""Flags every `sinkquant` subcommand shares, parse-time number checks, and loading the model and text they name.
+"""Flags every `sinkquant` subcommand shares and their checks, all before torch: parse-time number checks, the
+`--recipe auto` flags, a local data file's fit.
 
 Importing this module stays cheap (no torch, no transformers): `sinkquant --help` builds every parser."""
 
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
 
 from sinkquant.errors import SinkquantError
-
-if TYPE_CHECKING:
-    from sinkquant.data import TokenStream
-    from sinkquant.models import LoadedModel
 
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -85,36 +79,6 @@ def max_windows(args: argparse.Namespace) -> int | None:
     return args.max_windows or None
 
 
-def resolve_device(name: str) -> str:
-    """'auto' picks cuda when torch sees a GPU; asking for cuda without one is a one-line error."""
-    import torch
-
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise SinkquantError("--device cuda: torch sees no CUDA device here; use --device cpu or auto")
-    return name
-
-
-def load_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    """load_model's keyword arguments from --dtype, --device and --trust-remote-code."""
-    import torch
-
-    return {"dtype": getattr(torch, args.dtype), "device": resolve_device(args.device),
-            "trust_remote_code": args.trust_remote_code}
-
-
-def load_inputs(args: argparse.Namespace) -> tuple[LoadedModel, TokenStream]:
-    """Model and token stream from the common flags."""
-    from sinkquant.data import load_text, tokenize
-    from sinkquant.models import load_model
-
-    loaded = load_model(args.model, **load_kwargs(args))
-    text = load_text(args.data, config=args.data_config, split=args.data_split, text_field=args.text_field,
-                     local_copy=args.local_copy)
-    return loaded, tokenize(text, loaded.tokenizer)
-
-
 AUTO = "auto"
 AUTO_CALIB_WINDOWS = 8  # --recipe auto's calibration windows when --calib-windows is not given
 
@@ -177,89 +141,3 @@ def check_data_args(args: argparse.Namespace, windows: int = 1) -> None:
     path = local_data_path(args.data, args.local_copy)
     if path is not None:
         check_data_file(path, args.text_field, args.ctx, windows)
-
-
-def auto_recipe_file(args: argparse.Namespace, loaded: LoadedModel, stream: TokenStream, folder: Any,
-                     shown: Any = None) -> Any:
-    """Run the `--recipe auto` search on calibration windows and write the chosen recipe (and its trace) into
-    `folder` (the command's own output, never beside it); returns the recipe file, so the result is reproducible
-    without searching again. The caller has run `check_auto_args` before loading the model. `shown`: the folder
-    the files end up in, when the caller moves them there (an artifact written atomically)."""
-    from pathlib import Path
-
-    from sinkquant.search.auto import auto_recipe, write_auto_recipe
-
-    recipe, trace = auto_recipe(loaded, stream, scheme=args.scheme, ctx=args.ctx,
-                                calib_windows=getattr(args, "calib_windows", None) or AUTO_CALIB_WINDOWS,
-                                budget=args.budget, max_exceptions=args.max_exceptions, progress=not args.quiet,
-                                target=args.target)
-    path, _ = write_auto_recipe(recipe, trace, Path(folder) / f"auto-{args.scheme}.yaml")
-    print(f"sinkquant: --recipe auto chose {[s.name for s in recipe.steps]}; wrote "
-          f"{Path(shown) / path.name if shown else path} and its trace", file=sys.stderr)
-    return path
-
-
-def note(command: str, message: str) -> None:
-    """A flag the run could not follow as given: said on stderr (and recorded in the result by the caller)."""
-    print(f"sinkquant {command}: note: {message}", file=sys.stderr)
-
-
-def bos_override(command: str, recipe_name: str, prefix_tokens: Any, bos: str) -> dict[str, Any] | None:
-    """A prefix recipe puts its own prefix (BOS included where it asks) in front of every window, whatever --bos
-    says; say so when --bos asked for something else, and return the record of it."""
-    if bos == "never":
-        return None
-    note(command, f"recipe {recipe_name} puts its prefix {prefix_tokens} in front of every window; "
-                  f"--bos {bos} is overridden (the prefix decides whether BOS is there)")
-    return {"flag": "--bos", "given": bos, "used": "recipe prefix", "prefix": prefix_tokens, "recipe": recipe_name}
-
-
-# Upstream noise a CLI user cannot act on; filtered here only, never in the library.
-KNOWN_NOISE = {
-    "torchao": ("Failed to load",),  # optional CUDA/mxfp8 .so files absent from CPU wheels
-    "torch.utils._pytree": ("is an Enum subclass and is now natively supported",),
-}
-
-
-# Upstream deprecation warnings (warnings module) with the same policy. transformers 5.23 renames the forward's
-# `past_key_values` to `cache`; the range sinkquant supports (>=5.0) starts before the new name exists.
-KNOWN_WARNINGS = (r"`past_key_values` is deprecated",)
-
-
-class _DropKnown:
-    def __init__(self, prefixes: tuple[str, ...]) -> None:
-        self.prefixes = prefixes
-
-    def filter(self, record: Any) -> bool:
-        message = str(record.msg)
-        return not any(p in message for p in self.prefixes)
-
-
-_FILTERS = {name: _DropKnown(prefixes) for name, prefixes in KNOWN_NOISE.items()}
-
-
-def drop_known_noise() -> None:
-    """Filter KNOWN_NOISE from the loggers that emit it, and KNOWN_WARNINGS (the test suite's workers use it too)."""
-    import logging
-    import warnings
-
-    for name, drop in _FILTERS.items():
-        logging.getLogger(name).addFilter(drop)  # the same object each call: added once
-    for message in KNOWN_WARNINGS:
-        warnings.filterwarnings("ignore", message=message, category=FutureWarning)
-
-
-def quiet_libraries(quiet: bool) -> None:
-    """Before any heavy import: silence known upstream warnings and transformers' info logging; `quiet`: every
-    progress bar, upstream ones included (tqdm reads TQDM_DISABLE as the default of `disable`)."""
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    if quiet:
-        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # the hub's and transformers' own bars
-        os.environ.setdefault("TQDM_DISABLE", "1")  # every other tqdm bar (compressed-tensors' decompression)
-    drop_known_noise()
-    if "transformers" in sys.modules:  # main() called in a process that imported it already: env comes too late
-        hf_logging = sys.modules["transformers"].utils.logging
-        hf_logging.set_verbosity_error()
-        if quiet:
-            hf_logging.disable_progress_bar()

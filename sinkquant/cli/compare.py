@@ -11,13 +11,13 @@ from sinkquant.cli.args import (
     add_data_args,
     add_model_args,
     add_output_args,
-    auto_recipe_file,
-    bos_override,
     check_auto_args,
     check_data_args,
-    load_inputs,
     max_windows,
 )
+from sinkquant.cli.auto import auto_recipe_file
+from sinkquant.cli.loading import load_inputs
+from sinkquant.cli.notes import bos_override
 
 
 def check(args: argparse.Namespace) -> None:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from sinkquant.cli.args import add_model_args, add_output_args, load_kwargs
+from sinkquant.cli.args import add_model_args, add_output_args
+from sinkquant.cli.loading import load_kwargs
 
 
 def check(args: argparse.Namespace) -> None:

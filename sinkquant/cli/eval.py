@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from sinkquant.cli.args import add_data_args, add_model_args, add_output_args, load_inputs, max_windows, positive_int
+from sinkquant.cli.args import add_data_args, add_model_args, add_output_args, max_windows, positive_int
+from sinkquant.cli.loading import load_inputs
 
 
 def check(args: argparse.Namespace) -> None:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from sinkquant.cli.args import add_data_args, add_model_args, add_output_args, load_kwargs
+from sinkquant.cli.args import add_data_args, add_model_args, add_output_args
+from sinkquant.cli.loading import load_kwargs
 from sinkquant.errors import SinkquantError
 
 

@@ -12,13 +12,13 @@ from sinkquant.cli.args import (
     add_data_args,
     add_model_args,
     add_output_args,
-    auto_recipe_file,
-    bos_override,
     check_auto_args,
     check_data_args,
-    load_inputs,
     max_windows,
 )
+from sinkquant.cli.auto import auto_recipe_file
+from sinkquant.cli.loading import load_inputs
+from sinkquant.cli.notes import bos_override
 
 
 def check(args: argparse.Namespace) -> None:
@@ -104,7 +104,7 @@ def run_streaming(args: argparse.Namespace, recipe) -> bool:
     model would not fit in memory; then evaluate the artifact the same way. False: quantize in memory."""
     import torch
 
-    from sinkquant.cli.args import resolve_device
+    from sinkquant.cli.loading import resolve_device
     from sinkquant.data import load_text, plan_windows, tokenize
     from sinkquant.engine.artifact import load
     from sinkquant.engine.stream import open_checkpoint, quantize_streaming, streaming_decision

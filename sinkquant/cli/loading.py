@@ -1,0 +1,43 @@
+"""Where the model runs and loading the model and text the common flags name (torch is imported inside the
+functions, so importing this module stays cheap)."""
+
+from __future__ import annotations
+
+import argparse
+from typing import TYPE_CHECKING, Any
+
+from sinkquant.errors import SinkquantError
+
+if TYPE_CHECKING:
+    from sinkquant.data import TokenStream
+    from sinkquant.models import LoadedModel
+
+
+def resolve_device(name: str) -> str:
+    """'auto' picks cuda when torch sees a GPU; asking for cuda without one is a one-line error."""
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise SinkquantError("--device cuda: torch sees no CUDA device here; use --device cpu or auto")
+    return name
+
+
+def load_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """load_model's keyword arguments from --dtype, --device and --trust-remote-code."""
+    import torch
+
+    return {"dtype": getattr(torch, args.dtype), "device": resolve_device(args.device),
+            "trust_remote_code": args.trust_remote_code}
+
+
+def load_inputs(args: argparse.Namespace) -> tuple[LoadedModel, TokenStream]:
+    """Model and token stream from the common flags."""
+    from sinkquant.data import load_text, tokenize
+    from sinkquant.models import load_model
+
+    loaded = load_model(args.model, **load_kwargs(args))
+    text = load_text(args.data, config=args.data_config, split=args.data_split, text_field=args.text_field,
+                     local_copy=args.local_copy)
+    return loaded, tokenize(text, loaded.tokenizer)
