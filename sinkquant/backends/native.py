@@ -23,6 +23,7 @@ bit-identical to running it alone; the members' stored weights become row slices
 
 from __future__ import annotations
 
+import copy
 from typing import Any, Protocol
 
 import torch
@@ -395,6 +396,16 @@ def convert_to_native(model: nn.Module, int8_head: bool = False) -> list[str]:
         setattr(model.get_submodule(parent) if parent else model, child, native_head)
         names.append(name)
     return names
+
+
+def native_copy(model: nn.Module) -> nn.Module:
+    """`model` with its quantized layers as NativeLinear, which the exporters read: itself when it has no
+    simulated quantized layers left, else a converted copy (the same integers and scales; `model` untouched)."""
+    if not any(isinstance(getattr(m, "qweight", None), QuantizedWeight) for m in model.modules()):
+        return model
+    model = copy.deepcopy(model)
+    convert_to_native(model)
+    return model
 
 
 def _group_siblings(model: nn.Module) -> None:

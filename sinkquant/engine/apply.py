@@ -17,7 +17,6 @@ import torch
 from torch import nn
 from transformers import Cache
 
-from sinkquant.backends.peers import quantize_backend
 from sinkquant.backends.registry import BACKENDS
 from sinkquant.data import TokenStream, WindowPlan, plan_windows
 from sinkquant.engine.pipeline import calibrate_sequential
@@ -66,9 +65,10 @@ class QuantizedModel:
         """The KV cache a forward over `batch` rows starts from: the prefix's fp KV, or (a backend with a KV
         cache of its own, e.g. native's Int8KVCache, and scheme.kv) that cache seeded with the prefix and the
         keep state, which then quantizes the KV for real."""
-        kv_cache = BACKENDS[self.recipe.backend].kv_cache
-        if kv_cache is not None and self.recipe.scheme.kv is not None:
-            return kv_cache(self.model.config, self.recipe.scheme.kv, keep_state(self.model), self.prefix)
+        own = BACKENDS[self.recipe.backend].kv_cache(self.model.config, self.recipe.scheme, keep_state(self.model),
+                                                     self.prefix)
+        if own is not None:
+            return own
         return None if self.prefix is None else self.prefix.cache_for_batch(batch)
 
     def step_record(self, name: str) -> dict[str, Any] | None:
@@ -180,31 +180,31 @@ def apply_recipe(
                                               "range": "last windows of the text (evaluation uses the first)"}}
     start = time.perf_counter()
     backend = BACKENDS[recipe.backend]
-    if backend.peer is not None:
-        model = quantize_backend(loaded.model, recipe.backend, calib_batches=list(windows[:, None]))
-        record["seconds"] = time.perf_counter() - start
-        return QuantizedModel(base=loaded, model=model, recipe=recipe, prefix=None, record=record)
 
-    target = _working_copy(loaded, copy)
-    session = Session(loaded=target, scheme=recipe.scheme, calibration=windows.to(next(target.model.parameters())
-                                                                                    .device),
-                      profile_report=profile_report, progress=progress, memo=memo, stream=layers)
-    steps: list[dict[str, Any]] = []
-    for stage in (Stage.TRANSFORM, None, Stage.REFINE):
-        if stage is None:
-            record["quantize"] = quantize_session(session, recipe.calibration.pipeline, kv=backend.kv_cache is None)
-            continue
-        for step in (s for s in recipe.steps if s.stage == stage):
-            clock = time.perf_counter()
-            steps.append({"step": step.name, "seconds": None, **step.apply(session)})
-            steps[-1]["seconds"] = time.perf_counter() - clock
-            session.applied.append(step.resolved())
-    record["steps"] = steps
-    if backend.finalize is not None:
-        record[backend.name] = {"converted_layers": len(backend.finalize(target.model, recipe.scheme))}
-    record["keep"] = {"positions": list(session.keep.positions), "token_ids": list(session.keep.token_ids)}
+    def run_recipe() -> QuantizedModel:
+        target = _working_copy(loaded, copy)
+        device = next(target.model.parameters()).device
+        session = Session(loaded=target, scheme=recipe.scheme, calibration=windows.to(device),
+                          profile_report=profile_report, progress=progress, memo=memo, stream=layers)
+        steps: list[dict[str, Any]] = []
+        for stage in (Stage.TRANSFORM, None, Stage.REFINE):
+            if stage is None:
+                record["quantize"] = quantize_session(session, recipe.calibration.pipeline, kv=backend.simulated_kv)
+                continue
+            for step in (s for s in recipe.steps if s.stage == stage):
+                clock = time.perf_counter()
+                steps.append({"step": step.name, "seconds": None, **step.apply(session)})
+                steps[-1]["seconds"] = time.perf_counter() - clock
+                session.applied.append(step.resolved())
+        record["steps"] = steps
+        record.update(backend.finalize(target.model, recipe.scheme))
+        record["keep"] = {"positions": list(session.keep.positions), "token_ids": list(session.keep.token_ids)}
+        return QuantizedModel(base=target, model=target.model, recipe=recipe, prefix=session.prefix, record=record)
+
+    quantized = backend.quantize(loaded.model, windows, run_recipe, lambda model: QuantizedModel(
+        base=loaded, model=model, recipe=recipe, prefix=None, record=record))
     record["seconds"] = time.perf_counter() - start
-    return QuantizedModel(base=target, model=target.model, recipe=recipe, prefix=session.prefix, record=record)
+    return quantized
 
 
 # Steps whose whole-model forwards come before quantization and whose weight changes go through
@@ -214,10 +214,9 @@ STREAMED_STEPS = ("prefix", "smooth", "exceptions", "keep_sink", "act")
 
 def streaming_refusal(recipe: Recipe) -> str | None:
     """Why `recipe` cannot be streamed, or None."""
-    backend = BACKENDS[recipe.backend]
-    if backend.peer is not None or backend.finalize is not None:
-        return (f"backend {recipe.backend!r} converts the whole model; stream its simulated twin (the artifact's "
-                "tensors are the same) or quantize in memory")
+    refusal = BACKENDS[recipe.backend].streaming_refusal()
+    if refusal is not None:
+        return refusal
     if recipe.calibration.pipeline != "sequential":
         return "calibration.pipeline 'whole' runs whole-model forwards after quantization; use 'sequential'"
     for step in recipe.steps:

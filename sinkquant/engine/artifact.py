@@ -17,9 +17,7 @@ from torch import nn
 from transformers import AutoTokenizer, DynamicCache
 
 from sinkquant.adapters import adapter_for, normalize
-from sinkquant.backends.native import NativeLinear
-from sinkquant.backends.peers import load_backend, save_backend
-from sinkquant.backends.registry import BACKENDS
+from sinkquant.backends.registry import BACKENDS, Backend
 from sinkquant.engine.apply import QuantizedModel, quantize_structure, streaming_refusal
 from sinkquant.errors import SinkquantError
 from sinkquant.io import (
@@ -54,7 +52,7 @@ from sinkquant.quant.stream import (
     skeleton,
     tensor_slots,
 )
-from sinkquant.recipe import parse_recipe
+from sinkquant.recipe import Recipe, parse_recipe
 from sinkquant.steps.session import Session
 
 FORMAT_VERSION = 2
@@ -89,13 +87,14 @@ def _prefix_from(tensors: dict[str, torch.Tensor], config, device: torch.device)
 def _state(quantized: QuantizedModel) -> dict[str, torch.Tensor]:
     """The model's tensors with every quantized weight as integers (int4 packed two per byte), the same files
     for the simulated and the native layers; embeddings in scheme.embeddings' dtype when it is set."""
-    return state_tensors(quantized.model, quantized.recipe.scheme.embeddings)
+    recipe = quantized.recipe
+    return state_tensors(quantized.model, BACKENDS[recipe.backend], recipe.scheme.embeddings)
 
 
-def state_tensors(model: torch.nn.Module, embeddings: Any, include: Callable[[str], bool] | None = None
-                  ) -> dict[str, torch.Tensor]:
+def state_tensors(model: torch.nn.Module, backend: Backend, embeddings: Any,
+                  include: Callable[[str], bool] | None = None) -> dict[str, torch.Tensor]:
     """`_state` of the tensors whose names `include` accepts (all by default): streaming writes each decoder
-    layer's as it is done and the rest once."""
+    layer's as it is done and the rest once. `backend` says which entries hold a layer's integer weight."""
     embedding_ptrs = {w.data_ptr() for w in embedding_weights(model).values()}
     state: dict[str, torch.Tensor] = {}
     seen: dict[int, str] = {}
@@ -107,8 +106,8 @@ def state_tensors(model: torch.nn.Module, embeddings: Any, include: Callable[[st
         seen[tensor.data_ptr()] = name
         module_name, _, leaf = name.rpartition(".")
         module = model.get_submodule(module_name)
-        if leaf == "weight_int" or (leaf == "qweight" and isinstance(module, NativeLinear)):
-            qweight = module.quantized_weight() if isinstance(module, NativeLinear) else module.qweight
+        qweight = backend.stored_weight(module, leaf)
+        if qweight is not None:
             packed = qweight.bits <= 4
             state[f"{module_name}.weight_{'packed' if packed else 'int'}"] = \
                 (qweight.packed() if packed else qweight.qweight).contiguous().cpu()
@@ -123,28 +122,27 @@ def state_tensors(model: torch.nn.Module, embeddings: Any, include: Callable[[st
 def stored_bytes(quantized: QuantizedModel) -> int | None:
     """Bytes of the tensors `save` writes for this model (integers, scales, 16-bit or fp32 rest); None for a
     peer library's model, which its own format stores."""
-    if not BACKENDS[quantized.recipe.backend].runs_recipes:
-        return None
-    return sum(t.numel() * t.element_size() for t in _state(quantized).values())
+    return BACKENDS[quantized.recipe.backend].stored_bytes(
+        lambda: sum(t.numel() * t.element_size() for t in _state(quantized).values()))
 
 
 def save(quantized: QuantizedModel, out: str | Path, extra: dict[str, Any] | None = None,
          overwrite: bool = False, attachments: dict[str, str] | None = None) -> Path:
     """Everything needed to reload and re-evaluate; nothing machine-specific in the recipe. `attachments`: text
     files (name -> content) written into the artifact and listed in its manifest, e.g. an auto recipe's trace."""
-    base, recipe = quantized.base, quantized.recipe
-    if not BACKENDS[recipe.backend].runs_recipes:
-        with atomic_dir(out, overwrite=overwrite) as tmp:
-            _attach(tmp, attachments)
-            base.tokenizer.save_pretrained(tmp)
-            save_backend(quantized.model, recipe.backend, tmp / "backend")
-            _write_manifest(tmp, quantized, extra, files=[])
-        return Path(out)
+    backend = BACKENDS[quantized.recipe.backend]
     with atomic_dir(out, overwrite=overwrite) as tmp:
         _attach(tmp, attachments)
-        save_file(_state(quantized), str(tmp / WEIGHTS))
-        write_artifact(tmp, quantized, extra, [WEIGHTS])
+        quantized.base.tokenizer.save_pretrained(tmp)
+        files = backend.save_model(quantized.model, tmp, lambda: _write_model(tmp, quantized))
+        _write_manifest(tmp, quantized, extra, files)
     return Path(out)
+
+
+def _write_model(tmp: Path, quantized: QuantizedModel) -> list[str]:
+    """sinkquant's own model files: the integer weights and scales, the config and the prefix KV."""
+    save_file(_state(quantized), str(tmp / WEIGHTS))
+    return [WEIGHTS, *_write_config_and_prefix(tmp, quantized)]
 
 
 def _attach(tmp: Path, attachments: dict[str, str] | None) -> None:
@@ -157,12 +155,16 @@ def _attach(tmp: Path, attachments: dict[str, str] | None) -> None:
 def write_artifact(tmp: Path, quantized: QuantizedModel, extra: dict[str, Any] | None, weights: list[str]) -> None:
     """Everything but the weights, which are in `tmp` already (one file, or streaming's shards and index)."""
     quantized.base.tokenizer.save_pretrained(tmp)
+    _write_manifest(tmp, quantized, extra, [*weights, *_write_config_and_prefix(tmp, quantized)])
+
+
+def _write_config_and_prefix(tmp: Path, quantized: QuantizedModel) -> list[str]:
     quantized.model.config.save_pretrained(tmp)
-    files = [*weights, "config.json"]
+    files = ["config.json"]
     if quantized.prefix is not None:
         save_file(_prefix_tensors(quantized.prefix), str(tmp / PREFIX))
         files.append(PREFIX)
-    _write_manifest(tmp, quantized, extra, files)
+    return files
 
 
 def _write_manifest(tmp: Path, quantized: QuantizedModel, extra: dict[str, Any] | None, files: list[str]) -> None:
@@ -273,21 +275,31 @@ def load(folder: str | Path, verify: bool = True, stream: bool = False) -> Quant
     if verify:
         _verify(folder, meta, meta_path)
     backend = BACKENDS[recipe.backend]
-    if not (folder / "config.json").is_file() and backend.runs_recipes:
+    return backend.load_model(
+        folder, lambda: _load_model(folder, recipe, record, model_meta, backend, stream),
+        lambda model: QuantizedModel(base=_loaded(model, AutoTokenizer.from_pretrained(folder), model_meta),
+                                     model=model, recipe=recipe, prefix=None, record=record))
+
+
+def _loaded(model: nn.Module, tokenizer: Any, model_meta: dict[str, Any]) -> LoadedModel:
+    return LoadedModel(model=model, tokenizer=tokenizer, adapter=adapter_for(model), spec=model_meta.get("spec"),
+                       source={k: v for k, v in model_meta.items() if k not in ("spec", "adapter")})
+
+
+def _load_model(folder: Path, recipe: Recipe, record: dict[str, Any], model_meta: dict[str, Any], backend: Backend,
+                stream: bool) -> QuantizedModel:
+    """sinkquant's own model from its artifact: the quantized structure, the integer weights and scales, the
+    prefix KV, each step's restore, then the backend's `finalize`."""
+    meta_path = folder / META
+    if not (folder / "config.json").is_file():
         raise SinkquantError(f"{folder / 'config.json'} is missing; the artifact is incomplete")
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    if not backend.runs_recipes:
-        model = load_backend(folder / "backend", verify=False)  # the artifact's manifest covered its files
-        base = LoadedModel(model=model, tokenizer=tokenizer, adapter=adapter_for(model), spec=model_meta.get("spec"),
-                           source={k: v for k, v in model_meta.items() if k not in ("spec", "adapter")})
-        return QuantizedModel(base=base, model=model, recipe=recipe, prefix=None, record=record)
     if stream:
         refusal = streaming_refusal(recipe)
         if refusal is not None:
             raise SinkquantError(f"{folder}: this artifact cannot be streamed: {refusal}")
     model = normalize(skeleton(folder) if stream else empty_model(folder))
-    base = LoadedModel(model=model, tokenizer=tokenizer, adapter=adapter_for(model), spec=model_meta.get("spec"),
-                       source={k: v for k, v in model_meta.items() if k not in ("spec", "adapter")})
+    base = _loaded(model, tokenizer, model_meta)
     keep = record.get("keep", {})
     session = Session(loaded=base, scheme=recipe.scheme, calibration=torch.empty(0, 0, dtype=torch.long),
                       keep=KeepPolicy(positions=tuple(keep.get("positions", ())),
@@ -300,7 +312,7 @@ def load(folder: str | Path, verify: bool = True, stream: bool = False) -> Quant
             raise SinkquantError(f"{meta_path}: record has no entry for step {step.name!r}; the manifest is damaged")
         step.prepare_restore(session, step_record)
         step_records.append(step_record)
-    quantize_structure(session, kv=backend.kv_cache is None)  # else the backend's KV cache quantizes the KV
+    quantize_structure(session, kv=backend.simulated_kv)  # else the backend's KV cache quantizes the KV
     layers = None
     if stream:
         layers = artifact_layers(folder, session)
@@ -325,8 +337,7 @@ def load(folder: str | Path, verify: bool = True, stream: bool = False) -> Quant
     for name, module in session.quantized.items():  # after the steps: an exception layer has no static scale
         if module.activations is not None and module.activations.mode == "static" and module.act_scale is None:
             raise SinkquantError(f"{WEIGHTS}: the static activation scale of {name} is missing")
-    if backend.finalize is not None:
-        backend.finalize(model, recipe.scheme)
+    backend.finalize(model, recipe.scheme)
     return QuantizedModel(base=base, model=model, recipe=recipe, prefix=session.prefix, record=record, layers=layers)
 
 

@@ -29,6 +29,7 @@ from safetensors.torch import save_file
 from transformers import AutoTokenizer
 
 from sinkquant.adapters import normalize
+from sinkquant.backends.registry import BACKENDS
 from sinkquant.data import TokenStream, WindowPlan
 from sinkquant.engine.apply import QuantizedModel, apply_recipe, streaming_refusal
 from sinkquant.engine.artifact import state_tensors, write_artifact
@@ -183,17 +184,17 @@ def quantize_streaming(folder: str | Path, recipe: Recipe, stream: TokenStream, 
             weight_map.update(dict.fromkeys(tensors, name))
             total += sum(t.numel() * t.element_size() for t in tensors.values())
 
-        embeddings = recipe.scheme.embeddings
+        backend, embeddings = BACKENDS[recipe.backend], recipe.scheme.embeddings
         layers.on_finish = lambda index: write(
-            state_tensors(loaded.model, embeddings, lambda n: n.startswith(layers.prefix(index))), index + 1)
+            state_tensors(loaded.model, backend, embeddings, lambda n: n.startswith(layers.prefix(index))), index + 1)
         with layers.streaming():
             quantized = apply_recipe(loaded, recipe, stream, ctx, progress=progress, layers=layers)
         unwritten = sorted(set(range(count)) - layers.finished)
         if unwritten:
             raise SinkquantError(f"streaming: decoder layers {unwritten} were never quantized; the recipe's scheme "
                                  "quantizes nothing in them")
-        write(state_tensors(loaded.model, embeddings, lambda n: not n.startswith(f"{layers.adapter.layers}.")),
-              count + 1)
+        write(state_tensors(loaded.model, backend, embeddings,
+                            lambda n: not n.startswith(f"{layers.adapter.layers}.")), count + 1)
         quantized.record["stream"] = {"layer_reads": layers.reads, "read_seconds": layers.read_seconds,
                                       "layer_seconds": layers.layer_seconds, "shards": count + 1}
         atomic_write_json(tmp / WEIGHTS_INDEX, {"metadata": {"total_size": total}, "weight_map": weight_map})

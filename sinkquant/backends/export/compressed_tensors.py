@@ -30,8 +30,8 @@ from torch import nn
 from transformers import DynamicCache
 
 from sinkquant.backends.export.transforms import expected_rotation, rotation_refusals, transform_config
-from sinkquant.backends.native import NativeLinear, convert_to_native
-from sinkquant.backends.registry import export_refusals
+from sinkquant.backends.native import NativeLinear, native_copy
+from sinkquant.backends.registry import BACKENDS
 from sinkquant.errors import SinkquantError
 from sinkquant.io import (
     atomic_dir,
@@ -45,7 +45,6 @@ from sinkquant.io import (
 from sinkquant.online_transforms import attach_online
 from sinkquant.perplexity import Prefix
 from sinkquant.quant.keep import detach_keep_state
-from sinkquant.quant.qweight import QuantizedWeight
 
 if TYPE_CHECKING:
     from sinkquant.engine.apply import QuantizedModel
@@ -197,7 +196,7 @@ def compressed_tensors_refusals(recipe: Recipe, model: nn.Module | None = None) 
     """The parts of a recipe compressed-tensors (as vLLM runs it) cannot express, one line each naming the part
     (empty: exportable), decided before quantizing; with `model`, its rotation too. Kept positions outside the
     prefix and mixed bit widths are checked at export, on the quantized layers."""
-    refusals = export_refusals(recipe.backend)
+    refusals = BACKENDS[recipe.backend].export_refusals()
     scheme = recipe.scheme
     weights, acts = scheme.weights, scheme.activations
     if weights is None:
@@ -332,10 +331,7 @@ def export_quantized(quantized: QuantizedModel, out: str | os.PathLike, overwrit
     refusals = [*compressed_tensors_refusals(recipe), *(f"step 'rotate': {r}" for r in rotation_refusals(rotation))]
     if refusals:
         raise SinkquantError(f"recipe {recipe.name!r} cannot be exported to compressed-tensors: {'; '.join(refusals)}")
-    model = quantized.model
-    if any(isinstance(getattr(m, "qweight", None), QuantizedWeight) for m in model.modules()):
-        model = copy.deepcopy(model)  # simulated layers: convert a copy, the same integers and scales
-        convert_to_native(model)
+    model = native_copy(quantized.model)
     return export_compressed_tensors(model, quantized.base.tokenizer, out, prefix=quantized.prefix,
                                      overwrite=overwrite, provenance={"recipe": recipe.resolved(),
                                                                       "model": quantized.base.spec},

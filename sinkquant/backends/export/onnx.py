@@ -19,7 +19,6 @@ sinkquant. No padding mask: rows of a batch are unpadded and equally long."""
 
 from __future__ import annotations
 
-import copy
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -31,8 +30,8 @@ from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
 from sinkquant.adapters import adapter_for
-from sinkquant.backends.native import NativeLinear, convert_to_native
-from sinkquant.backends.registry import export_refusals
+from sinkquant.backends.native import NativeLinear, native_copy
+from sinkquant.backends.registry import BACKENDS
 from sinkquant.errors import SinkquantError
 from sinkquant.io import atomic_dir, atomic_write_json, file_digests, library_versions
 from sinkquant.quant.embeddings import int8_rows
@@ -67,7 +66,7 @@ def onnx_refusals(recipe: Recipe | dict[str, Any]) -> list[str]:
     Model-dependent parts (the architecture, kept positions outside the prefix) are checked at export."""
     if isinstance(recipe, dict):
         recipe = parse_recipe(recipe, "recipe")
-    refusals = export_refusals(recipe.backend)
+    refusals = BACKENDS[recipe.backend].export_refusals()
     scheme = recipe.scheme
     weights, acts = scheme.weights, scheme.activations
     if weights is not None and weights.bits != 8:
@@ -441,9 +440,7 @@ def export_onnx(quantized: QuantizedModel, out: str | os.PathLike, overwrite: bo
     if refusals:
         raise SinkquantError(f"cannot export to ONNX: {refusals[0]}" + (
             f" (and {len(refusals) - 1} more: {'; '.join(refusals[1:])})" if len(refusals) > 1 else ""))
-    if any(isinstance(getattr(m, "qweight", None), QuantizedWeight) for m in model.modules()):
-        model = copy.deepcopy(model)  # simulated layers: convert a copy, the same integers and scales
-        convert_to_native(model)
+    model = native_copy(model)
     embeddings = quantized.recipe.scheme.embeddings
     int8 = embeddings is not None and embeddings.dtype == "int8"
     graph, layers = build_graph(model, int8_embeddings=int8)
