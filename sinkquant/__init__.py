@@ -30,6 +30,7 @@ _API: dict[str, tuple[str, str]] = {
     "profile": ("sinkquant.profiling.profiler", "profile"),
     "export": ("sinkquant.backends.export", "export"),
     "search_recipe": ("sinkquant.search", "search_recipe"),
+    "SearchConfig": ("sinkquant.search", "SearchConfig"),
 }
 __all__ = sorted([*_API, "SinkquantError"])
 

@@ -169,16 +169,9 @@ def check_recipe(data: Any, source: str = "<recipe>") -> tuple[RecipeFile, tuple
     if backend is None:
         raise SinkquantError(f"{source}: invalid recipe: backend: unknown backend {raw.backend!r}; valid: "
                              f"{', '.join(BACKENDS)}")
-    refusal = backend.refuse(raw.scheme) if backend.refuse is not None else None
+    refusal = backend.recipe_refusal(raw.scheme, has_steps=bool(raw.steps))
     if refusal is not None:
         raise SinkquantError(f"{source}: invalid recipe: {refusal}")
-    if not backend.runs_recipes:
-        if raw.steps or raw.scheme != Scheme():
-            raise SinkquantError(f"{source}: invalid recipe: backend {raw.backend!r} quantizes by its own rules: "
-                                 "leave steps and scheme out")
-    elif raw.scheme.empty:
-        raise SinkquantError(f"{source}: invalid recipe: scheme quantizes nothing; set scheme.weights, "
-                             "scheme.activations or scheme.kv")
     if raw.scheme.weights is not None and raw.scheme.weights.gptq is not None and \
             raw.calibration.pipeline != "sequential":
         raise SinkquantError(f"{source}: invalid recipe: scheme.weights.gptq collects Hessians layer by layer; "

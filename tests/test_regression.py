@@ -4,6 +4,8 @@ the kernel-path noise floor, the ratio metric, updating, and the CLI's report ov
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -169,3 +171,14 @@ def test_check_reports_every_file_then_fails(tmp_path: Path, capsys: pytest.Capt
     assert f"{first}: error: baseline file {first}: rel_tol" in err
     assert f"{second}: error: baseline file {second} does not exist" in err
     assert err.strip().splitlines()[-1] == f"sinkquant check: error: 2 of 2 baseline(s) failed: {first}, {second}"
+
+
+def test_a_bad_baseline_is_refused_before_torch_is_imported(tmp_path: Path) -> None:
+    """`sinkquant check` validates every baseline (and its recipe) before the heavy imports, like the other
+    commands' refusals that need no model."""
+    bad = _copy(QUICK, tmp_path, kernels={"BOGUS": {"ppl": 0.001}})
+    probe = ("import sys; from sinkquant.cli import main; code = main(['check', '--quiet', sys.argv[1]]); "
+             "print(code, 'torch' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", probe, str(bad)], capture_output=True, text=True, check=False)
+    assert result.stdout.split() == ["2", "False"]
+    assert f"{bad}: error: baseline file {bad}: kernels" in result.stderr and "Traceback" not in result.stderr

@@ -39,12 +39,17 @@ class Backend(ABC):
 
     name: str
     description: str
-    # Parse time: whether the recipe's steps and scheme run (a peer library takes neither).
-    runs_recipes: ClassVar[bool] = True
 
     def refuse(self, scheme: Scheme) -> str | None:
         """What of `scheme` this backend cannot run, named by field; decided at parse time, without torch."""
         return None
+
+    def recipe_refusal(self, scheme: Scheme, has_steps: bool) -> str | None:
+        """Why a recipe with `scheme` (and steps, if `has_steps`) cannot run on this backend, or None; parse time."""
+        refusal = self.refuse(scheme)
+        if refusal is None and scheme.empty:
+            return "scheme quantizes nothing; set scheme.weights, scheme.activations or scheme.kv"
+        return refusal
 
     def export_refusals(self) -> list[str]:
         """Why no export can write this backend's model (empty: the exporters decide by the recipe)."""
@@ -179,8 +184,12 @@ class PeerBackend(Backend):
     """A peer library quantizes, saves and reloads by its own rules (sinkquant.backends.peers); the artifact
     keeps its folder under `backend/`."""
 
-    runs_recipes: ClassVar[bool] = False
     FOLDER: ClassVar[str] = "backend"
+
+    def recipe_refusal(self, scheme: Scheme, has_steps: bool) -> str | None:
+        if has_steps or scheme != Scheme():
+            return f"backend {self.name!r} quantizes by its own rules: leave steps and scheme out"
+        return None
 
     def export_refusals(self) -> list[str]:
         return [f"backend {self.name!r}: a peer library's quantization has no sinkquant integers to export "

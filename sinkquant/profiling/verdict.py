@@ -32,15 +32,15 @@ CONTENT_CUTOFF = f"massive in at least half as many occurrences as windows, or a
 class Verdict:
     """What a profile concludes for the recipes: stored as `report["verdict"]` (JSON), read back with `of`."""
 
-    sink_positions: list[int]
-    sink_token_ids: list[int]
-    sink_tokens: list[str]
-    peak_channels: list[int]
-    broken_linears: list[dict[str, Any]]
-    outlier_token_count: int
-    prefix_ids: list[int]
-    prefix_tokens: list[str]
-    origin: str
+    sink_positions: list[int] = field(default_factory=list)
+    sink_token_ids: list[int] = field(default_factory=list)
+    sink_tokens: list[str] = field(default_factory=list)
+    peak_channels: list[int] = field(default_factory=list)
+    broken_linears: list[dict[str, Any]] = field(default_factory=list)
+    outlier_token_count: int = 0
+    prefix_ids: list[int] = field(default_factory=list)
+    prefix_tokens: list[str] = field(default_factory=list)
+    origin: str = ""
     # Ranked views (strongest first): every position / id seen, and the top ones above the cut-off.
     sinks: list[dict[str, Any]] = field(default_factory=list)
     top_sinks: list[dict[str, Any]] = field(default_factory=list)
@@ -57,7 +57,8 @@ class Verdict:
 
     @classmethod
     def of(cls, report: dict[str, Any]) -> Verdict:
-        """The verdict of a profile report (a report written to JSON and read back holds it as a dict)."""
+        """The verdict of a profile report (a report written to JSON and read back holds it as a dict; a caller's
+        partial verdict reads its missing fields as empty)."""
         return cls(**report["verdict"])
 
 
