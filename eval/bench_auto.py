@@ -15,7 +15,8 @@ from sinkquant.data import plan_windows
 from sinkquant.engine import apply_recipe
 from sinkquant.perplexity import evaluate
 from sinkquant.recipe import load_recipe
-from sinkquant.search import SearchConfig, search_recipe, write_auto_recipe
+from sinkquant.search.config import SearchConfig
+from sinkquant.search.loop import search_recipe, write_auto_recipe
 from sinkquant.search.space import DEFAULT_BUDGET, DEFAULT_MAX_EXCEPTIONS
 
 # Per base scheme: the fixed recipes beside auto, the fixed best last (its time and the search's are taken back to

@@ -26,7 +26,8 @@ from sinkquant.data import Text, load_text, tokenize
 from sinkquant.io import atomic_write_bytes, code_sha256, sha256_file
 from sinkquant.models import load_model
 from sinkquant.recipe import load_recipe
-from sinkquant.search import SearchConfig, search_recipe, write_auto_recipe
+from sinkquant.search.config import SearchConfig
+from sinkquant.search.loop import search_recipe, write_auto_recipe
 from sinkquant.search.space import DEFAULT_MAX_EXCEPTIONS
 from sinkquant.tables import markdown_table
 from sinkquant.zoo import DEFAULT_MODEL, ZOO

@@ -29,8 +29,8 @@ _API: dict[str, tuple[str, str]] = {
     "tokenize": ("sinkquant.data", "tokenize"),
     "profile": ("sinkquant.profiling.profiler", "profile"),
     "export": ("sinkquant.backends.export", "export"),
-    "search_recipe": ("sinkquant.search", "search_recipe"),
-    "SearchConfig": ("sinkquant.search", "SearchConfig"),
+    "search_recipe": ("sinkquant.search.loop", "search_recipe"),
+    "SearchConfig": ("sinkquant.search.config", "SearchConfig"),
 }
 __all__ = sorted([*_API, "SinkquantError"])
 

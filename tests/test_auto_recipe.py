@@ -14,7 +14,8 @@ from sinkquant.data import plan_windows
 from sinkquant.engine import apply_recipe
 from sinkquant.errors import SinkquantError
 from sinkquant.recipe import load_recipe, parse_recipe
-from sinkquant.search.loop import auto_recipe, run_stage, write_auto_recipe
+from sinkquant.search.config import SearchConfig
+from sinkquant.search.loop import run_stage, search_recipe, write_auto_recipe
 from sinkquant.search.objective import NOISE_Z, Objective, improvement_z
 from sinkquant.search.space import BASE_SCHEMES
 from sinkquant.search.stages import AlphaWalk, LayerAlpha, exception_ranking, prefix_candidates, smallest_count
@@ -25,6 +26,11 @@ CTX = 64
 # calib 3 = 1 scoring window + 2 calibrating ones, which the search also calibrates on: the trace's objective
 # is then exactly the chosen recipe's.
 SEARCH = {"ctx": CTX, "calib_windows": 3, "score_windows": 1, "search_windows": 2, "progress": False}
+
+
+def auto_recipe(loaded, stream, **config):
+    """The search with SearchConfig's fields as keywords (the calls below read shorter this way)."""
+    return search_recipe(loaded, stream, SearchConfig(**config))
 
 
 def _state(model: torch.nn.Module) -> dict[str, torch.Tensor]:

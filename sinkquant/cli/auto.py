@@ -1,4 +1,4 @@
-"""`--recipe auto` from the command line: the library's search (sinkquant.search.search_recipe) on the flags
+"""`--recipe auto` from the command line: the library's search (sinkquant.search.loop.search_recipe) on the flags
 `check_auto_args` has checked, its recipe and trace written into the command's output."""
 
 from __future__ import annotations
@@ -22,7 +22,8 @@ def auto_recipe_file(args: argparse.Namespace, loaded: LoadedModel, stream: Toke
     the files end up in, when the caller moves them there (an artifact written atomically)."""
     from pathlib import Path
 
-    from sinkquant.search import SearchConfig, search_recipe, write_auto_recipe
+    from sinkquant.search.config import SearchConfig
+    from sinkquant.search.loop import search_recipe, write_auto_recipe
 
     config = SearchConfig(scheme=args.scheme, ctx=args.ctx,
                           calib_windows=getattr(args, "calib_windows", None) or AUTO_CALIB_WINDOWS,

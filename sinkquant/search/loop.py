@@ -19,7 +19,6 @@ from sinkquant.profiling.verdict import Verdict
 from sinkquant.recipe import Recipe
 from sinkquant.search.config import SearchConfig
 from sinkquant.search.objective import OBJECTIVE, Objective
-from sinkquant.search.space import DEFAULT_BUDGET, DEFAULT_MAX_EXCEPTIONS, SCORE_WINDOWS, SEARCH_WINDOWS
 from sinkquant.search.stages import STAGES, SearchStage
 from sinkquant.search.state import Search, make_recipe
 from sinkquant.steps.prefix import calibration_profile
@@ -85,17 +84,6 @@ def search_recipe(loaded: LoadedModel, stream: TokenStream, config: SearchConfig
         "seconds": time.perf_counter() - start,
     }
     return recipe, trace
-
-
-def auto_recipe(
-    loaded: LoadedModel, stream: TokenStream, scheme: str = "w8a8-static", ctx: int = 512, calib_windows: int = 8,
-    budget: float = DEFAULT_BUDGET, progress: bool = True, *, max_exceptions: int = DEFAULT_MAX_EXCEPTIONS,
-    score_windows: int = SCORE_WINDOWS, search_windows: int = SEARCH_WINDOWS, target: str = "simulated",
-) -> tuple[Recipe, dict[str, Any]]:
-    """`search_recipe` with the config's fields as keywords."""
-    return search_recipe(loaded, stream, SearchConfig(
-        scheme=scheme, ctx=ctx, calib_windows=calib_windows, budget=budget, max_exceptions=max_exceptions,
-        score_windows=score_windows, search_windows=search_windows, target=target, progress=progress))
 
 
 def write_auto_recipe(recipe: Recipe, trace: dict[str, Any], path: str | Path) -> tuple[Path, Path]:
