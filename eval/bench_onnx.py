@@ -46,7 +46,7 @@ PEERS = ("minmax", "percentile", "entropy", "dynamic")
 # memory (about 2 GB per 512-token SmolLM2 window): the default runs the peers that fit a shared 24 GB machine.
 DEFAULT_PEERS = ("minmax", "dynamic")
 KERNELS = ("MatMulIntegerToFloat", "QLinearMatMul", "MatMulInteger", "DynamicQuantizeMatMul", "MatMulNBits",
-           "MatMul", "FusedMatMul")
+           "GroupQueryAttention", "MatMul", "FusedMatMul")
 GOAL_PPL = 0.3  # percent, against the native backend
 GOAL_PREFILL_TORCH, GOAL_PREFILL_ORT, GOAL_DECODE_ORT = 2.5, 1.6, 1.5
 

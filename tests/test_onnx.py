@@ -95,6 +95,19 @@ def test_optimized_graph_runs_integer_kernels(tiny_exports, tmp_path) -> None:
     assert counts["DequantizeLinear"] == counts["MatMulNBits"] == counts["DynamicQuantizeLinear"] == 0
 
 
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_attention_runs_in_one_fused_kernel_per_layer(tiny_exports, arch, tmp_path) -> None:
+    """Causal (and sliding-window) attention over the past KV is ONNX Runtime's GroupQueryAttention, one per layer:
+    no score matrix, mask or Softmax is left in the optimized graph."""
+    quantized, folder = tiny_exports[arch]
+    optimized = tmp_path / "optimized.onnx"
+    ort.InferenceSession(str(folder / MODEL_FILE), session_options(1, optimized), providers=["CPUExecutionProvider"])
+    graph = onnx.load(str(optimized), load_external_data=False).graph
+    counts = collections.Counter(node.op_type for node in graph.node)
+    assert counts["GroupQueryAttention"] == quantized.model.config.num_hidden_layers
+    assert counts["Softmax"] == 0
+
+
 @pytest.mark.parametrize("recipe, part", [
     ("w4a16-group64-native", "scheme.weights.bits=4"),
     ("w8a8-dynamic-token", "scheme.activations.mode='dynamic-token'"),
