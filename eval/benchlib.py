@@ -72,6 +72,6 @@ def write_result(out: Path, title: str, body: str, payload: dict[str, Any]) -> N
     payload = {**payload, "command": command, "machine": machine(), "versions": library_versions()}
     text = (f"# {title}\n\n{body}\n\nCommand: `{command}`  \nMachine: {payload['machine']}  \n"
             f"Versions: {payload['versions']}\n")
-    atomic_write_json(out.with_suffix(".json"), payload)
-    atomic_write_text(out.with_suffix(".md"), text)
+    atomic_write_json(out.parent / f"{out.name}.json", payload)
+    atomic_write_text(out.parent / f"{out.name}.md", text)
     print(text)

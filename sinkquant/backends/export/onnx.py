@@ -106,6 +106,7 @@ class _Graph:
     def __init__(self) -> None:
         self.nodes: list[onnx.NodeProto] = []
         self.initializers: list[onnx.TensorProto] = []
+        self.value_info: list[onnx.ValueInfoProto] = []  # types ONNX's own shape inference cannot derive
         self._count = 0
         self._consts: dict[tuple, str] = {}
 
@@ -282,6 +283,9 @@ class _Builder:
         context = g.op("GroupQueryAttention", [*flat, *past_names(index), *lengths], [
             f"{attn_name}.context", *present_names(index)], domain="com.microsoft", num_heads=self.heads,
             kv_num_heads=self.kv_heads, scale=float(attn.scaling), local_window_size=window or -1)[0]
+        # a contrib operator's output type is unknown to onnx.shape_inference (ONNX Runtime's quantizer needs it)
+        g.value_info.append(helper.make_tensor_value_info(context, TensorProto.FLOAT,
+                                                          ["batch", "seq", self.heads * self.head_dim]))
         return self.linear(context, attn.o_proj, f"{attn_name}.o_proj")
 
     def mlp(self, x: str, layer: nn.Module, index: int) -> str:
@@ -374,7 +378,8 @@ class _Builder:
             inputs += [helper.make_tensor_value_info(n, TensorProto.FLOAT, kv_shape) for n in past_names(index)]
             outputs += [helper.make_tensor_value_info(n, TensorProto.FLOAT, present_shape)
                         for n in present_names(index)]
-        graph = helper.make_graph(self.g.nodes, "sinkquant_decoder", inputs, outputs, self.g.initializers)
+        graph = helper.make_graph(self.g.nodes, "sinkquant_decoder", inputs, outputs, self.g.initializers,
+                                  value_info=self.g.value_info)
         model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET),
                                                               helper.make_opsetid("com.microsoft", 1)],
                                   producer_name="sinkquant")
