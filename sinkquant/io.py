@@ -350,6 +350,16 @@ def file_digests(folder: str | os.PathLike, names: list[str]) -> dict[str, str]:
     return {name: sha256_file(Path(folder) / name) for name in names}
 
 
+def recorded_digests(folder: str | os.PathLike, name: str, manifest: dict[str, Any], field: str, required: str,
+                     consequence: str) -> dict[str, Any]:
+    """The file digests manifest `name` records under `field`; one error line when they do not record `required`
+    (`consequence` says what then cannot be trusted, and what to do)."""
+    digests = manifest.get(field)
+    if not isinstance(digests, dict) or required not in digests:
+        raise SinkquantError(f"{Path(folder) / name}: field {field!r} does not record {required}, {consequence}")
+    return digests
+
+
 def verify_digests(folder: str | os.PathLike, digests: Any, what: str) -> None:
     """Check `folder`'s files against digests recorded by `file_digests`; the first missing or changed file is
     one error line naming it. `digests` comes from a file a user may have edited, so its shape is checked too."""

@@ -39,6 +39,7 @@ from sinkquant.io import (
     library_versions,
     read_manifest,
     read_structured,
+    recorded_digests,
     sha256_file,
     verify_digests,
 )
@@ -312,10 +313,8 @@ def load_prefix_cache(folder: str | os.PathLike, config: Any) -> tuple[list[int]
         raise SinkquantError(f"{kv_path}: unexpected tensor {extra[0]!r}; it holds KV for another model")
     manifest = read_manifest(folder, MANIFEST, "it was not written by `sinkquant export`, so the prefix cannot be "
                              "verified")
-    digests = manifest.get("sha256")
-    if not isinstance(digests, dict) or PREFIX_KV not in digests:
-        raise SinkquantError(f"{folder / MANIFEST}: field 'sha256' does not record {PREFIX_KV}, so the prefix cannot "
-                             "be verified; export the artifact again")
+    digests = recorded_digests(folder, MANIFEST, manifest, "sha256", PREFIX_KV,
+                               "so the prefix cannot be verified; export the artifact again")
     verify_digests(folder, {n: d for n, d in digests.items() if n in (PREFIX_KV, PREFIX_META)}, str(folder))
     if manifest.get("prefix_ids") != ids:
         raise SinkquantError(f"{meta_path}: field 'token_ids' {ids} differs from the prefix_ids "

@@ -25,7 +25,7 @@ from sinkquant.backends.export.onnx import (
     present_names,
 )
 from sinkquant.errors import SinkquantError
-from sinkquant.io import read_manifest, verify_digests
+from sinkquant.io import read_manifest, recorded_digests, verify_digests
 from sinkquant.models import LoadedModel
 from sinkquant.perplexity import Prefix
 
@@ -128,10 +128,8 @@ def load_onnx(folder: str | os.PathLike, verify: bool = True, threads: int | Non
     folder = Path(folder)
     manifest = read_manifest(folder, ONNX_MANIFEST, "it is not an ONNX export; write one with "
                                                     "`sinkquant export --format onnx`")
-    files = manifest.get("files")
-    if not isinstance(files, dict) or MODEL_FILE not in files:
-        raise SinkquantError(f"{folder / ONNX_MANIFEST}: field 'files' is missing or lacks {MODEL_FILE}; the "
-                             "manifest is damaged (export again)")
+    files = recorded_digests(folder, ONNX_MANIFEST, manifest, "files", MODEL_FILE,
+                             "so the graph cannot be verified; the manifest is damaged (export again)")
     if verify:
         verify_digests(folder, files, str(folder))
     try:
