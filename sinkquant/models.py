@@ -6,6 +6,7 @@ import difflib
 import logging
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -96,17 +97,22 @@ def gguf_add_bos(path: Path) -> bool | None:
     return None if field is None else bool(field.parts[field.data[0]][0])
 
 
-def _load_gguf(path: Path, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+def _read_gguf(path: Path, read: Callable[..., Any], **kwargs: Any) -> Any:
+    """One of transformers' GGUF readers, its per-tensor log lines silenced and any failure one line."""
     quiet = logging.getLogger("transformers.modeling_gguf_pytorch_utils")
     level = quiet.level
     quiet.setLevel(logging.ERROR)
     try:
-        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
-        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        return read(path.parent, gguf_file=path.name, **kwargs)
     except Exception as exc:  # transformers raises many types for a bad file
         raise SinkquantError(f"could not read GGUF file {path}: {exc}") from exc
     finally:
         quiet.setLevel(level)
+
+
+def _load_gguf(path: Path, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    model = _read_gguf(path, AutoModelForCausalLM.from_pretrained, dtype=dtype)
+    tokenizer = _read_gguf(path, AutoTokenizer.from_pretrained)
     _strip_gguf_quantizer(model)
     return model, tokenizer
 
@@ -167,7 +173,7 @@ def empty_model(folder: str | os.PathLike) -> PreTrainedModel:
     if not (Path(folder) / "config.json").is_file():
         raise SinkquantError(f"{folder} has no config.json, which holds the model's architecture; the folder is "
                              "incomplete: write it again")
-    return AutoModelForCausalLM.from_config(_folder_config(Path(folder)), dtype=torch.float32).eval()
+    return AutoModelForCausalLM.from_config(folder_config(Path(folder)), dtype=torch.float32).eval()
 
 
 def random_model(config: PretrainedConfig, tokenizer: PreTrainedTokenizerBase, spec: str) -> LoadedModel:
@@ -252,11 +258,43 @@ def load_model(
     return LoadedModel(model=model, tokenizer=tokenizer, adapter=adapter, spec=spec, source=source)
 
 
+def load_tokenizer(spec: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    """The tokenizer `load_model(spec)` returns, read without any weights: a text too short for the windows a
+    command needs is refused before the model loads (the embedded model's cache is built first if absent)."""
+    path = Path(spec).expanduser()
+    entry = embedded(spec)
+    if entry is not None:
+        return folder_tokenizer(_embedded_folder(entry, torch.float32)[0])
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise SinkquantError(f"model file {path} does not exist (expected a readable .gguf file)")
+        return _read_gguf(path, AutoTokenizer.from_pretrained)
+    if path.is_dir():
+        _check_model_folder(path)
+        return folder_tokenizer(path, trust_remote_code)
+    if path.exists() or not HUB_ID.fullmatch(spec):
+        raise _unknown_model(spec)
+    reason = declared_offline() or unreachable()
+    try:
+        return AutoTokenizer.from_pretrained(spec, trust_remote_code=trust_remote_code,
+                                             local_files_only=reason is not None)
+    except (OSError, ValueError) as exc:
+        raise _load_error(spec, reason is not None, reason, exc) from exc
+
+
+def folder_tokenizer(folder: Path, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    """The tokenizer saved in a model, artifact or export folder."""
+    try:
+        return AutoTokenizer.from_pretrained(folder, local_files_only=True, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise SinkquantError(f"could not read the tokenizer in {folder}: {_first_line(exc)}") from exc
+
+
 def _from_folder(folder: Path, dtype: torch.dtype, trust_remote_code: bool
                  ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """A local safetensors folder, its weights read into memory the process owns (`read_weights`); a model
     with remote code goes through from_pretrained as it is."""
-    config = _folder_config(folder)
+    config = folder_config(folder)
     model_class = MODEL_FOR_CAUSAL_LM_MAPPING.get(type(config), None)
     if trust_remote_code or model_class is None:
         return _from_pretrained(str(folder), dtype, trust_remote_code, local=True)
@@ -288,7 +326,8 @@ def read_weights(folder: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def _folder_config(folder: Path) -> PretrainedConfig:
+def folder_config(folder: Path) -> PretrainedConfig:
+    """A model folder's config.json, without its weights."""
     try:
         return AutoConfig.from_pretrained(folder)
     except (OSError, ValueError) as exc:  # transformers raises either for a damaged config.json
@@ -306,17 +345,20 @@ def _from_pretrained(
             spec, dtype=dtype, trust_remote_code=trust_remote_code, local_files_only=local, use_safetensors=True
         )
         tokenizer = AutoTokenizer.from_pretrained(spec, trust_remote_code=trust_remote_code, local_files_only=local)
-    except OSError as exc:
-        if hub is not None:
-            raise SinkquantError(
-                f"could not load model {spec!r}: {hub}, and it is neither in the local hub cache nor a folder here; "
-                f"pass a local folder, a .gguf file or a zoo name ({', '.join(ZOO)})"
-            ) from exc
-        where = "local folder" if local else "hub id"
-        raise SinkquantError(f"could not load model {spec!r} as a {where}: {_first_line(exc)}") from exc
-    except ValueError as exc:
-        raise SinkquantError(f"could not load model {spec!r}: {_first_line(exc)}") from exc
+    except (OSError, ValueError) as exc:
+        raise _load_error(spec, local, hub, exc) from exc
     return model, tokenizer
+
+
+def _load_error(spec: str, local: bool, hub: str | None, exc: OSError | ValueError) -> SinkquantError:
+    if isinstance(exc, ValueError):
+        return SinkquantError(f"could not load model {spec!r}: {_first_line(exc)}")
+    if hub is not None:
+        return SinkquantError(
+            f"could not load model {spec!r}: {hub}, and it is neither in the local hub cache nor a folder here; "
+            f"pass a local folder, a .gguf file or a zoo name ({', '.join(ZOO)})")
+    where = "local folder" if local else "hub id"
+    return SinkquantError(f"could not load model {spec!r} as a {where}: {_first_line(exc)}")
 
 
 def _first_line(exc: BaseException) -> str:

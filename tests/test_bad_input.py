@@ -461,10 +461,62 @@ def test_code_hash_changes_with_any_source_file(tmp_path) -> None:
     assert hash_of(copy) != code_sha256()
 
 
-def test_eval_refuses_an_unwritable_out_before_evaluating(tmp_path, capsys) -> None:
+def test_eval_refuses_an_unwritable_out_before_evaluating(unloadable_model, tmp_path, capsys) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    start = time.perf_counter()
-    err = one_line_error(main(["eval", "--quiet", "--out", str(blocker / "eval.json")]), capsys)
-    assert time.perf_counter() - start < 5.0  # refused before the model loads
-    assert str(blocker) in err
+    err = one_line_error(main(["eval", "--quiet", "--model", str(unloadable_model), "--out",
+                               str(blocker / "eval.json")]), capsys)
+    assert str(blocker) in err and "safetensors" not in err  # refused before the (unreadable) weights load
+
+
+@pytest.fixture()
+def unloadable_model(smollm2, tmp_path) -> Path:
+    """The embedded model's config and tokenizer beside weights that cannot be read: any command that loads the
+    weights fails on them, so an error about something else shows that it came first."""
+    real = next((cache_root() / "models").glob("smollm2-135m-*"))
+    folder = tmp_path / "model"
+    folder.mkdir()
+    for file in real.iterdir():
+        if file.suffix != ".safetensors" and file.is_file():
+            shutil.copy(file, folder / file.name)
+    (folder / "model.safetensors").write_bytes(b"not a safetensors file")
+    return folder
+
+
+STATIC_RECIPE = str(REPO / "recipes" / "w8a8-prefix-smooth-except.yaml")
+
+
+@pytest.mark.parametrize(("command", "flags", "needs"), [
+    ("eval", [], "needs 1 ("),
+    ("quantize", ["--recipe", STATIC_RECIPE, "--calib-windows", "1", "--stream", "never"], "needs 2 ("),
+    ("compare", ["--recipes", STATIC_RECIPE, "--calib-windows", "1"], "needs 2 ("),
+    ("profile", ["--calib-windows", "1", "--overwrite"], "needs 1 (--calib-windows)"),
+])
+def test_a_text_too_short_in_tokens_is_refused_before_the_model_loads(command, flags, needs, unloadable_model,
+                                                                        tmp_path, capsys) -> None:
+    """Enough bytes to pass the check before torch (a token covers at least a byte), too few tokens for one
+    window: refused after the tokenizer alone is read, before the (unreadable) weights are."""
+    text = tmp_path / "short.txt"
+    text.write_text("hello " * 30)  # 180 bytes, about 30 tokens
+    out = tmp_path / "out"
+    err = one_line_error(main([command, "--quiet", "--model", str(unloadable_model), "--data", str(text),
+                               "--ctx", "64", *flags, "--out", str(out if command != "eval" else out / "e.json")]),
+                         capsys)
+    assert f"windows of --ctx 64; this run {needs}" in err and "safetensors" not in err, err
+    assert not out.exists()
+
+
+def test_an_artifact_is_not_loaded_for_a_text_too_short_in_tokens(smollm2, tmp_path, capsys) -> None:
+    """The artifact's manifest comes first (its files listed), then its tokenizer and the text; with --no-verify
+    an unreadable weight file shows the text was refused before the weights were read."""
+    text = tmp_path / "short.txt"
+    text.write_text("hello " * 30)
+    art = tmp_path / "art"
+    assert main(["quantize", "--quiet", "--recipe", str(REPO / "recipes" / "w8a8-naive.yaml"), "--ctx", "16",
+                 "--max-windows", "1", "--calib-windows", "1", "--out", str(art)]) == 0
+    capsys.readouterr()
+    weights = next(art.glob("*.safetensors"))
+    weights.write_bytes(b"not a safetensors file")
+    err = one_line_error(main(["eval", "--quiet", "--model", str(art), "--data", str(text), "--ctx", "64",
+                               "--no-verify"]), capsys)
+    assert "windows of --ctx 64; this run needs 2 (" in err and "safetensors" not in err, err

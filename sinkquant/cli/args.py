@@ -138,6 +138,7 @@ def check_data_args(args: argparse.Namespace, windows: int = 1) -> None:
     (sinkquant.data.check_data_file); a hub data set is checked when it loads."""
     from sinkquant.data import check_data_file, local_data_path
 
+    args.data_windows = windows  # cli.loading.token_stream checks the same count in tokens, before the model loads
     path = local_data_path(args.data, args.local_copy)
     if path is not None:
         check_data_file(path, args.text_field, args.ctx, windows)

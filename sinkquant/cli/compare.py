@@ -7,6 +7,7 @@ from pathlib import Path
 
 from sinkquant.cli.args import (
     AUTO,
+    AUTO_CALIB_WINDOWS,
     add_auto_args,
     add_data_args,
     add_model_args,
@@ -25,10 +26,9 @@ def check(args: argparse.Namespace) -> None:
     from sinkquant.recipe import check_recipe_file
 
     check_auto_args(args, any(str(r) == AUTO for r in args.recipes))
-    for recipe in args.recipes:
-        if str(recipe) != AUTO:
-            check_recipe_file(recipe)
-    check_data_args(args, 2)  # one calibration and one evaluation window at least
+    calib = [args.calib_windows or (AUTO_CALIB_WINDOWS if str(r) == AUTO else check_recipe_file(r).calibration.windows)
+             for r in args.recipes]
+    check_data_args(args, max([1, *calib]) + 1)  # the most calibration any recipe takes, one evaluation window
 
 
 def run(args: argparse.Namespace) -> None:

@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from sinkquant.cli.args import add_data_args, add_model_args, add_output_args, max_windows, positive_int
-from sinkquant.cli.loading import load_inputs
+from sinkquant.cli.loading import load_inputs, token_stream
 
 
 def check(args: argparse.Namespace) -> None:
@@ -53,13 +53,13 @@ def run(args: argparse.Namespace) -> None:
 def _evaluate_artifact(args: argparse.Namespace):
     """A folder written by `sinkquant quantize` is evaluated as the artifact it is: its integer weights, static
     scales, prefix and kept positions; its calibration windows stay out of the evaluation windows."""
-    from sinkquant.data import load_text, plan_windows, tokenize
-    from sinkquant.engine import load
+    from sinkquant.data import plan_windows
+    from sinkquant.engine.artifact import load, open_manifest
+    from sinkquant.models import folder_tokenizer
 
-    quantized = load(args.model, verify=not args.no_verify)
-    text = load_text(args.data, config=args.data_config, split=args.data_split, text_field=args.text_field,
-                     local_copy=args.local_copy)
-    stream = tokenize(text, quantized.base.tokenizer)
+    _, recipe = open_manifest(Path(args.model), verify=not args.no_verify)  # before its tokenizer is read
+    stream = token_stream(args, folder_tokenizer(Path(args.model)), windows=recipe.calibration.windows + 1)
+    quantized = load(args.model, verify=False)  # verified above
     plan = plan_windows(stream, args.ctx, max_windows(args), calib_windows=quantized.recipe.calibration.windows)
     return quantized.evaluate(stream, plan, bos=args.bos, progress=not args.quiet), quantized.base
 
@@ -78,12 +78,13 @@ def _evaluate_export(args: argparse.Namespace, manifest: dict):
     from sinkquant.data import plan_windows
     from sinkquant.perplexity import Prefix, evaluate
 
+    calib = (manifest.get("recipe") or {}).get("calibration", {}).get("windows", 0)
+    args.data_windows = calib + 1
     loaded, stream = load_inputs(args)
     prefix = None
     if manifest.get("prefix_ids"):
         ids, cache = load_prefix_cache(args.model, loaded.model.config)
         prefix = Prefix(ids=ids, cache=cache)
-    calib = (manifest.get("recipe") or {}).get("calibration", {}).get("windows", 0)
     plan = plan_windows(stream, args.ctx, max_windows(args), calib_windows=calib)
     transforms = getattr(loaded.model, "transform_config", None)
     groups = transforms.config_groups if transforms is not None else {}

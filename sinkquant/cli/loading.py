@@ -33,11 +33,26 @@ def load_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def load_inputs(args: argparse.Namespace) -> tuple[LoadedModel, TokenStream]:
-    """Model and token stream from the common flags."""
-    from sinkquant.data import load_text, tokenize
-    from sinkquant.models import load_model
+    """Model and token stream from the common flags. The text is tokenized first (the tokenizer alone is read),
+    so a text too short for the command's windows is refused before the model loads."""
+    from sinkquant.models import load_model, load_tokenizer
 
-    loaded = load_model(args.model, **load_kwargs(args))
-    text = load_text(args.data, config=args.data_config, split=args.data_split, text_field=args.text_field,
-                     local_copy=args.local_copy)
-    return loaded, tokenize(text, loaded.tokenizer)
+    stream = token_stream(args, load_tokenizer(args.model, args.trust_remote_code))
+    return load_model(args.model, **load_kwargs(args)), stream
+
+
+def token_stream(args: argparse.Namespace, tokenizer: Any, spec: str | None = None, windows: int | None = None,
+                 needs: str = "its calibration windows plus one evaluation window") -> TokenStream:
+    """`spec` (default --data) tokenized, refused when it holds fewer than `windows` windows of --ctx tokens
+    (default: the count check_data_args recorded for the command; `needs` says what they are for)."""
+    from sinkquant.data import load_text, tokenize
+
+    spec = spec or args.data
+    stream = tokenize(load_text(spec, config=args.data_config, split=args.data_split, text_field=args.text_field,
+                                local_copy=args.local_copy), tokenizer)
+    windows = windows or getattr(args, "data_windows", 1)
+    if stream.n_windows(args.ctx) < windows:
+        raise SinkquantError(f"--data {spec}: {stream.ids.numel()} tokens make {stream.n_windows(args.ctx)} windows "
+                             f"of --ctx {args.ctx}; this run needs {windows} ({needs}): use a longer text or a "
+                             "smaller --ctx")
+    return stream

@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from sinkquant.cli.args import add_data_args, add_model_args, add_output_args
-from sinkquant.cli.loading import load_kwargs
+from sinkquant.cli.loading import load_kwargs, token_stream
 from sinkquant.errors import SinkquantError
 
 
@@ -34,19 +34,18 @@ def check(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    from sinkquant.data import load_text, tokenize
     from sinkquant.io import check_output_dir
-    from sinkquant.models import load_model
+    from sinkquant.models import load_model, load_tokenizer
     from sinkquant.profiling.context import CONTEXT_LENGTHS
     from sinkquant.profiling.profiler import profile
     from sinkquant.profiling.verdict import Verdict
 
     check_output_dir(args.out, args.overwrite)  # refuse before the slow part
     texts = _named(args.data)
-    loaded = load_model(args.model, **load_kwargs(args))
-    streams = {name: tokenize(load_text(spec, config=args.data_config, split=args.data_split,
-                                        text_field=args.text_field, local_copy=args.local_copy), loaded.tokenizer)
+    tokenizer = load_tokenizer(args.model, args.trust_remote_code)  # a short text is refused before the model loads
+    streams = {name: token_stream(args, tokenizer, spec, windows=args.calib_windows, needs="--calib-windows")
                for name, spec in texts.items()}
+    loaded = load_model(args.model, **load_kwargs(args))
     report = profile(loaded, streams if len(streams) > 1 else next(iter(streams.values())), ctx=args.ctx,
                      windows=args.calib_windows, bos=args.bos, out=args.out, progress=not args.quiet,
                      overwrite=args.overwrite, probe=not args.no_probe, interventions=args.interventions,

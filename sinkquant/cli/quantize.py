@@ -17,7 +17,7 @@ from sinkquant.cli.args import (
     max_windows,
 )
 from sinkquant.cli.auto import auto_recipe_file
-from sinkquant.cli.loading import load_inputs
+from sinkquant.cli.loading import load_inputs, token_stream
 from sinkquant.cli.notes import bos_override
 
 
@@ -105,10 +105,11 @@ def run_streaming(args: argparse.Namespace, recipe) -> bool:
     import torch
 
     from sinkquant.cli.loading import resolve_device
-    from sinkquant.data import load_text, plan_windows, tokenize
+    from sinkquant.data import plan_windows
     from sinkquant.engine.artifact import load
-    from sinkquant.engine.stream import open_checkpoint, quantize_streaming, streaming_decision
+    from sinkquant.engine.stream import quantize_streaming, streaming_decision
     from sinkquant.errors import SinkquantError
+    from sinkquant.models import folder_config, load_tokenizer
     from sinkquant.tables import print_table
 
     if resolve_device(args.device) != "cpu":
@@ -120,13 +121,9 @@ def run_streaming(args: argparse.Namespace, recipe) -> bool:
     if reason is None:
         return False
     print(f"streaming {args.model} one decoder layer at a time ({reason})")
-    loaded, _ = open_checkpoint(args.model, dtype)  # the tokenizer (and a check of the folder); no layer is read
-    stored = getattr(loaded.model.config, "dtype", None)
+    stream = token_stream(args, load_tokenizer(args.model))  # a short text is refused before any weight is read
+    stored = getattr(folder_config(Path(args.model).expanduser()), "dtype", None)
     embeddings = stored if stored in (torch.bfloat16, torch.float16) and dtype == torch.float32 else None
-    text = load_text(args.data, config=args.data_config, split=args.data_split, text_field=args.text_field,
-                     local_copy=args.local_copy)
-    stream = tokenize(text, loaded.tokenizer)
-    del loaded
     quantized = quantize_streaming(
         args.model, recipe, stream, ctx=args.ctx, out=args.out, dtype=dtype, embeddings_dtype=embeddings,
         overwrite=args.overwrite, progress=not args.quiet,

@@ -14,7 +14,7 @@ import yaml
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import AutoTokenizer, DynamicCache
+from transformers import DynamicCache
 
 from sinkquant.adapters import adapter_for, normalize
 from sinkquant.backends.registry import BACKENDS, Backend
@@ -35,7 +35,7 @@ from sinkquant.io import (
     to_json,
     verify_digests,
 )
-from sinkquant.models import LoadedModel, empty_model
+from sinkquant.models import LoadedModel, empty_model, folder_tokenizer
 from sinkquant.perplexity import Prefix
 from sinkquant.quant.embeddings import embedding_weights
 from sinkquant.quant.embeddings import restore as restore_embedding
@@ -258,26 +258,35 @@ def read_artifact_weights(folder: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def load(folder: str | Path, verify: bool = True, stream: bool = False) -> QuantizedModel:
-    """Reload an artifact written by `save` (or `sinkquant quantize`); `verify` checks every file's sha256.
-    `stream`: leave the decoder layers on disk, read one at a time by each forward (engine/stream.py), for an
-    artifact larger than memory."""
-    folder = Path(folder)
+def open_manifest(folder: Path, verify: bool = True) -> tuple[dict[str, Any], Recipe]:
+    """An artifact's manifest and recipe, every file in the folder listed in it (nothing unlisted is ever read)
+    and, with `verify`, every file's sha256 checked: what `load` does before it reads any file, and what the CLI
+    does before it reads the artifact's tokenizer."""
     meta_path = folder / META
     meta = read_manifest(folder, META, "it is not a sinkquant artifact; write one with `sinkquant quantize`")
     if meta.get("format_version") != FORMAT_VERSION:
         raise SinkquantError(f"{meta_path}: format_version {meta.get('format_version')!r}; this sinkquant reads "
                              f"{FORMAT_VERSION} (re-create the artifact with `sinkquant quantize`)")
     recipe = parse_recipe(_field(meta, "recipe", dict, meta_path), str(meta_path))
-    record = _field(meta, "record", dict, meta_path)
-    model_meta = _field(meta, "model", dict, meta_path)
-    check_listed(folder, meta.get("files"), META)  # nothing is read that the manifest does not cover
+    check_listed(folder, meta.get("files"), META)
     if verify:
         _verify(folder, meta, meta_path)
+    return meta, recipe
+
+
+def load(folder: str | Path, verify: bool = True, stream: bool = False) -> QuantizedModel:
+    """Reload an artifact written by `save` (or `sinkquant quantize`); `verify` checks every file's sha256.
+    `stream`: leave the decoder layers on disk, read one at a time by each forward (engine/stream.py), for an
+    artifact larger than memory."""
+    folder = Path(folder)
+    meta, recipe = open_manifest(folder, verify)
+    meta_path = folder / META
+    record = _field(meta, "record", dict, meta_path)
+    model_meta = _field(meta, "model", dict, meta_path)
     backend = BACKENDS[recipe.backend]
     return backend.load_model(
         folder, lambda: _load_model(folder, recipe, record, model_meta, backend, stream),
-        lambda model: QuantizedModel(base=_loaded(model, AutoTokenizer.from_pretrained(folder), model_meta),
+        lambda model: QuantizedModel(base=_loaded(model, folder_tokenizer(folder), model_meta),
                                      model=model, recipe=recipe, prefix=None, record=record))
 
 
@@ -293,7 +302,7 @@ def _load_model(folder: Path, recipe: Recipe, record: dict[str, Any], model_meta
     meta_path = folder / META
     if not (folder / "config.json").is_file():
         raise SinkquantError(f"{folder / 'config.json'} is missing; the artifact is incomplete")
-    tokenizer = AutoTokenizer.from_pretrained(folder)
+    tokenizer = folder_tokenizer(folder)
     if stream:
         refusal = streaming_refusal(recipe)
         if refusal is not None:

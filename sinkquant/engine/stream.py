@@ -26,7 +26,6 @@ import torch
 from accelerate.utils import set_module_tensor_to_device
 from safetensors import safe_open
 from safetensors.torch import save_file
-from transformers import AutoTokenizer
 
 from sinkquant.adapters import normalize
 from sinkquant.backends.registry import BACKENDS
@@ -35,7 +34,7 @@ from sinkquant.engine.apply import QuantizedModel, apply_recipe, streaming_refus
 from sinkquant.engine.artifact import state_tensors, write_artifact
 from sinkquant.errors import SinkquantError
 from sinkquant.io import atomic_dir, atomic_write_json, check_output_dir
-from sinkquant.models import LoadedModel, _check_model_folder, _first_line, _folder_digest
+from sinkquant.models import LoadedModel, _check_model_folder, _folder_digest, folder_tokenizer
 from sinkquant.perplexity import PerplexityResult, evaluate
 from sinkquant.quant.embeddings import embedding_weights
 from sinkquant.quant.stream import WEIGHTS_INDEX, LayerStream, checkpoint_index, read_tensors, skeleton
@@ -57,10 +56,7 @@ def open_checkpoint(folder: str | Path, dtype: torch.dtype = torch.float32,
         raise SinkquantError(f"streaming reads a local safetensors model folder; {folder} is not a folder")
     _check_model_folder(folder)
     model = normalize(skeleton(folder, dtype))
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
-    except (OSError, ValueError) as exc:
-        raise SinkquantError(f"could not load model folder {folder}: {_first_line(exc)}") from exc
+    tokenizer = folder_tokenizer(folder)
     files = checkpoint_index(folder)
     stream = LayerStream(model, files, dtype)
     layer_names = f"{stream.adapter.layers}."

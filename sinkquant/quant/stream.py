@@ -27,7 +27,7 @@ from transformers import AutoModelForCausalLM, PreTrainedModel
 from sinkquant.adapters import adapter_for
 from sinkquant.errors import SinkquantError
 from sinkquant.memory import release_freed_memory
-from sinkquant.models import _first_line, _folder_config
+from sinkquant.models import _first_line, folder_config
 from sinkquant.quant.simulate import QuantLinear
 
 WEIGHTS_INDEX = "model.safetensors.index.json"  # sharded checkpoints (the hub's and a streamed artifact's)
@@ -208,7 +208,7 @@ def tensor_slots(layer: nn.Module) -> list[tuple[str, torch.Tensor | None]]:
 def skeleton(folder: Path, dtype: torch.dtype | None = None) -> PreTrainedModel:
     """The architecture in `folder`'s config.json with its parameters on the meta device (buffers real), in
     `dtype` (None: the config's own, else fp32): nothing is allocated until a layer is read."""
-    config = _folder_config(Path(folder))
+    config = folder_config(Path(folder))
     dtype = dtype or getattr(config, "dtype", None) or torch.float32
     try:
         with init_empty_weights():
