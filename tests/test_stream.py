@@ -193,3 +193,21 @@ def test_cli_streams_when_asked_or_when_the_model_would_not_fit(tokenizer, wikit
     code = main(["quantize", "--quiet", "--recipe", "auto", "--model", str(checkpoint), "--data", str(wikitext_path),
                  "--stream", "always", "--out", str(tmp_path / "auto")])
     assert code == 2 and "cannot stream" in capsys.readouterr().err
+
+
+def test_a_prefix_step_that_keeps_no_token_saves_and_loads(tokenizer, wikitext_stream, tmp_path,
+                                                            monkeypatch) -> None:
+    """Every candidate can fail the prefix's fp-loss check (it did on a random Llama-3.2-1B-shaped model); the
+    step then keeps no token, and the artifact, in memory or streamed, saves, loads and evaluates the same."""
+    monkeypatch.setattr("sinkquant.steps.prefix.MAX_NLL_INCREASE", -1.0)  # no prefix lowers the loss by 1 nat
+    recipe = parse_recipe(RECIPES["static"], "static")
+    quantized = apply_recipe(tiny_model("llama", tokenizer), recipe, wikitext_stream, ctx=CTX)
+    assert quantized.prefix is not None and quantized.prefix.ids == []
+    save(quantized, tmp_path / "memory")
+    streamed = quantize_streaming(sharded_checkpoint("llama", tokenizer, tmp_path / "ckpt"), recipe, wikitext_stream,
+                                  ctx=CTX, out=tmp_path / "streamed")
+    assert streamed.prefix.ids == []
+    plan = plan_windows(wikitext_stream, CTX, max_windows=2, calib_windows=2)
+    expected = quantized.evaluate(wikitext_stream, plan, progress=False).ppl
+    assert load(tmp_path / "memory").evaluate(wikitext_stream, plan, progress=False).ppl == expected
+    assert load(tmp_path / "streamed", stream=True).evaluate(wikitext_stream, plan, progress=False).ppl == expected

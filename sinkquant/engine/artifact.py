@@ -64,8 +64,9 @@ QUANT_BUFFERS = ("weight_int", "weight_scale", "weight_zero_point", "act_scale",
 
 
 def _prefix_tensors(prefix: Prefix) -> dict[str, torch.Tensor]:
+    """The ids and each layer's KV; a prefix step that kept no token writes its empty ids alone."""
     tensors = {"ids": torch.tensor(prefix.ids, dtype=torch.long)}
-    for index, layer in enumerate(prefix.cache.layers):
+    for index, layer in enumerate(prefix.cache.layers if prefix.cache is not None else ()):
         tensors[f"layers.{index}.keys"] = layer.keys.contiguous().cpu()
         tensors[f"layers.{index}.values"] = layer.values.contiguous().cpu()
     return tensors
@@ -74,6 +75,8 @@ def _prefix_tensors(prefix: Prefix) -> dict[str, torch.Tensor]:
 def _prefix_from(tensors: dict[str, torch.Tensor], config, device: torch.device) -> Prefix:
     if "ids" not in tensors:
         raise SinkquantError(f"{PREFIX}: tensor 'ids' is missing")
+    if tensors["ids"].numel() == 0 and len(tensors) == 1:
+        return Prefix(ids=[], cache=None)  # the prefix step kept no token
     cache = DynamicCache(config=config)
     index = 0
     while f"layers.{index}.keys" in tensors:
