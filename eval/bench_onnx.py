@@ -6,8 +6,9 @@ windows, one interleaved run.
 
 Rows: torch fp32; ONNX Runtime fp32 (the fp32 graph of the same exporter); ONNX Runtime's quantize_static (QDQ,
 per-channel int8 weights, uint8 per-tensor activations; MinMax, Percentile, Entropy) and quantize_dynamic on that
-fp32 graph, calibrated on the recipe's windows from the end of the text (no prefix: ONNX Runtime has none); the
-native backend (torch) and its ONNX export (recipes/w8a8-prefix-smooth-except-native.yaml) run by ONNX Runtime with
+fp32 graph (sinkquant.backends.export.onnx_peers, as `sinkquant compare --onnx-peers` runs them), calibrated on the
+recipe's windows from the end of the text, one window at a time (no prefix: ONNX Runtime has none); the native
+backend (torch) and its ONNX export (recipes/w8a8-prefix-smooth-except-native.yaml) run by ONNX Runtime with
 the fp prefix KV as the first past. Prefill: one ctx-token window, batch 1, logits of the last position; decode:
 --new-tokens greedy steps after a ctx-token prompt. Each round times every row once (interleaved), the median of
 --repeats rounds is reported. The float-rounding spread of a static-int8 perplexity is shown as the native model in
@@ -15,8 +16,8 @@ float64 (the same integers in double precision): the export's goal is checked ag
 
 from __future__ import annotations
 
-import collections
 import copy
+import resource
 import statistics
 import tempfile
 import time
@@ -24,15 +25,20 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnx
-import onnxruntime as ort
-import torch
 from bench_runtime import measure
 from benchlib import REPO, parser, setup, write_result
 
+from sinkquant.backends import ONNX_PEERS
 from sinkquant.backends.export import export
-from sinkquant.backends.export.onnx import LOGITS_TO_KEEP, MODEL_FILE, build_graph, past_names, save_graph
-from sinkquant.backends.export.onnx_runtime import OnnxCausalLM, load_onnx, session_options
+from sinkquant.backends.export.onnx import MODEL_FILE, past_names
+from sinkquant.backends.export.onnx_peers import (
+    kernel_counts,
+    onnx_model,
+    peer_label,
+    quantize_peer,
+    write_fp32_graph,
+)
+from sinkquant.backends.export.onnx_runtime import OnnxCausalLM, load_onnx
 from sinkquant.data import TokenStream, plan_windows
 from sinkquant.engine import apply_recipe
 from sinkquant.models import LoadedModel
@@ -41,60 +47,9 @@ from sinkquant.recipe import load_recipe
 from sinkquant.tables import markdown_table
 
 RECIPE = "recipes/w8a8-prefix-smooth-except-native.yaml"
-PEERS = ("minmax", "percentile", "entropy", "dynamic")
-# Percentile and Entropy (onnxruntime's HistogramCalibrater) keep every calibration window's intermediate tensors in
-# memory (about 2 GB per 512-token SmolLM2 window): the default runs the peers that fit a shared 24 GB machine.
-DEFAULT_PEERS = ("minmax", "dynamic")
-KERNELS = ("MatMulIntegerToFloat", "QLinearMatMul", "MatMulInteger", "DynamicQuantizeMatMul", "MatMulNBits",
-           "GroupQueryAttention", "MatMul", "FusedMatMul")
 GOAL_PPL = 0.3  # percent, against the native backend
 GOAL_PREFILL_TORCH, GOAL_PREFILL_ORT, GOAL_DECODE_ORT = 2.5, 1.6, 1.5
-
-
-class CalibrationWindows:
-    """onnxruntime.quantization's CalibrationDataReader over token windows, with an empty past."""
-
-    def __init__(self, windows: list[torch.Tensor], model: OnnxCausalLM) -> None:
-        self.feeds = iter([{"input_ids": w.numpy(), LOGITS_TO_KEEP: np.asarray(0, np.int64), **model.empty_past(1)}
-                           for w in windows])
-
-    def get_next(self) -> dict[str, np.ndarray] | None:
-        return next(self.feeds, None)
-
-
-def ort_session(path: Path, threads: int) -> Any:
-    return ort.InferenceSession(str(path), session_options(threads), providers=["CPUExecutionProvider"])
-
-
-def kernel_counts(path: Path, threads: int) -> dict[str, int]:
-    """Op counts of ONNX Runtime's optimized graph for `path` (which kernels run)."""
-    with tempfile.TemporaryDirectory(prefix="sinkquant-ort-") as tmp:
-        optimized = Path(tmp) / "optimized.onnx"
-        ort.InferenceSession(str(path), session_options(threads, optimized), providers=["CPUExecutionProvider"])
-        counts = collections.Counter(n.op_type for n in onnx.load(str(optimized), load_external_data=False).graph.node)
-    return {op: counts[op] for op in KERNELS if counts[op]}
-
-
-def quantize_peer(method: str, fp32: Path, out: Path, calibration: list[torch.Tensor], model: OnnxCausalLM) -> Path:
-    from onnxruntime.quantization import (
-        CalibrationMethod,
-        QuantFormat,
-        QuantType,
-        quantize_dynamic,
-        quantize_static,
-    )
-
-    out.mkdir(parents=True)
-    target = out / MODEL_FILE
-    if method == "dynamic":
-        quantize_dynamic(fp32, target, weight_type=QuantType.QInt8, per_channel=True, use_external_data_format=True)
-        return target
-    calibrate = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
-                 "entropy": CalibrationMethod.Entropy}[method]
-    quantize_static(fp32, target, CalibrationWindows(calibration, model), quant_format=QuantFormat.QDQ,
-                    per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                    calibrate_method=calibrate, use_external_data_format=True)
-    return target
+ORT_FP32, OURS = "ONNX Runtime fp32", "sinkquant ONNX (ONNX Runtime)"
 
 
 def onnx_prefill(model: OnnxCausalLM, window: np.ndarray, past: dict | None) -> float:
@@ -123,20 +78,15 @@ def prefix_past(prefix: Prefix | None) -> dict[str, np.ndarray] | None:
     return past
 
 
-def onnx_loaded(base: LoadedModel, session: Any) -> LoadedModel:
-    return LoadedModel(model=OnnxCausalLM(session, base.model.config), tokenizer=base.tokenizer, adapter=base.adapter,
-                       spec=base.spec, source=base.source)
-
-
 def main() -> None:
     p = parser(__doc__, windows=8, out="eval/results/onnx")
     p.add_argument("--recipe", type=Path, default=REPO / RECIPE)
-    p.add_argument("--peers", default=",".join(DEFAULT_PEERS),
-                   help=f"ONNX Runtime quantizations to add, comma-separated, of {', '.join(PEERS)}")
+    p.add_argument("--peers", default=",".join(ONNX_PEERS),
+                   help=f"ONNX Runtime quantizations to add, comma-separated, of {', '.join(ONNX_PEERS)}")
     p.add_argument("--repeats", type=int, default=3, help="speed rounds; 0: perplexity only")
     p.add_argument("--peer-calib-windows", type=int, default=None,
                    help="calibrate ONNX Runtime's static peers on only the first N of the recipe's calibration "
-                        "windows (each window's calibration pass needs its memory; default: all)")
+                        "windows (default: all)")
     p.add_argument("--new-tokens", type=int, default=64)
     p.set_defaults(threads=2)
     args = p.parse_args()
@@ -148,23 +98,23 @@ def main() -> None:
     rows: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory(prefix="sinkquant-bench-onnx-") as tmp_name:
         tmp = Path(tmp_name)
-        (tmp / "fp32").mkdir()
-        save_graph(build_graph(loaded.model)[0], tmp / "fp32")
-        fp32_path = tmp / "fp32" / MODEL_FILE
+        fp32_path = write_fp32_graph(loaded.model, tmp / "fp32")
         start = time.perf_counter()
         quantized = apply_recipe(loaded, recipe, stream, args.ctx, copy=True)
         folder = export(quantized, tmp / "sinkquant", format="onnx")
         print(f"quantized and exported in {time.perf_counter() - start:.0f} s")
         exported, prefix, _ = load_onnx(folder, threads=args.threads)
         onnx_rows: dict[str, tuple[LoadedModel, Prefix | None, Path]] = {
-            "ORT fp32": (onnx_loaded(loaded, ort_session(fp32_path, args.threads)), None, fp32_path)}
+            ORT_FP32: (onnx_model(loaded, fp32_path, args.threads), None, fp32_path)}
+        quantizing: dict[str, dict[str, float]] = {}  # per peer: seconds, and the process's peak memory after it
         for peer in peers:
             start = time.perf_counter()
-            path = quantize_peer(peer, fp32_path, tmp / peer, calibration, onnx_rows["ORT fp32"][0].model)
-            name = "ORT dynamic" if peer == "dynamic" else f"ORT static {peer}"
-            print(f"{name}: quantized in {time.perf_counter() - start:.0f} s")
-            onnx_rows[name] = (onnx_loaded(loaded, ort_session(path, args.threads)), None, path)
-        onnx_rows["sinkquant ONNX (ORT)"] = (exported, prefix, folder / MODEL_FILE)
+            path = quantize_peer(peer, fp32_path, tmp / peer, calibration, onnx_rows[ORT_FP32][0].model)
+            quantizing[peer_label(peer)] = {"quantize_seconds": time.perf_counter() - start,
+                                            "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+            print(f"{peer_label(peer)}: {quantizing[peer_label(peer)]}", flush=True)
+            onnx_rows[peer_label(peer)] = (onnx_model(loaded, path, args.threads), None, path)
+        onnx_rows[OURS] = (exported, prefix, folder / MODEL_FILE)
 
         native_f32 = quantized.evaluate(stream, plan, bos="never", progress=False).ppl
         native_f64 = evaluate(loaded, stream, plan, prefix=quantized.prefix,
@@ -173,7 +123,7 @@ def main() -> None:
         rows["sinkquant native (torch)"] = {"ppl": native_f32, "ppl_float64": native_f64}
         for name, (model, row_prefix, path) in onnx_rows.items():
             rows[name] = {"ppl": evaluate(model, stream, plan, bos="never", prefix=row_prefix, progress=False).ppl,
-                          "kernels": kernel_counts(path, args.threads)}
+                          "kernels": kernel_counts(path, args.threads), **quantizing.get(name, {})}
             print(f"{name}: perplexity {rows[name]['ppl']:.4f}", flush=True)
 
         window = stream.windows(args.ctx, [plan.eval_windows[0]])
@@ -196,8 +146,8 @@ def main() -> None:
 
 
 def report(args, rows: dict[str, dict[str, Any]], plan, stream: TokenStream, peer_calib: int) -> None:
-    fp32, ort32 = rows["torch fp32"], rows["ORT fp32"]
-    native, ours = rows["sinkquant native (torch)"], rows["sinkquant ONNX (ORT)"]
+    fp32, ort32 = rows["torch fp32"], rows[ORT_FP32]
+    native, ours = rows["sinkquant native (torch)"], rows[OURS]
     table = []
     for name, row in rows.items():
         table.append([name, f"{row['ppl']:.4f}", f"{100 * (row['ppl'] / fp32['ppl'] - 1):+.1f}%",
@@ -226,7 +176,7 @@ def report(args, rows: dict[str, dict[str, Any]], plan, stream: TokenStream, pee
     body = (f"{args.model}, WikiText-2 test, ctx {args.ctx}, first {len(plan.eval_windows)} windows, no BOS (the "
             f"sinkquant rows bring their fp prefix); calibration: the recipe's {len(plan.calib_windows)} windows from "
             f"the end of the text for the sinkquant rows, the first {peer_calib} of them for ONNX Runtime's static "
-            f"rows. Speed: batch 1, prefill of {args.ctx} tokens (last "
+            f"rows (read one window at a time). Speed: batch 1, prefill of {args.ctx} tokens (last "
             f"logits), decode of {args.new_tokens} tokens after it, {args.threads} threads for torch and ONNX "
             f"Runtime, median of {args.repeats} interleaved rounds on a machine shared with other jobs (ratios "
             "between rows of one run are what counts; not measured: nan, with --repeats 0).\n\n"

@@ -3,23 +3,46 @@
 Each finished row is cached under (model hash, recipe hash, data hash, settings, sinkquant's version and the
 hash of its code), so a re-run skips finished work, an interrupted run resumes, and rows of older code are never
 reused; a recipe that fails is a row with its error, the others still run. A cache row that cannot be read is
-recomputed, with one warning line."""
+recomputed, with one warning line.
+
+With `onnx`, fp32 and every recipe are also exported to ONNX and run by ONNX Runtime on the same windows, each as
+a row of its own ("<recipe> (ONNX Runtime)"); a recipe the exporter refuses is a "refused" row with its reason.
+`onnx_peers` adds ONNX Runtime's own int8 quantization of the fp32 ONNX graph (sinkquant.backends.export.
+onnx_peers), calibrated on the recipes' calibration windows."""
 
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import json
 import logging
 import math
+import tempfile
 import time
 import traceback
+from collections.abc import Callable, Sequence
 from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from sinkquant.data import TokenStream, plan_windows
-from sinkquant.engine import apply_recipe
+import torch
+
+from sinkquant.backends import ONNX_PEERS
+from sinkquant.backends.export import export
+from sinkquant.backends.export.onnx import MODEL_FILE
+from sinkquant.backends.export.onnx_peers import (
+    RUNTIME_VERSION,
+    graph_bytes,
+    onnx_model,
+    peer_description,
+    peer_label,
+    quantize_peer,
+    write_fp32_graph,
+)
+from sinkquant.backends.export.onnx_runtime import load_onnx
+from sinkquant.data import TokenStream, WindowPlan, plan_windows
+from sinkquant.engine import QuantizedModel, apply_recipe
 from sinkquant.engine.artifact import stored_bytes
 from sinkquant.errors import SinkquantError
 from sinkquant.io import (
@@ -33,27 +56,29 @@ from sinkquant.io import (
     to_json,
 )
 from sinkquant.models import LoadedModel
-from sinkquant.perplexity import evaluate
-from sinkquant.recipe import load_recipe
+from sinkquant.perplexity import Prefix, evaluate
+from sinkquant.recipe import Recipe, load_recipe
 from sinkquant.tables import markdown_table
 
 log = logging.getLogger(__name__)
 FP32 = "fp32"
+ONNX_RUNTIME = "onnxruntime"
 
 
 @dataclass
 class Row:
     recipe: str
     description: str
-    status: str  # "ok" | "failed"
+    status: str  # "ok" | "failed" | "refused" (the ONNX exporter cannot express the recipe; `error` says why)
     ppl: float | None = None
     delta_pct: float | None = None
     quantize_seconds: float | None = None
     eval_seconds: float | None = None
     prefix: list[str] | None = None
-    weight_bytes: int | None = None  # what the artifact stores (integers + scales + the rest); peers: None
+    weight_bytes: int | None = None  # what the artifact (or ONNX graph) stores, scales included; peers: None
     tokens_per_s: float | None = None  # scored tokens per second of evaluation (simulated layers are slower)
     error: str | None = None
+    runtime: str = "torch"  # or ONNX_RUNTIME
     cached: bool = False
 
 
@@ -61,7 +86,7 @@ class Row:
 _ROW_TYPES: dict[str, tuple[type, ...]] = {
     "recipe": (str,), "description": (str,), "status": (str,), "ppl": (float, int), "delta_pct": (float, int),
     "quantize_seconds": (float, int), "eval_seconds": (float, int), "prefix": (list,), "weight_bytes": (int,),
-    "tokens_per_s": (float, int), "error": (str,),
+    "tokens_per_s": (float, int), "error": (str,), "runtime": (str,),
     "cached": (bool,),
 }
 _REQUIRED = {f.name for f in fields(Row) if f.default is MISSING}
@@ -89,9 +114,22 @@ def _row_from_cache(path: Path) -> Row:
         wrong_bool = isinstance(value, bool) and bool not in _ROW_TYPES[name]
         if value is not None and (wrong_bool or not isinstance(value, _ROW_TYPES[name])):
             raise ValueError(f"field {name!r} is {value!r}")
-    if data["status"] not in ("ok", "failed") or (data["status"] == "ok" and data.get("ppl") is None):
+    if data["status"] not in ("ok", "failed", "refused") or (data["status"] == "ok" and data.get("ppl") is None):
         raise ValueError(f"status {data['status']!r} with ppl {data.get('ppl')!r}")
     return Row(**{**data, "cached": True})
+
+
+class _Refused(Exception):
+    """The ONNX exporter cannot express a recipe; the message is its one-line reason."""
+
+
+def _failure(exc: Exception) -> str:
+    last = traceback.extract_tb(exc.__traceback__)[-1]
+    return f"{type(exc).__name__}: {exc} ({Path(last.filename).name}:{last.lineno})"
+
+
+# What an ONNX Runtime row runs: (the model, its fp prefix or None, its graph file, seconds it took to make).
+OnnxMade = tuple[LoadedModel, Prefix | None, Path, float]
 
 
 def compare(
@@ -104,10 +142,16 @@ def compare(
     cache_dir: str | Path | None = None,
     progress: bool = True,
     calib_windows: int | None = None,
+    onnx: bool = False,
+    onnx_peers: Sequence[str] = (),
 ) -> dict[str, Any]:
     """Evaluate fp32 and every recipe on the same evaluation windows; returns the comparison as a dict.
-    `calib_windows` replaces every recipe's `calibration.windows` (as `quantize --calib-windows` does)."""
+    `calib_windows` replaces every recipe's `calibration.windows` (as `quantize --calib-windows` does). `onnx` adds
+    each of those rows run by ONNX Runtime; `onnx_peers` (of ONNX_PEERS) adds ONNX Runtime's own quantizations."""
 
+    unknown = [p for p in onnx_peers if p not in ONNX_PEERS]
+    if unknown:
+        raise SinkquantError(f"onnx_peers {unknown} not valid; valid: {', '.join(ONNX_PEERS)}")
     if cache_dir is not None:  # refused now, not when the first row is stored minutes later
         check_writable_place(cache_dir, "compare cache", inside=True)
     recipes = []
@@ -132,7 +176,7 @@ def compare(
             return None
 
     def store(key: str, row: Row) -> None:
-        if cache is not None and row.status == "ok":
+        if cache is not None and row.status in ("ok", "refused"):
             atomic_write_json(cache / f"{key}.json", {**asdict(row), "cached": False})
 
     rows: list[Row] = []
@@ -146,29 +190,54 @@ def compare(
                    tokens_per_s=result.tokens / result.seconds)
         store(key, base)
     rows.append(base)
-    for path, recipe, error in recipes:
-        if recipe is None:
-            rows.append(Row(recipe=Path(path).stem, description="", status="failed", error=error))
-            continue
-        key = _cache_key(loaded, recipe.resolved(), stream, settings)
-        row = cached_row(key)
-        if row is None:
-            try:
-                start = time.perf_counter()
-                quantized = apply_recipe(loaded, recipe, stream, ctx=ctx, copy=True)
-                quantize_seconds = time.perf_counter() - start
-                result = quantized.evaluate(stream, plan, bos=bos, progress=progress)
-                prefix = quantized.prefix_tokens
-                row = Row(recipe=recipe.name, description=recipe.description, status="ok", ppl=result.ppl,
-                          delta_pct=100 * (result.ppl / base.ppl - 1), quantize_seconds=quantize_seconds,
-                          eval_seconds=result.seconds, prefix=prefix, weight_bytes=stored_bytes(quantized),
-                          tokens_per_s=result.tokens / result.seconds)
-            except Exception as exc:  # one broken recipe must not sink the comparison
-                last = traceback.extract_tb(exc.__traceback__)[-1]
-                row = Row(recipe=recipe.name, description=recipe.description, status="failed",
-                          error=f"{type(exc).__name__}: {exc} ({Path(last.filename).name}:{last.lineno})")
-            store(key, row)
-        rows.append(row)
+
+    with tempfile.TemporaryDirectory(prefix="sinkquant-compare-onnx-") as tmp_name:
+        ort_rows = _OnnxRows(loaded, stream, plan, bos, Path(tmp_name), base.ppl, progress)
+
+        def through_ort(payload: Any, name: str, description: str, make: Callable[[], OnnxMade],
+                        row_bos: str = bos, prefix: list[str] | None = None) -> None:
+            row_key = _cache_key(loaded, {"runtime": ONNX_RUNTIME, "version": RUNTIME_VERSION, "row": payload},
+                                 stream, settings)
+            row = cached_row(row_key)
+            if row is None:
+                row = ort_rows.row(name, description, make, row_bos, prefix)
+                store(row_key, row)
+            rows.append(row)
+
+        if onnx or onnx_peers:
+            through_ort(FP32, f"{FP32} (ONNX Runtime)", "the fp32 ONNX graph, run by ONNX Runtime", ort_rows.fp32)
+        for path, recipe, error in recipes:
+            if recipe is None:
+                rows.append(Row(recipe=Path(path).stem, description="", status="failed", error=error))
+                continue
+            key = _cache_key(loaded, recipe.resolved(), stream, settings)
+            row = cached_row(key)
+            quantized = None
+            if row is None:
+                try:
+                    start = time.perf_counter()
+                    quantized = apply_recipe(loaded, recipe, stream, ctx=ctx, copy=True)
+                    quantize_seconds = time.perf_counter() - start
+                    result = quantized.evaluate(stream, plan, bos=bos, progress=progress)
+                    prefix = quantized.prefix_tokens
+                    row = Row(recipe=recipe.name, description=recipe.description, status="ok", ppl=result.ppl,
+                              delta_pct=100 * (result.ppl / base.ppl - 1), quantize_seconds=quantize_seconds,
+                              eval_seconds=result.seconds, prefix=prefix, weight_bytes=stored_bytes(quantized),
+                              tokens_per_s=result.tokens / result.seconds)
+                except Exception as exc:  # one broken recipe must not sink the comparison
+                    row = Row(recipe=recipe.name, description=recipe.description, status="failed",
+                              error=_failure(exc))
+                store(key, row)
+            rows.append(row)
+            if onnx and row.status == "ok":  # a prefix replaces the BOS policy, as in QuantizedModel.evaluate
+                through_ort(recipe.resolved(), f"{recipe.name} (ONNX Runtime)",
+                            f"{recipe.name} exported to ONNX, run by ONNX Runtime",
+                            functools.partial(ort_rows.exported, recipe, quantized),
+                            "never" if row.prefix is not None else bos, row.prefix)
+            del quantized
+        for method in onnx_peers:
+            through_ort({"peer": method}, peer_label(method), peer_description(method, len(plan.calib_windows)),
+                        functools.partial(ort_rows.peer, method))
     return {
         "model": {"spec": loaded.spec, **loaded.source},
         "data": {"sha256": stream.text_sha256, **stream.source, **plan.describe()},
@@ -177,6 +246,70 @@ def compare(
         "code_sha256": code_sha256(),
         "rows": [asdict(r) for r in rows],
     }
+
+
+class _OnnxRows:
+    """The rows ONNX Runtime runs, on as many threads as torch: the fp32 graph (written once, shared by the
+    peers), recipes exported to ONNX and ONNX Runtime's own quantizations, all on `plan`'s windows."""
+
+    def __init__(self, loaded: LoadedModel, stream: TokenStream, plan: WindowPlan, bos: str, tmp: Path,
+                 base_ppl: float, progress: bool) -> None:
+        self.loaded, self.stream, self.plan, self.bos, self.tmp = loaded, stream, plan, bos, tmp
+        self.base_ppl, self.progress = base_ppl, progress
+        self.threads = torch.get_num_threads()
+        self.made = 0  # folders made under tmp
+
+    def folder(self, name: str) -> Path:
+        self.made += 1
+        return self.tmp / f"{self.made}-{name}"
+
+    @functools.cached_property
+    def fp32_graph(self) -> tuple[Path, LoadedModel, float]:
+        start = time.perf_counter()
+        path = write_fp32_graph(self.loaded.model, self.folder(FP32))
+        return path, onnx_model(self.loaded, path, self.threads), time.perf_counter() - start
+
+    def fp32(self) -> OnnxMade:
+        path, model, seconds = self.fp32_graph
+        return model, None, path, seconds
+
+    def exported(self, recipe: Recipe, quantized: QuantizedModel | None) -> OnnxMade:
+        """The recipe's model (applied again when its own row came from the cache) exported and loaded back; the
+        seconds are the export's."""
+        if quantized is None:
+            quantized = apply_recipe(self.loaded, recipe, self.stream, ctx=self.plan.ctx, copy=True)
+        start = time.perf_counter()
+        try:
+            folder = export(quantized, self.folder("export"), format="onnx")
+        except SinkquantError as exc:
+            raise _Refused(str(exc).strip().splitlines()[0]) from None
+        model, prefix, _ = load_onnx(folder, threads=self.threads)
+        return model, prefix, folder / MODEL_FILE, time.perf_counter() - start
+
+    def peer(self, method: str) -> OnnxMade:
+        """ONNX Runtime's `method` on the fp32 graph, static ones calibrated on the plan's calibration windows."""
+        fp32, fp32_model, _ = self.fp32_graph
+        calibration = [self.stream.windows(self.plan.ctx, [i]) for i in self.plan.calib_windows]
+        start = time.perf_counter()
+        path = quantize_peer(method, fp32, self.folder(method), calibration, fp32_model.model)
+        return onnx_model(self.loaded, path, self.threads), None, path, time.perf_counter() - start
+
+    def row(self, name: str, description: str, make: Callable[[], OnnxMade], bos: str,
+            prefix_tokens: list[str] | None) -> Row:
+        """The row of the model `make` builds; an exporter refusal is a refused row, any other error a failed one."""
+        try:
+            model, prefix, graph, seconds = make()
+            result = evaluate(model, self.stream, self.plan, bos=bos, prefix=prefix, progress=self.progress,
+                              desc=name)
+        except _Refused as exc:
+            return Row(recipe=name, description=description, status="refused", error=str(exc), runtime=ONNX_RUNTIME)
+        except Exception as exc:  # one broken row must not sink the comparison
+            return Row(recipe=name, description=description, status="failed", error=_failure(exc),
+                       runtime=ONNX_RUNTIME)
+        return Row(recipe=name, description=description, status="ok", ppl=result.ppl,
+                   delta_pct=100 * (result.ppl / self.base_ppl - 1), quantize_seconds=seconds,
+                   eval_seconds=result.seconds, prefix=prefix_tokens, weight_bytes=graph_bytes(graph),
+                   tokens_per_s=result.tokens / result.seconds, runtime=ONNX_RUNTIME)
 
 
 HEADERS = ["recipe", "status", "perplexity", "delta vs fp32", "weights MB", "tokens/s", "quantize s", "eval s",
@@ -188,7 +321,7 @@ def table_rows(comparison: dict[str, Any]) -> list[list[str]]:
         return "-" if value is None else pattern.format(value)
 
     return [
-        [r["recipe"], r["status"] if r["status"] == "ok" else f"failed: {r['error']}", fmt(r["ppl"], "{:.3f}"),
+        [r["recipe"], r["status"] if r["status"] == "ok" else f"{r['status']}: {r['error']}", fmt(r["ppl"], "{:.3f}"),
          fmt(r["delta_pct"], "{:+.1f}%"), fmt(r.get("weight_bytes") and r["weight_bytes"] / 1e6, "{:.1f}"),
          fmt(r.get("tokens_per_s"), "{:.0f}"), fmt(r["quantize_seconds"], "{:.1f}"), fmt(r["eval_seconds"], "{:.1f}"),
          " ".join(repr(t) for t in r["prefix"]) if r["prefix"] else "-"]

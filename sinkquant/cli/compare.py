@@ -19,16 +19,33 @@ from sinkquant.cli.args import (
 from sinkquant.cli.auto import auto_recipe_file
 from sinkquant.cli.loading import load_inputs
 from sinkquant.cli.notes import bos_override
+from sinkquant.errors import SinkquantError
 
 
 def check(args: argparse.Namespace) -> None:
-    """Before torch: every recipe file, the auto flags (refused when no recipe is auto), the data file."""
+    """Before torch: every recipe file, the auto flags (refused when no recipe is auto), --onnx-peers, the data
+    file."""
     from sinkquant.recipe import check_recipe_file
 
     check_auto_args(args, any(str(r) == AUTO for r in args.recipes))
+    args.onnx_peers = onnx_peer_names(args.onnx_peers)
     calib = [args.calib_windows or (AUTO_CALIB_WINDOWS if str(r) == AUTO else check_recipe_file(r).calibration.windows)
              for r in args.recipes]
     check_data_args(args, max([1, *calib]) + 1)  # the most calibration any recipe takes, one evaluation window
+
+
+def onnx_peer_names(text: str) -> list[str]:
+    """--onnx-peers as a list of ONNX Runtime quantizations; an unknown or repeated name is refused in one line."""
+    from sinkquant.backends import ONNX_PEERS
+
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    for index, name in enumerate(names):
+        if name not in ONNX_PEERS:
+            raise SinkquantError(f"--onnx-peers: {name!r} is not valid; valid: {', '.join(ONNX_PEERS)} "
+                                 "(comma-separated)")
+        if name in names[:index]:
+            raise SinkquantError(f"--onnx-peers: {name!r} is given twice")
+    return names
 
 
 def run(args: argparse.Namespace) -> None:
@@ -39,8 +56,9 @@ def run(args: argparse.Namespace) -> None:
     cache = args.cache or args.out / "cache"
     recipes = [auto_recipe_file(args, loaded, stream, args.out) if str(r) == AUTO else r for r in args.recipes]
     comparison = compare(loaded, recipes, stream, ctx=args.ctx, max_windows=max_windows(args), bos=args.bos,
-                         cache_dir=cache, progress=not args.quiet, calib_windows=args.calib_windows)
-    comparison["overrides"] = [o for row in comparison["rows"] if row.get("prefix")
+                         cache_dir=cache, progress=not args.quiet, calib_windows=args.calib_windows,
+                         onnx=args.onnx, onnx_peers=args.onnx_peers)
+    comparison["overrides"] = [o for row in comparison["rows"] if row.get("prefix") and row["runtime"] == "torch"
                                if (o := bos_override("compare", row["recipe"], row["prefix"], args.bos))]
     comparison["run"] = {"device": args.device, "dtype": args.dtype}
     paths = write_comparison(comparison, args.out)
@@ -61,4 +79,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, default=Path("out/compare"), help="folder for compare.md/.json/.csv/.png")
     p.add_argument("--cache", type=Path, default=None, help="result cache (default OUT/cache); re-runs skip "
                                                              "finished recipes")
+    p.add_argument("--onnx", action="store_true",
+                   help="also export fp32 and every recipe to ONNX and evaluate each through ONNX Runtime on the "
+                        "same windows, as rows of their own ('<recipe> (ONNX Runtime)'); a recipe the exporter "
+                        "refuses is a row with the reason")
+    p.add_argument("--onnx-peers", default="",
+                   help="add ONNX Runtime's own int8 quantization of the fp32 ONNX graph as peer rows, "
+                        "comma-separated: minmax, percentile, entropy (quantize_static, calibrated on the recipes' "
+                        "calibration windows) and dynamic (quantize_dynamic)")
     p.set_defaults(func=run, check=check)
