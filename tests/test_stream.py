@@ -211,3 +211,23 @@ def test_a_prefix_step_that_keeps_no_token_saves_and_loads(tokenizer, wikitext_s
     expected = quantized.evaluate(wikitext_stream, plan, progress=False).ppl
     assert load(tmp_path / "memory").evaluate(wikitext_stream, plan, progress=False).ppl == expected
     assert load(tmp_path / "streamed", stream=True).evaluate(wikitext_stream, plan, progress=False).ppl == expected
+
+
+def test_cli_eval_streams_a_model_and_an_artifact(tokenizer, wikitext_path, tmp_path, capsys) -> None:
+    """`sinkquant eval --stream always` reads a safetensors model, or an artifact's integers, one decoder layer at
+    a time: the same perplexity as in memory (`--stream never`)."""
+    from sinkquant.cli import main
+
+    checkpoint = sharded_checkpoint("qwen2", tokenizer, tmp_path / "checkpoint")
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(json.dumps(RECIPES["static"]))
+    common = ["--quiet", "--data", str(wikitext_path), "--ctx", str(CTX), "--max-windows", "2"]
+    assert main(["quantize", *common, "--recipe", str(recipe), "--model", str(checkpoint), "--stream", "never",
+                 "--out", str(tmp_path / "artifact")]) == 0
+    for model in (checkpoint, tmp_path / "artifact"):
+        ppl = {}
+        for mode in ("always", "never"):
+            out = tmp_path / f"{model.name}-{mode}.json"
+            assert main(["eval", *common, "--model", str(model), "--stream", mode, "--out", str(out)]) == 0
+            ppl[mode] = json.loads(out.read_text())["ppl"]
+        assert ("streaming" in capsys.readouterr().out) and ppl["always"] == ppl["never"], (model, ppl)

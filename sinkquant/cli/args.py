@@ -42,6 +42,13 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="float32", choices=DTYPES, help="weights and activations dtype")
 
 
+def add_stream_arg(parser: argparse.ArgumentParser, what: str) -> None:
+    """--stream, one meaning for every command: read the model one decoder layer at a time (docs/scale.md)."""
+    parser.add_argument("--stream", default="auto", choices=["auto", "always", "never"],
+                        help=f"read the model one decoder layer at a time from its safetensors folder{what} "
+                             "(docs/scale.md): auto (default) when it would not fit in memory, always, or never")
+
+
 def add_data_args(parser: argparse.ArgumentParser, ctx: int = 512, max_windows: int | None = 16,
                   calib_windows: int | None = None, calib_help: str = "", several: bool = False) -> None:
     """Text flags; `max_windows=None` leaves out --max-windows (evaluation windows), `calib_windows` adds

@@ -5,8 +5,15 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from sinkquant.cli.args import add_data_args, add_model_args, add_output_args, max_windows, positive_int
-from sinkquant.cli.loading import load_inputs, token_stream
+from sinkquant.cli.args import (
+    add_data_args,
+    add_model_args,
+    add_output_args,
+    add_stream_arg,
+    max_windows,
+    positive_int,
+)
+from sinkquant.cli.loading import load_inputs, stream_reason, streamed_embeddings, token_stream
 
 
 def check(args: argparse.Namespace) -> None:
@@ -30,17 +37,20 @@ def run(args: argparse.Namespace) -> None:
     if args.out:
         check_output_file(args.out)  # an unwritable --out fails before the evaluation, not after
     if is_artifact(args.model):
-        result, loaded = _evaluate_artifact(args)
+        result, spec = _evaluate_artifact(args)
     elif is_onnx_export(args.model):
-        result, loaded = _evaluate_onnx(args)
+        result, spec = _evaluate_onnx(args)
     elif (manifest := _export_manifest(args.model)) is not None:
-        result, loaded = _evaluate_export(args, manifest)
+        result, spec = _evaluate_export(args, manifest)
+    elif (reason := stream_reason(args)) is not None:
+        result, spec = _evaluate_streamed(args, reason)
     else:
         loaded, stream = load_inputs(args)
         plan = plan_windows(stream, args.ctx, max_windows(args))
         result = evaluate(loaded, stream, plan, bos=args.bos, progress=not args.quiet, batch_size=args.batch_size)
+        spec = loaded.spec
     print_table(
-        f"{loaded.spec} on {result.data.get('path', result.data.get('name'))}",
+        f"{spec} on {result.data.get('path', result.data.get('name'))}",
         ["ctx", "windows", "BOS", "tokens", "perplexity", "word ppl", "bits/byte", "seconds"],
         [[result.ctx, result.windows, result.bos, result.tokens, f"{result.ppl:.4f}",
           f"{result.word_perplexity:.4f}", f"{result.bits_per_byte:.4f}", f"{result.seconds:.1f}"]],
@@ -59,9 +69,29 @@ def _evaluate_artifact(args: argparse.Namespace):
 
     _, recipe = open_manifest(Path(args.model), verify=not args.no_verify)  # before its tokenizer is read
     stream = token_stream(args, folder_tokenizer(Path(args.model)), windows=recipe.calibration.windows + 1)
-    quantized = load(args.model, verify=False)  # verified above
+    streamed = stream_reason(args, recipe) is not None
+    quantized = load(args.model, verify=False, stream=streamed)  # verified above
     plan = plan_windows(stream, args.ctx, max_windows(args), calib_windows=quantized.recipe.calibration.windows)
-    return quantized.evaluate(stream, plan, bos=args.bos, progress=not args.quiet), quantized.base
+    if streamed:
+        print(f"sinkquant eval: streaming {args.model} one decoder layer at a time")
+    return quantized.evaluate(stream, plan, bos=args.bos, progress=not args.quiet), quantized.base.spec
+
+
+def _evaluate_streamed(args: argparse.Namespace, reason: str):
+    """A safetensors model read one decoder layer at a time per window (engine.stream.evaluate_streaming): the
+    fp or bf16 reference of a model larger than memory, the same result as in memory."""
+    import torch
+
+    from sinkquant.data import plan_windows
+    from sinkquant.engine.stream import evaluate_streaming
+    from sinkquant.models import load_tokenizer
+
+    print(f"sinkquant eval: streaming {args.model} one decoder layer at a time ({reason})")
+    stream = token_stream(args, load_tokenizer(args.model))
+    plan = plan_windows(stream, args.ctx, max_windows(args))
+    return evaluate_streaming(args.model, stream, plan, bos=args.bos, dtype=getattr(torch, args.dtype),
+                              progress=not args.quiet, embeddings_dtype=streamed_embeddings(args),
+                              batch_size=args.batch_size), args.model
 
 
 def _export_manifest(model: str) -> dict | None:
@@ -98,7 +128,7 @@ def _evaluate_export(args: argparse.Namespace, manifest: dict):
     print(f"sinkquant eval: {args.model} is a {manifest.get('format')} export: {'; '.join(said)}")
     result = evaluate(loaded, stream, plan, bos=args.bos if prefix is None else "never", prefix=prefix,
                       progress=not args.quiet, batch_size=args.batch_size)
-    return result, loaded
+    return result, loaded.spec
 
 
 def _evaluate_onnx(args: argparse.Namespace):
@@ -118,7 +148,7 @@ def _evaluate_onnx(args: argparse.Namespace):
     said = f"behind its fp prefix KV ({len(prefix.ids)} tokens {prefix.ids})" if prefix is not None else "no prefix"
     print(f"sinkquant eval: {args.model} is an ONNX export, run by ONNX Runtime {said}")
     bos = args.bos if prefix is None else "never"
-    return evaluate(loaded, stream, plan, bos=bos, prefix=prefix, progress=not args.quiet), loaded
+    return evaluate(loaded, stream, plan, bos=bos, prefix=prefix, progress=not args.quiet), loaded.spec
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -128,6 +158,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_output_args(p)
     p.add_argument("--batch-size", type=positive_int, default=1, help="windows per forward pass (>= 1)")
     p.add_argument("--out", type=Path, default=None, help="write the result as JSON here")
+    add_stream_arg(p, " (a sinkquant artifact: its integers)")
     p.add_argument("--no-verify", action="store_true",
                    help="for an artifact or ONNX export folder: skip the sha256 check of its files (huge models)")
     p.set_defaults(func=run, check=check)

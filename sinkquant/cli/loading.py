@@ -4,6 +4,7 @@ functions, so importing this module stays cheap)."""
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sinkquant.errors import SinkquantError
@@ -11,6 +12,7 @@ from sinkquant.errors import SinkquantError
 if TYPE_CHECKING:
     from sinkquant.data import TokenStream
     from sinkquant.models import LoadedModel
+    from sinkquant.recipe import Recipe
 
 
 def resolve_device(name: str) -> str:
@@ -30,6 +32,31 @@ def load_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 
     return {"dtype": getattr(torch, args.dtype), "device": resolve_device(args.device),
             "trust_remote_code": args.trust_remote_code}
+
+
+def stream_reason(args: argparse.Namespace, recipe: Recipe | None = None) -> str | None:
+    """Why --model is read one decoder layer at a time (--stream: auto when it would not fit in memory, always,
+    never), or None; `recipe`: what quantizing it would run (None: evaluation only). Streaming runs on the CPU."""
+    import torch
+
+    from sinkquant.engine.stream import streaming_decision
+
+    if resolve_device(args.device) != "cpu":
+        if args.stream == "always":
+            raise SinkquantError("--stream always runs on the CPU; drop --device or use --stream never")
+        return None
+    return streaming_decision(args.model, recipe, getattr(torch, args.dtype), args.stream)
+
+
+def streamed_embeddings(args: argparse.Namespace) -> Any:
+    """The dtype a streamed checkpoint's embeddings and lm_head stay in: the stored bf16/fp16 when the layers
+    compute in fp32 (engine.stream.open_checkpoint), else None."""
+    import torch
+
+    from sinkquant.models import folder_config
+
+    stored = getattr(folder_config(Path(args.model).expanduser()), "dtype", None)
+    return stored if stored in (torch.bfloat16, torch.float16) and args.dtype == "float32" else None
 
 
 def load_inputs(args: argparse.Namespace) -> tuple[LoadedModel, TokenStream]:

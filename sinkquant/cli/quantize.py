@@ -12,6 +12,7 @@ from sinkquant.cli.args import (
     add_data_args,
     add_model_args,
     add_output_args,
+    add_stream_arg,
     check_auto_args,
     check_data_args,
     max_windows,
@@ -104,26 +105,19 @@ def run_streaming(args: argparse.Namespace, recipe) -> bool:
     model would not fit in memory; then evaluate the artifact the same way. False: quantize in memory."""
     import torch
 
-    from sinkquant.cli.loading import resolve_device
+    from sinkquant.cli.loading import stream_reason, streamed_embeddings
     from sinkquant.data import plan_windows
     from sinkquant.engine.artifact import load
-    from sinkquant.engine.stream import quantize_streaming, streaming_decision
-    from sinkquant.errors import SinkquantError
-    from sinkquant.models import folder_config, load_tokenizer
+    from sinkquant.engine.stream import quantize_streaming
+    from sinkquant.models import load_tokenizer
     from sinkquant.tables import print_table
 
-    if resolve_device(args.device) != "cpu":
-        if args.stream == "always":
-            raise SinkquantError("--stream always runs on the CPU; drop --device or use --stream never")
-        return False
-    dtype = getattr(torch, args.dtype)
-    reason = streaming_decision(args.model, recipe, dtype, args.stream)
+    reason = stream_reason(args, recipe)
     if reason is None:
         return False
     print(f"streaming {args.model} one decoder layer at a time ({reason})")
     stream = token_stream(args, load_tokenizer(args.model))  # a short text is refused before any weight is read
-    stored = getattr(folder_config(Path(args.model).expanduser()), "dtype", None)
-    embeddings = stored if stored in (torch.bfloat16, torch.float16) and dtype == torch.float32 else None
+    dtype, embeddings = getattr(torch, args.dtype), streamed_embeddings(args)
     quantized = quantize_streaming(
         args.model, recipe, stream, ctx=args.ctx, out=args.out, dtype=dtype, embeddings_dtype=embeddings,
         overwrite=args.overwrite, progress=not args.quiet,
@@ -153,8 +147,5 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_output_args(p)
     p.add_argument("--out", type=Path, required=True, help="artifact folder")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
-    p.add_argument("--stream", default="auto", choices=["auto", "always", "never"],
-                   help="read the model one decoder layer at a time from its safetensors folder, writing the "
-                        "artifact as it goes (docs/scale.md): auto (default) when it would not fit in memory, "
-                        "always, or never")
+    add_stream_arg(p, ", writing the artifact as it goes")
     p.set_defaults(func=run, check=check)

@@ -358,7 +358,7 @@ def artifact_layers(folder: Path, session: Session) -> LayerStream:
     norm, lm_head and every activation scale now (exceptions and checks read them), each decoder layer's integer
     weights when a forward reads it. Tensors keep their stored dtype (a bf16 model stays bf16)."""
     model = session.model
-    files = checkpoint_index(folder)
+    files = checkpoint_index(folder, weight_files(folder))
     layer_names = f"{session.loaded.adapter.layers}."
     scales = [n for n in files if n.startswith(layer_names) and n.endswith(("act_scale", "act_zero_point"))]
     for name, tensor in read_tensors(files, scales, None).items():

@@ -79,13 +79,13 @@ def open_checkpoint(folder: str | Path, dtype: torch.dtype = torch.float32,
 
 def evaluate_streaming(folder: str | Path, stream: TokenStream, plan: WindowPlan, bos: str = "auto",
                        dtype: torch.dtype = torch.float32, progress: bool = False,
-                       embeddings_dtype: torch.dtype | None = None) -> PerplexityResult:
+                       embeddings_dtype: torch.dtype | None = None, batch_size: int = 1) -> PerplexityResult:
     """`perplexity.evaluate` of the model in `folder` (the fp or bf16 reference) without holding it whole: each
     window's forward reads the decoder layers one at a time. Equals the in-memory result (a test checks it).
     `embeddings_dtype`: as `open_checkpoint`'s."""
     loaded, layers = open_checkpoint(folder, dtype, embeddings_dtype)
     with layers.streaming():
-        return evaluate(loaded, stream, plan, bos=bos, progress=progress)
+        return evaluate(loaded, stream, plan, bos=bos, progress=progress, batch_size=batch_size)
 
 
 # The in-memory engine's peak RSS over the weights at its working dtype (1.27x on SmolLM2, 1.23x on a
@@ -116,12 +116,12 @@ def memory_available() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-def streaming_decision(spec: str, recipe: Recipe, dtype: torch.dtype, mode: str = "auto",
+def streaming_decision(spec: str, recipe: Recipe | None, dtype: torch.dtype, mode: str = "auto",
                        available: int | None = None) -> str | None:
-    """Why the model `spec` is streamed, or None to quantize in memory. `auto` (the default): stream a local
-    safetensors folder when the in-memory engine would not fit (IN_MEMORY_PEAK x its weights in `dtype` above
-    `available`, default: `memory_available()`) and the recipe streams; `always`: stream or refuse, naming why;
-    `never`: in memory."""
+    """Why the model `spec` (a safetensors folder or an artifact) is streamed, or None to run it in memory.
+    `auto` (the default): stream a local safetensors folder when the in-memory engine would not fit
+    (IN_MEMORY_PEAK x its weights in `dtype` above `available`, default: `memory_available()`) and `recipe`
+    streams (None: evaluation, no recipe); `always`: stream or refuse, naming why; `never`: in memory."""
     if mode not in STREAM_MODES:
         raise SinkquantError(f"--stream {mode!r}; valid: {', '.join(STREAM_MODES)}")
     if mode == "never":
@@ -129,7 +129,7 @@ def streaming_decision(spec: str, recipe: Recipe, dtype: torch.dtype, mode: str 
     folder = Path(spec).expanduser()
     problem = None if folder.is_dir() and any(folder.glob("*.safetensors")) else \
         f"{spec} is not a local safetensors folder (streaming reads one; `sinkquant convert` writes one)"
-    problem = problem or streaming_refusal(recipe)
+    problem = problem or (streaming_refusal(recipe) if recipe is not None else None)
     if mode == "always":
         if problem:
             raise SinkquantError(f"--stream always: {problem}")

@@ -35,9 +35,10 @@ Transform = Callable[[int, nn.Module], None]
 
 
 
-def checkpoint_index(folder: Path) -> dict[str, Path]:
+def checkpoint_index(folder: Path, only: list[Path] | None = None) -> dict[str, Path]:
     """Tensor name -> the safetensors file that holds it: from the hub's `model.safetensors.index.json` when
-    there is one, else from each file's header (safe_open reads the header only)."""
+    there is one, else from the header of each file (`only` these, e.g. an artifact's weights without its prefix
+    KV; default every one in the folder; safe_open reads the header only)."""
     index = folder / WEIGHTS_INDEX
     if index.is_file():
         try:
@@ -49,7 +50,7 @@ def checkpoint_index(folder: Path) -> dict[str, Path]:
             raise SinkquantError(f"{index}: the weight_map names a file outside the folder; valid: file names")
         return files
     files: dict[str, Path] = {}
-    for file in sorted(folder.glob("*.safetensors")):
+    for file in only if only is not None else sorted(folder.glob("*.safetensors")):
         try:
             with safe_open(file, framework="pt", device="cpu") as handle:
                 files.update(dict.fromkeys(handle.keys(), file))  # noqa: SIM118 (safe_open is not iterable)
