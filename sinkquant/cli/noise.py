@@ -11,6 +11,7 @@ from typing import Any
 KNOWN_NOISE = {
     "torchao": ("Failed to load",),  # optional CUDA/mxfp8 .so files absent from CPU wheels
     "torch.utils._pytree": ("is an Enum subclass and is now natively supported",),
+    "root": ("Please consider to run pre-processing", "Please consider pre-processing"),  # ONNX Runtime's quantizer
 }
 
 

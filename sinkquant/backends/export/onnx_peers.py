@@ -11,6 +11,8 @@ per 512-token SmolLM2 window."""
 from __future__ import annotations
 
 import collections
+import contextlib
+import io
 import tempfile
 from pathlib import Path
 
@@ -95,10 +97,11 @@ def quantize_peer(method: str, fp32: Path, out: Path, calibration: list[torch.Te
         return target
     if not calibration:
         raise SinkquantError(f"ONNX Runtime static {method} needs calibration windows; none were given")
-    quantize_static(fp32, target, CalibrationWindows(calibration, model), quant_format=QuantFormat.QDQ,
-                    per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                    calibrate_method=STATIC[method], use_external_data_format=True,
-                    extra_options={"CalibStridedMinMax": 1})
+    with contextlib.redirect_stdout(io.StringIO()):  # its histogram calibrators print their progress
+        quantize_static(fp32, target, CalibrationWindows(calibration, model), quant_format=QuantFormat.QDQ,
+                        per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                        calibrate_method=STATIC[method], use_external_data_format=True,
+                        extra_options={"CalibStridedMinMax": 1})
     return target
 
 
