@@ -76,7 +76,7 @@ def next_token_nll(model: torch.nn.Module, input_ids: torch.Tensor, start: int, 
         captured.append(args[0])
         return (args[0][:, -1:],)
 
-    handle = head.register_forward_pre_hook(hook)
+    handle = head.register_forward_pre_hook(hook, prepend=True)  # before a hook that casts to a bf16 head's dtype
     release_freed_memory()
     try:
         model(input_ids=input_ids, use_cache=False)
@@ -84,13 +84,38 @@ def next_token_nll(model: torch.nn.Module, input_ids: torch.Tensor, start: int, 
         handle.remove()
     hidden, targets = captured[0][:, start:-1].flatten(0, 1), input_ids[:, start + 1 :].flatten()
     cap = getattr(model.config, "final_logit_softcapping", None)  # Gemma 2's, applied by its CausalLM head
+    widen = head.weight.dtype != hidden.dtype
     total = 0.0
     for part, target in zip(hidden.split(chunk), targets.split(chunk), strict=True):
+        if widen:
+            total += _widened_head_nll(head, part, target, cap)
+            continue
         logits = head(part).float()
         if cap:
             logits = torch.tanh(logits / cap) * cap
         total += float(F.cross_entropy(logits, target, reduction="sum"))
     return total, targets.numel()
+
+
+def _widened_head_nll(head: torch.nn.Module, hidden: torch.Tensor, target: torch.Tensor, cap: float | None,
+                      rows: int = 8192) -> float:
+    """Summed NLL of `target` under the logits of `hidden` through a head stored in a narrower dtype than the
+    layers compute in (a streamed bf16 checkpoint's lm_head): `rows` vocab rows at a time widened to the
+    layers' dtype, the log-partition accumulated across them. On a CPU without bf16 units a bf16 matmul is ~4x
+    slower than fp32, and a whole fp32 copy of a 128k-vocab head would be 1-2 GB."""
+    bias = getattr(head, "bias", None)
+    log_z = torch.full((hidden.shape[0],), -math.inf, dtype=torch.float32, device=hidden.device)
+    picked = torch.zeros_like(log_z)
+    for first in range(0, head.weight.shape[0], rows):
+        weight = head.weight[first : first + rows].to(hidden.dtype)
+        logits = F.linear(hidden, weight, None if bias is None else bias[first : first + rows].to(hidden.dtype))
+        logits = logits.float()
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
+        log_z = torch.logaddexp(log_z, torch.logsumexp(logits, dim=-1))
+        inside = (target >= first) & (target < first + weight.shape[0])
+        picked[inside] = logits[inside, target[inside] - first]
+    return float((log_z - picked).sum())
 
 
 def logits_after_context(model: torch.nn.Module, ids: torch.Tensor, context: list[int], cached: bool,

@@ -84,9 +84,9 @@ def with_bos(loaded: LoadedModel, ids: Sequence[int], mode: str) -> list[int]:
 def calibration_nll(loaded: LoadedModel, prefix: list[int], sample: torch.Tensor) -> float:
     """Mean next-token NLL (nats) of the fp model on `sample`'s tokens 1..T-1, with `prefix` in front: the
     same targets whatever the prefix, so two prefixes compare directly."""
-    head = torch.tensor(prefix, dtype=sample.dtype)
-    runs = [next_token_nll(loaded.model, torch.cat([head, window])[None], start=len(prefix)) for window in sample]
-    return sum(total for total, _ in runs) / sum(count for _, count in runs)
+    head = torch.tensor(prefix, dtype=sample.dtype, device=sample.device).expand(sample.shape[0], -1)
+    total, count = next_token_nll(loaded.model, torch.cat([head, sample], dim=1), start=len(prefix))
+    return total / count
 
 
 def check_prefix(loaded: LoadedModel, head: list[int], candidates: Sequence[int] | Callable[[], Sequence[int]],
