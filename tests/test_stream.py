@@ -221,7 +221,9 @@ def test_cli_eval_streams_a_model_and_an_artifact(tokenizer, wikitext_path, tmp_
     checkpoint = sharded_checkpoint("qwen2", tokenizer, tmp_path / "checkpoint")
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(json.dumps(RECIPES["static"]))
-    common = ["--quiet", "--data", str(wikitext_path), "--ctx", str(CTX), "--max-windows", "2"]
+    text = tmp_path / "text.txt"  # a part of WikiText-2 (each command tokenizes its text)
+    text.write_text(wikitext_path.read_text(encoding="utf-8")[:20_000], encoding="utf-8")
+    common = ["--quiet", "--data", str(text), "--ctx", str(CTX), "--max-windows", "2"]
     assert main(["quantize", *common, "--recipe", str(recipe), "--model", str(checkpoint), "--stream", "never",
                  "--out", str(tmp_path / "artifact")]) == 0
     for model in (checkpoint, tmp_path / "artifact"):
