@@ -308,3 +308,14 @@ def test_eval_of_an_export_folder_runs_behind_its_prefix_and_says_so(smollm2, wi
     assert exported["context_cached"] and exported["context_ids"] == artifact["context_ids"]
     assert exported["tokens"] == artifact["tokens"]
     assert abs(exported["ppl"] / artifact["ppl"] - 1) < 5e-3, (exported["ppl"], artifact["ppl"])
+
+    # every file of the export is in its manifest: an added file is refused unread, an edited one by its sha256
+    (tmp_path / "ct" / "added_tokens.json").write_text("{}")
+    assert main(["eval", "--model", str(tmp_path / "ct"), *common]) == 2
+    assert "added_tokens.json is not listed in" in capsys.readouterr().err
+    (tmp_path / "ct" / "added_tokens.json").unlink()
+    tokenizer = tmp_path / "ct" / "tokenizer.json"
+    tokenizer.write_text(tokenizer.read_text().replace('"the"', '"teh"', 1))
+    assert main(["eval", "--model", str(tmp_path / "ct"), *common]) == 2
+    err = capsys.readouterr().err
+    assert "tokenizer.json" in err and err.count("\n") == 1, err

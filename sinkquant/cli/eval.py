@@ -13,7 +13,7 @@ from sinkquant.cli.args import (
     max_windows,
     positive_int,
 )
-from sinkquant.cli.loading import load_inputs, stream_reason, streamed_embeddings, token_stream
+from sinkquant.cli.loading import load_inputs, load_kwargs, stream_reason, streamed_embeddings, token_stream
 
 
 def check(args: argparse.Namespace) -> None:
@@ -28,10 +28,8 @@ def check(args: argparse.Namespace) -> None:
 
 def run(args: argparse.Namespace) -> None:
     from sinkquant.backends.export.onnx_runtime import is_onnx_export
-    from sinkquant.data import plan_windows
     from sinkquant.io import atomic_write_json, check_output_file
     from sinkquant.models import is_artifact
-    from sinkquant.perplexity import evaluate
     from sinkquant.tables import print_table
 
     if args.out:
@@ -42,13 +40,8 @@ def run(args: argparse.Namespace) -> None:
         result, spec = _evaluate_onnx(args)
     elif (manifest := _export_manifest(args.model)) is not None:
         result, spec = _evaluate_export(args, manifest)
-    elif (reason := stream_reason(args)) is not None:
-        result, spec = _evaluate_streamed(args, reason)
     else:
-        loaded, stream = load_inputs(args)
-        plan = plan_windows(stream, args.ctx, max_windows(args))
-        result = evaluate(loaded, stream, plan, bos=args.bos, progress=not args.quiet, batch_size=args.batch_size)
-        spec = loaded.spec
+        result, spec = _evaluate_model(args)
     print_table(
         f"{spec} on {result.data.get('path', result.data.get('name'))}",
         ["ctx", "windows", "BOS", "tokens", "perplexity", "word ppl", "bits/byte", "seconds"],
@@ -77,18 +70,24 @@ def _evaluate_artifact(args: argparse.Namespace):
     return quantized.evaluate(stream, plan, bos=args.bos, progress=not args.quiet), quantized.base.spec
 
 
-def _evaluate_streamed(args: argparse.Namespace, reason: str):
-    """A safetensors model read one decoder layer at a time per window (engine.stream.evaluate_streaming): the
-    fp or bf16 reference of a model larger than memory, the same result as in memory."""
+def _evaluate_model(args: argparse.Namespace):
+    """A model (not a sinkquant folder): the text tokenized first, then the model in memory or, larger than memory
+    (--stream), read one decoder layer at a time per window (engine.stream.evaluate_streaming, the same result)."""
     import torch
 
     from sinkquant.data import plan_windows
     from sinkquant.engine.stream import evaluate_streaming
-    from sinkquant.models import load_tokenizer
+    from sinkquant.models import load_model, load_tokenizer
+    from sinkquant.perplexity import evaluate
 
-    print(f"sinkquant eval: streaming {args.model} one decoder layer at a time ({reason})")
-    stream = token_stream(args, load_tokenizer(args.model))
+    stream = token_stream(args, load_tokenizer(args.model, args.trust_remote_code))
     plan = plan_windows(stream, args.ctx, max_windows(args))
+    reason = stream_reason(args)
+    if reason is None:
+        loaded = load_model(args.model, **load_kwargs(args))
+        return evaluate(loaded, stream, plan, bos=args.bos, progress=not args.quiet,
+                        batch_size=args.batch_size), loaded.spec
+    print(f"sinkquant eval: streaming {args.model} one decoder layer at a time ({reason})")
     return evaluate_streaming(args.model, stream, plan, bos=args.bos, dtype=getattr(torch, args.dtype),
                               progress=not args.quiet, embeddings_dtype=streamed_embeddings(args),
                               batch_size=args.batch_size), args.model
@@ -104,10 +103,11 @@ def _evaluate_export(args: argparse.Namespace, manifest: dict):
     """A folder written by `sinkquant export` runs as its runtime runs it (transformers + compressed-tensors, its
     online transforms attached) behind its sidecar fp prefix KV, the tokens after the prefix only; its recipe's
     calibration windows stay out of the evaluation windows, as for the artifact it came from."""
-    from sinkquant.backends.export.compressed_tensors import PREFIX_KV, load_prefix_cache
+    from sinkquant.backends.export.compressed_tensors import PREFIX_KV, load_prefix_cache, verify_export
     from sinkquant.data import plan_windows
     from sinkquant.perplexity import Prefix, evaluate
 
+    verify_export(args.model, manifest, verify=not args.no_verify)  # before any of its files is read
     calib = (manifest.get("recipe") or {}).get("calibration", {}).get("windows", 0)
     args.data_windows = calib + 1
     loaded, stream = load_inputs(args)
@@ -160,5 +160,5 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, default=None, help="write the result as JSON here")
     add_stream_arg(p, " (a sinkquant artifact: its integers)")
     p.add_argument("--no-verify", action="store_true",
-                   help="for an artifact or ONNX export folder: skip the sha256 check of its files (huge models)")
+                   help="for an artifact or export folder: skip the sha256 check of its files (huge models)")
     p.set_defaults(func=run, check=check)

@@ -18,7 +18,7 @@ from sinkquant.cli.args import (
     max_windows,
 )
 from sinkquant.cli.auto import auto_recipe_file
-from sinkquant.cli.loading import load_inputs, token_stream
+from sinkquant.cli.loading import load_kwargs, token_stream
 from sinkquant.cli.notes import bos_override
 
 
@@ -41,18 +41,20 @@ def run(args: argparse.Namespace) -> None:
 
     from sinkquant.data import plan_windows
     from sinkquant.engine import apply_recipe, save
+    from sinkquant.models import load_model, load_tokenizer
     from sinkquant.recipe import load_recipe
     from sinkquant.search.targets import TARGETS
     from sinkquant.tables import print_table
 
     auto = str(args.recipe) == AUTO
-    if not auto:
-        recipe = load_recipe(args.recipe).with_calib_windows(args.calib_windows)
-        if run_streaming(args, recipe):
-            return
-    else:
+    if auto:
         refuse_auto_at_scale(args)
-    loaded, stream = load_inputs(args)
+    else:
+        recipe = load_recipe(args.recipe).with_calib_windows(args.calib_windows)
+    stream = token_stream(args, load_tokenizer(args.model, args.trust_remote_code))  # before any weight is read
+    if not auto and run_streaming(args, recipe, stream):
+        return
+    loaded = load_model(args.model, **load_kwargs(args))
     attachments = None
     if auto:  # the searched recipe and its trace go into the artifact (listed and verified), nowhere else
         with tempfile.TemporaryDirectory(prefix="sinkquant-auto-") as tmp:
@@ -100,7 +102,7 @@ def refuse_auto_at_scale(args: argparse.Namespace) -> None:
                              "file (the fixed recipes stream)")
 
 
-def run_streaming(args: argparse.Namespace, recipe) -> bool:
+def run_streaming(args: argparse.Namespace, recipe, stream) -> bool:
     """Quantize layer by layer from disk (engine/stream.py) when `--stream` asks for it or, by default, when the
     model would not fit in memory; then evaluate the artifact the same way. False: quantize in memory."""
     import torch
@@ -109,14 +111,12 @@ def run_streaming(args: argparse.Namespace, recipe) -> bool:
     from sinkquant.data import plan_windows
     from sinkquant.engine.artifact import load
     from sinkquant.engine.stream import quantize_streaming
-    from sinkquant.models import load_tokenizer
     from sinkquant.tables import print_table
 
     reason = stream_reason(args, recipe)
     if reason is None:
         return False
     print(f"streaming {args.model} one decoder layer at a time ({reason})")
-    stream = token_stream(args, load_tokenizer(args.model))  # a short text is refused before any weight is read
     dtype, embeddings = getattr(torch, args.dtype), streamed_embeddings(args)
     quantized = quantize_streaming(
         args.model, recipe, stream, ctx=args.ctx, out=args.out, dtype=dtype, embeddings_dtype=embeddings,

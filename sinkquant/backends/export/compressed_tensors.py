@@ -36,11 +36,13 @@ from sinkquant.errors import SinkquantError
 from sinkquant.io import (
     atomic_dir,
     atomic_write_json,
+    check_listed,
+    file_digests,
+    folder_files,
     library_versions,
     read_manifest,
     read_structured,
     recorded_digests,
-    sha256_file,
     verify_digests,
 )
 from sinkquant.online_transforms import attach_online
@@ -182,9 +184,9 @@ def export_compressed_tensors(
         plain.save_pretrained(tmp)
         compressor.update_config(str(tmp))
         tokenizer.save_pretrained(tmp)
-        files: dict[str, str] = {}
         if prefix is not None and prefix.cache is not None:
-            files = _write_prefix(tmp, prefix)
+            _write_prefix(tmp, prefix)
+        files = file_digests(tmp, folder_files(tmp, MANIFEST))  # every file: `verify_export` checks them all
         atomic_write_json(tmp / MANIFEST, {
             "format": "compressed-tensors", "layers": {n: layer.extra_repr() for n, layer in layers.items()},
             "ignored": ignore, "prefix_ids": list(prefix.ids) if prefix_length else [], "sha256": files,
@@ -233,9 +235,9 @@ def compressed_tensors_refusals(recipe: Recipe, model: nn.Module | None = None) 
 
 
 
-def _write_prefix(folder: Path, prefix: Prefix) -> dict[str, str]:
-    """The prefix KV and its token ids beside the model; returns their sha256, which the manifest records and
-    `load_prefix_cache` checks."""
+def _write_prefix(folder: Path, prefix: Prefix) -> None:
+    """The prefix KV and its token ids beside the model (the manifest records their sha256, which
+    `load_prefix_cache` checks)."""
     tensors = {}
     for index, layer in enumerate(prefix.cache.layers):
         tensors[f"layers.{index}.keys"] = layer.keys.detach().contiguous()
@@ -247,7 +249,17 @@ def _write_prefix(folder: Path, prefix: Prefix) -> dict[str, str]:
                  "model(input_ids=<tokens after the prefix>, past_key_values=cache) or "
                  "model.generate(<prefix ids + prompt ids>, past_key_values=cache)",
     })
-    return {name: sha256_file(folder / name) for name in (PREFIX_KV, PREFIX_META)}
+
+def verify_export(folder: str | os.PathLike, manifest: dict[str, Any], verify: bool = True) -> None:
+    """Before `sinkquant eval` reads an export folder: every file in it listed in its manifest (an unlisted one
+    is refused, not read) and, with `verify`, each file's sha256 checked (weights, config and tokenizer
+    included)."""
+    digests = recorded_digests(folder, MANIFEST, manifest, "sha256", "config.json",
+                               "so the export cannot be verified; export the artifact again")
+    check_listed(folder, digests, MANIFEST)
+    if verify:
+        verify_digests(folder, digests, str(folder))
+
 
 def export_manifest(folder: str | os.PathLike) -> dict[str, Any] | None:
     """The manifest of a folder written by `export`, None for any other folder."""
