@@ -136,6 +136,8 @@ def test_refused_before_anything_is_written(smollm2, wikitext_stream, tmp_path) 
     ("flip", "has changed since it was written"),
     ("drop-prefix", "prefix_kv.npz is missing"),
     ("drop-manifest", "not an ONNX export"),
+    ("edit-tokenizer", "tokenizer.json has changed since it was written"),
+    ("add-file", "added_tokens.json is not listed in"),
 ])
 def test_damaged_export_is_refused_in_one_line(tiny_exports, tmp_path, damage, message) -> None:
     _, folder = tiny_exports["llama"]
@@ -149,6 +151,11 @@ def test_damaged_export_is_refused_in_one_line(tiny_exports, tmp_path, damage, m
         (damaged / DATA_FILE).write_bytes(bytes(data))
     elif damage == "drop-prefix":
         (damaged / PREFIX_FILE).unlink()
+    elif damage == "edit-tokenizer":  # tokenizer and config are verified like the graph
+        tokenizer = damaged / "tokenizer.json"
+        tokenizer.write_text(tokenizer.read_text().replace('"the"', '"teh"', 1))
+    elif damage == "add-file":  # a file the manifest does not list would be read unverified: refused
+        (damaged / "added_tokens.json").write_text("{}")
     else:
         (damaged / ONNX_MANIFEST).unlink()
     with pytest.raises(SinkquantError, match=message) as info:
@@ -198,3 +205,19 @@ def test_smollm2_export_perplexity_equals_native(smollm2, wikitext_stream, eval_
                         model=copy.deepcopy(quantized.model).double(), progress=False).ppl
     print(f"ONNX round trip: exported {exported:.4f} native {native:.4f} native f64 {native64:.4f}")
     assert abs(exported / native - 1) < rounding_bound(3e-3, native, native64)
+
+
+def test_cli_eval_refuses_a_short_text_before_onnx_runtime_loads(tiny_exports, tmp_path, capsys) -> None:
+    """The export's tokenizer is read and the text tokenized before ONNX Runtime opens the graph: with an
+    unreadable graph (and --no-verify), a text too short for the windows is what gets reported."""
+    _, folder = tiny_exports["llama"]
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for path in folder.iterdir():
+        (broken / path.name).write_bytes(path.read_bytes())
+    (broken / DATA_FILE).write_bytes(b"not a graph")
+    text = tmp_path / "short.txt"
+    text.write_text("hello " * 30)
+    code = main(["eval", "--quiet", "--model", str(broken), "--data", str(text), "--ctx", "64", "--no-verify"])
+    err = capsys.readouterr().err
+    assert code == 2 and "windows of --ctx 64; this run needs" in err and "ONNX Runtime" not in err, err

@@ -28,12 +28,17 @@ def check(args: argparse.Namespace) -> None:
 
 def run(args: argparse.Namespace) -> None:
     from sinkquant.backends.export.onnx_runtime import is_onnx_export
+    from sinkquant.errors import SinkquantError
     from sinkquant.io import atomic_write_json, check_output_file
     from sinkquant.models import is_artifact
     from sinkquant.tables import print_table
 
     if args.out:
         check_output_file(args.out)  # an unwritable --out fails before the evaluation, not after
+    export = is_onnx_export(args.model) or _export_manifest(args.model) is not None
+    if export and args.stream == "always":
+        raise SinkquantError(f"--stream always: {args.model} is an export folder, which its runtime reads whole; "
+                             "stream the sinkquant artifact it came from, or drop --stream")
     if is_artifact(args.model):
         result, spec = _evaluate_artifact(args)
     elif is_onnx_export(args.model):
@@ -134,16 +139,16 @@ def _evaluate_export(args: argparse.Namespace, manifest: dict):
 def _evaluate_onnx(args: argparse.Namespace):
     """A folder written by `sinkquant export --format onnx`, run by ONNX Runtime: the same windows and evaluator,
     its fp prefix KV as the first past, its recipe's calibration windows kept out of the evaluation."""
-    from sinkquant.backends.export.onnx_runtime import load_onnx
-    from sinkquant.data import load_text, plan_windows, tokenize
+    from sinkquant.backends.export.onnx_runtime import load_onnx, open_onnx_manifest
+    from sinkquant.data import plan_windows
+    from sinkquant.models import folder_tokenizer
     from sinkquant.perplexity import evaluate
     from sinkquant.recipe import parse_recipe
 
-    loaded, prefix, manifest = load_onnx(args.model, verify=not args.no_verify)
+    manifest, _ = open_onnx_manifest(Path(args.model), verify=not args.no_verify)  # before its tokenizer is read
     recipe = parse_recipe(manifest.get("recipe") or {}, str(args.model))
-    text = load_text(args.data, config=args.data_config, split=args.data_split, text_field=args.text_field,
-                     local_copy=args.local_copy)
-    stream = tokenize(text, loaded.tokenizer)
+    stream = token_stream(args, folder_tokenizer(Path(args.model)), windows=recipe.calibration.windows + 1)
+    loaded, prefix, manifest = load_onnx(args.model, verify=False)  # verified above
     plan = plan_windows(stream, args.ctx, max_windows(args), calib_windows=recipe.calibration.windows)
     said = f"behind its fp prefix KV ({len(prefix.ids)} tokens {prefix.ids})" if prefix is not None else "no prefix"
     print(f"sinkquant eval: {args.model} is an ONNX export, run by ONNX Runtime {said}")

@@ -33,7 +33,7 @@ from sinkquant.adapters import adapter_for
 from sinkquant.backends.native import NativeLinear, native_copy
 from sinkquant.backends.registry import BACKENDS
 from sinkquant.errors import SinkquantError
-from sinkquant.io import atomic_dir, atomic_write_json, file_digests, library_versions
+from sinkquant.io import atomic_dir, atomic_write_json, file_digests, folder_files, library_versions
 from sinkquant.quant.embeddings import int8_rows
 from sinkquant.quant.keep import keep_state
 from sinkquant.quant.qweight import QuantizedWeight
@@ -396,11 +396,10 @@ def build_graph(model: nn.Module, int8_embeddings: bool = False) -> tuple[onnx.M
                    "float": builder.float_layers}
 
 
-def save_graph(graph: onnx.ModelProto, folder: Path) -> list[str]:
-    """model.onnx with its tensors in model.onnx.data (protobuf's 2 GB limit); the file names written."""
+def save_graph(graph: onnx.ModelProto, folder: Path) -> None:
+    """model.onnx with its tensors in model.onnx.data (protobuf's 2 GB limit)."""
     onnx.save_model(graph, str(folder / MODEL_FILE), save_as_external_data=True, all_tensors_to_one_file=True,
                     location=DATA_FILE, size_threshold=1024)
-    return [MODEL_FILE, DATA_FILE]
 
 
 def _kept_outside_prefix(model: nn.Module, prefix_length: int) -> list[int]:
@@ -434,20 +433,19 @@ def export_onnx(quantized: QuantizedModel, out: str | os.PathLike, overwrite: bo
     int8 = embeddings is not None and embeddings.dtype == "int8"
     graph, layers = build_graph(model, int8_embeddings=int8)
     with atomic_dir(out, overwrite=overwrite) as tmp:
-        files = save_graph(graph, tmp)
+        save_graph(graph, tmp)
         if prefix_length:
             arrays = {}
             for index, layer in enumerate(prefix.cache.layers):
                 key, value = past_names(index)
                 arrays[key], arrays[value] = _array(layer.keys), _array(layer.values)
             np.savez(tmp / PREFIX_FILE, **arrays)
-            files.append(PREFIX_FILE)
         quantized.base.tokenizer.save_pretrained(tmp)
         model.config.save_pretrained(tmp)
         atomic_write_json(tmp / ONNX_MANIFEST, {
             "format": "onnx", "opset": OPSET, "model": quantized.base.spec,
             "prefix_ids": list(prefix.ids) if prefix_length else [], "layers": layers,
-            "recipe": quantized.recipe.resolved(), "files": file_digests(tmp, files),
+            "recipe": quantized.recipe.resolved(), "files": file_digests(tmp, folder_files(tmp, ONNX_MANIFEST)),
             "versions": library_versions(),
         })
     return Path(out)

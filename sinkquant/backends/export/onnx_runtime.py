@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoTokenizer, DynamicCache
+from transformers import AutoConfig, DynamicCache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from sinkquant.adapters import adapter_for
@@ -25,8 +25,8 @@ from sinkquant.backends.export.onnx import (
     present_names,
 )
 from sinkquant.errors import SinkquantError
-from sinkquant.io import read_manifest, recorded_digests, verify_digests
-from sinkquant.models import LoadedModel
+from sinkquant.io import check_listed, read_manifest, recorded_digests, verify_digests
+from sinkquant.models import LoadedModel, folder_tokenizer
 from sinkquant.perplexity import Prefix
 
 
@@ -119,6 +119,19 @@ def load_prefix_arrays(folder: Path, manifest: dict[str, Any], model: OnnxCausal
     return arrays
 
 
+def open_onnx_manifest(folder: Path, verify: bool = True) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(the manifest, its file digests) of an ONNX export folder: every file in it listed (an unlisted one is
+    refused, not read) and, with `verify`, each file's sha256 checked; before anything else is read."""
+    manifest = read_manifest(folder, ONNX_MANIFEST, "it is not an ONNX export; write one with "
+                                                    "`sinkquant export --format onnx`")
+    files = recorded_digests(folder, ONNX_MANIFEST, manifest, "files", MODEL_FILE,
+                             "so the graph cannot be verified; the manifest is damaged (export again)")
+    check_listed(folder, files, ONNX_MANIFEST)
+    if verify:
+        verify_digests(folder, files, str(folder))
+    return manifest, files
+
+
 def load_onnx(folder: str | os.PathLike, verify: bool = True, threads: int | None = None
               ) -> tuple[LoadedModel, Prefix | None, dict[str, Any]]:
     """(the model, its fp prefix with the KV as a DynamicCache, the manifest) of an ONNX export folder; a missing,
@@ -126,12 +139,7 @@ def load_onnx(folder: str | os.PathLike, verify: bool = True, threads: int | Non
     import onnxruntime as ort
 
     folder = Path(folder)
-    manifest = read_manifest(folder, ONNX_MANIFEST, "it is not an ONNX export; write one with "
-                                                    "`sinkquant export --format onnx`")
-    files = recorded_digests(folder, ONNX_MANIFEST, manifest, "files", MODEL_FILE,
-                             "so the graph cannot be verified; the manifest is damaged (export again)")
-    if verify:
-        verify_digests(folder, files, str(folder))
+    manifest, files = open_onnx_manifest(folder, verify)
     try:
         session = ort.InferenceSession(str(folder / MODEL_FILE), session_options(threads),
                                        providers=["CPUExecutionProvider"])
@@ -139,7 +147,7 @@ def load_onnx(folder: str | os.PathLike, verify: bool = True, threads: int | Non
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise SinkquantError(f"{folder / MODEL_FILE}: ONNX Runtime cannot load it ({first})") from None
     config = AutoConfig.from_pretrained(folder)
-    tokenizer = AutoTokenizer.from_pretrained(folder)
+    tokenizer = folder_tokenizer(folder)
     model = OnnxCausalLM(session, config)
     arrays = load_prefix_arrays(folder, manifest, model)
     prefix = None
