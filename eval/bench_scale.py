@@ -173,6 +173,8 @@ def main() -> None:
     p.set_defaults(ctx=256)
     p.add_argument("--shapes", nargs="+", choices=sorted(SHAPES), default=["1b"])
     p.add_argument("--calib-windows", type=int, default=4)
+    p.add_argument("--recipes", nargs="+", choices=["static", "gptq"], default=["static", "gptq"],
+                   help="which quantizations to run per shape (default both)")
     p.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "sinkquant" / "scale",
                    help="where the random checkpoints are written once and reused")
     p.add_argument("--worker", choices=["static", "gptq", "ppl-fp", "ppl-quant"], help=argparse.SUPPRESS)
@@ -199,7 +201,7 @@ def main() -> None:
         checkpoint = write_checkpoint(shape, args.cache / f"{NAMES[shape]}-random-bf16")
         weight_bytes = sum(f.stat().st_size for f in checkpoint.glob("*.safetensors"))
         fp = run_worker(args, "ppl-fp", checkpoint, Path("-"))
-        for task in ("static", "gptq"):
+        for task in args.recipes:
             artifact = args.cache / f"{NAMES[shape]}-{task}"
             quant = run_worker(args, task, checkpoint, artifact)
             ppl = run_worker(args, "ppl-quant", checkpoint, artifact)
