@@ -12,11 +12,20 @@ backend (torch) and its ONNX export (recipes/w8a8-prefix-smooth-except-native.ya
 the fp prefix KV as the first past. Prefill: one ctx-token window, batch 1, logits of the last position; decode:
 --new-tokens greedy steps after a ctx-token prompt. Each round times every row once (interleaved), the median of
 --repeats rounds is reported. The float-rounding spread of a static-int8 perplexity is shown as the native model in
-float64 (the same integers in double precision): the export's goal is checked against it."""
+float64 (the same integers in double precision): the export's goal is checked against it.
+
+A value within float rounding of a grid boundary lands one level apart in two runtimes and the difference travels, so
+one run of each cannot settle a 0.3% goal. `--jitter N` evaluates the native backend and the export N more times,
+realization k multiplying the prefix KV by (1 + 1e-7 N(0, 1)) drawn from seed k, the same draws for both (the past
+is a graph input, so the exported graph is the one shipped; the embedding output that bench_faithful.py jitters is
+inside the graph, behind input_ids). The goal is then checked on the mean of the paired differences (export vs
+native, realization by realization) with its standard error, in place of the float64 run."""
 
 from __future__ import annotations
 
 import copy
+import dataclasses
+import math
 import resource
 import statistics
 import tempfile
@@ -25,6 +34,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
+from bench_faithful import JITTER
 from bench_runtime import measure
 from benchlib import REPO, parser, setup, write_result
 
@@ -39,8 +50,8 @@ from sinkquant.backends.export.onnx_peers import (
     write_fp32_graph,
 )
 from sinkquant.backends.export.onnx_runtime import OnnxCausalLM, load_onnx
-from sinkquant.data import TokenStream, plan_windows
-from sinkquant.engine import apply_recipe
+from sinkquant.data import TokenStream, WindowPlan, plan_windows
+from sinkquant.engine import QuantizedModel, apply_recipe
 from sinkquant.models import LoadedModel
 from sinkquant.perplexity import Prefix, evaluate
 from sinkquant.recipe import load_recipe
@@ -78,6 +89,35 @@ def prefix_past(prefix: Prefix | None) -> dict[str, np.ndarray] | None:
     return past
 
 
+def jittered_prefix(prefix: Prefix, seed: int) -> Prefix:
+    """A copy of `prefix` whose keys and values are multiplied by (1 + JITTER * N(0, 1)), drawn from `seed` layer by
+    layer, keys before values: equal prefixes give equal draws, whichever runtime reads them."""
+    cache = copy.deepcopy(prefix.cache)
+    generator = torch.Generator().manual_seed(seed)
+    for layer in cache.layers:
+        for tensor in (layer.keys, layer.values):
+            tensor.mul_(1 + JITTER * torch.randn(tensor.shape, generator=generator, dtype=tensor.dtype))
+    return Prefix(ids=list(prefix.ids), cache=cache)
+
+
+def jitter_runs(quantized: QuantizedModel, exported: LoadedModel, prefix: Prefix, stream: TokenStream,
+                plan: WindowPlan, realizations: int) -> dict[str, Any]:
+    """Native and export perplexity under realizations 1..N of the prefix-KV jitter, and their paired difference."""
+    native, onnx, start = [], [], time.perf_counter()
+    for seed in range(1, realizations + 1):
+        jittered = dataclasses.replace(quantized, prefix=jittered_prefix(quantized.prefix, seed))
+        native.append(jittered.evaluate(stream, plan, bos="never", progress=False).ppl)
+        onnx.append(evaluate(exported, stream, plan, bos="never", prefix=jittered_prefix(prefix, seed),
+                             progress=False).ppl)
+        print(f"jitter {seed}: native {native[-1]:.4f}, ONNX export {onnx[-1]:.4f} "
+              f"({time.perf_counter() - start:.0f} s)", flush=True)
+    diffs = [100 * (o / n - 1) for n, o in zip(native, onnx, strict=True)]
+    return {"relative": JITTER, "seeds": list(range(1, realizations + 1)), "native": native, "onnx": onnx,
+            "diff_pct": diffs, "native_mean": statistics.fmean(native), "onnx_mean": statistics.fmean(onnx),
+            "mean_diff_pct": statistics.fmean(diffs),
+            "std_error_pct": statistics.stdev(diffs) / math.sqrt(len(diffs))}
+
+
 def main() -> None:
     p = parser(__doc__, windows=8, out="eval/results/onnx")
     p.add_argument("--recipe", type=Path, default=REPO / RECIPE)
@@ -88,8 +128,12 @@ def main() -> None:
                    help="calibrate ONNX Runtime's static peers on only the first N of the recipe's calibration "
                         "windows (default: all)")
     p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--jitter", type=int, default=0,
+                   help="prefix-KV jitter realizations of native and export (0: one run each, float64 as spread)")
     p.set_defaults(threads=2)
     args = p.parse_args()
+    if args.jitter == 1 or args.jitter < 0:
+        p.error(f"--jitter {args.jitter} is not valid; valid: 0 (off) or 2 or more realizations (a standard error)")
     loaded, stream = setup(args)
     recipe = load_recipe(args.recipe)
     plan = plan_windows(stream, ctx=args.ctx, max_windows=args.windows, calib_windows=recipe.calibration.windows)
@@ -104,6 +148,8 @@ def main() -> None:
         folder = export(quantized, tmp / "sinkquant", format="onnx")
         print(f"quantized and exported in {time.perf_counter() - start:.0f} s")
         exported, prefix, _ = load_onnx(folder, threads=args.threads)
+        if args.jitter and (prefix is None or quantized.prefix is None):
+            p.error(f"--jitter jitters the prefix KV; {args.recipe.name} has no prefix")
         onnx_rows: dict[str, tuple[LoadedModel, Prefix | None, Path]] = {
             ORT_FP32: (onnx_model(loaded, fp32_path, args.threads), None, fp32_path)}
         quantizing: dict[str, dict[str, float]] = {}  # per peer: seconds, and the process's peak memory after it
@@ -116,15 +162,21 @@ def main() -> None:
             onnx_rows[peer_label(peer)] = (onnx_model(loaded, path, args.threads), None, path)
         onnx_rows[OURS] = (exported, prefix, folder / MODEL_FILE)
 
-        native_f32 = quantized.evaluate(stream, plan, bos="never", progress=False).ppl
-        native_f64 = evaluate(loaded, stream, plan, prefix=quantized.prefix,
-                              model=copy.deepcopy(quantized.model).double(), progress=False).ppl
         rows["torch fp32"] = {"ppl": evaluate(loaded, stream, plan, bos="never", progress=False).ppl}
-        rows["sinkquant native (torch)"] = {"ppl": native_f32, "ppl_float64": native_f64}
-        for name, (model, row_prefix, path) in onnx_rows.items():
+        rows["sinkquant native (torch)"] = {"ppl": quantized.evaluate(stream, plan, bos="never", progress=False).ppl}
+        if not args.jitter:
+            rows["sinkquant native (torch)"]["ppl_float64"] = evaluate(
+                loaded, stream, plan, prefix=quantized.prefix, model=copy.deepcopy(quantized.model).double(),
+                progress=False).ppl
+        for name in list(onnx_rows):
+            # Without speed rounds a session is let go once measured: gemma3-270m's fp32 and int8 sessions beside
+            # the torch models passed 7.8 GB.
+            model, row_prefix, path = onnx_rows[name] if args.repeats or name == OURS else onnx_rows.pop(name)
             rows[name] = {"ppl": evaluate(model, stream, plan, bos="never", prefix=row_prefix, progress=False).ppl,
                           "kernels": kernel_counts(path, args.threads), **quantizing.get(name, {})}
             print(f"{name}: perplexity {rows[name]['ppl']:.4f}", flush=True)
+            del model
+        jitter = jitter_runs(quantized, exported, prefix, stream, plan, args.jitter) if args.jitter else None
 
         window = stream.windows(args.ctx, [plan.eval_windows[0]])
         timings: dict[str, dict[str, list[float]]] = {n: {"prefill": [], "decode": []} for n in rows}
@@ -142,26 +194,51 @@ def main() -> None:
         for name, times in timings.items() if args.repeats else ():
             rows[name]["prefill_tokens_per_s"] = args.ctx / statistics.median(times["prefill"])
             rows[name]["decode_tokens_per_s"] = args.new_tokens / statistics.median(times["decode"])
-    report(args, rows, plan, stream, len(calibration))
+    report(args, rows, plan, stream, len(calibration), jitter)
 
 
-def report(args, rows: dict[str, dict[str, Any]], plan, stream: TokenStream, peer_calib: int) -> None:
-    fp32, ort32 = rows["torch fp32"], rows[ORT_FP32]
+def perplexity_check(rows: dict[str, dict[str, Any]], jitter: dict[str, Any] | None) -> tuple[bool, str]:
+    """The export's perplexity goal: on one run each against the float64 spread, or on the jittered pairs."""
     native, ours = rows["sinkquant native (torch)"], rows[OURS]
+    vs_native = 100 * (ours["ppl"] / native["ppl"] - 1)
+    if jitter is None:
+        vs_native64 = 100 * (ours["ppl"] / native["ppl_float64"] - 1)
+        native_spread = 100 * (native["ppl_float64"] / native["ppl"] - 1)
+        return (abs(vs_native64) <= GOAL_PPL or abs(vs_native) <= GOAL_PPL,
+                f"perplexity: ONNX export vs native {vs_native:+.2f}%, vs native in float64 {vs_native64:+.2f}% "
+                f"(native float32 vs float64: {native_spread:+.2f}%, the float-rounding spread); goal within "
+                f"{GOAL_PPL}%")
+    mean, error = jitter["mean_diff_pct"], jitter["std_error_pct"]
+    zero = "yes" if abs(mean) > 2 * error else "no"
+    return (abs(mean) <= GOAL_PPL,
+            f"perplexity: ONNX export vs native, paired over {len(jitter['diff_pct'])} prefix-KV jitter "
+            f"realizations: {mean:+.2f}% ± {error:.2f}% (mean ± std. error; unjittered run {vs_native:+.2f}%); "
+            f"PASS when |mean| <= {GOAL_PPL}%; distinguishable from zero (|mean| > 2 std. errors): {zero}")
+
+
+def jitter_table(jitter: dict[str, Any]) -> str:
+    table = [[str(seed), f"{n:.4f}", f"{o:.4f}", f"{d:+.3f}%"]
+             for seed, n, o, d in zip(jitter["seeds"], jitter["native"], jitter["onnx"], jitter["diff_pct"],
+                                      strict=True)]
+    table.append(["mean", f"{jitter['native_mean']:.4f}", f"{jitter['onnx_mean']:.4f}",
+                  f"{jitter['mean_diff_pct']:+.3f}% ± {jitter['std_error_pct']:.3f}%"])
+    return (f"\n\nJitter realizations (prefix KV times 1 + {JITTER:g} N(0, 1), seed k, the same draws for both; "
+            "difference: export vs native in the same realization, mean ± std. error of the differences):\n\n"
+            + markdown_table(["realization", "native (torch)", "ONNX export (ONNX Runtime)", "export vs native"],
+                             table))
+
+
+def report(args, rows: dict[str, dict[str, Any]], plan, stream: TokenStream, peer_calib: int,
+           jitter: dict[str, Any] | None) -> None:
+    fp32, ort32 = rows["torch fp32"], rows[ORT_FP32]
+    ours = rows[OURS]
     table = []
     for name, row in rows.items():
         table.append([name, f"{row['ppl']:.4f}", f"{100 * (row['ppl'] / fp32['ppl'] - 1):+.1f}%",
                       f"{row.get('prefill_tokens_per_s', float('nan')):.0f}",
                       f"{row.get('decode_tokens_per_s', float('nan')):.1f}",
                       ", ".join(f"{op} {n}" for op, n in row.get("kernels", {}).items()) or "torch"])
-    vs_native = 100 * (ours["ppl"] / native["ppl"] - 1)
-    vs_native64 = 100 * (ours["ppl"] / native["ppl_float64"] - 1)
-    native_spread = 100 * (native["ppl_float64"] / native["ppl"] - 1)
-    checks = [
-        (abs(vs_native64) <= GOAL_PPL or abs(vs_native) <= GOAL_PPL,
-         f"perplexity: ONNX export vs native {vs_native:+.2f}%, vs native in float64 {vs_native64:+.2f}% (native "
-         f"float32 vs float64: {native_spread:+.2f}%, the float-rounding spread); goal within {GOAL_PPL}%"),
-    ]
+    checks = [perplexity_check(rows, jitter)]
     checks += [] if not args.repeats else [
         (ours["prefill_tokens_per_s"] >= GOAL_PREFILL_TORCH * fp32["prefill_tokens_per_s"],
          f"prefill: ONNX export {ours['prefill_tokens_per_s'] / fp32['prefill_tokens_per_s']:.2f}x torch fp32 "
@@ -182,9 +259,10 @@ def report(args, rows: dict[str, dict[str, Any]], plan, stream: TokenStream, pee
             "between rows of one run are what counts; not measured: nan, with --repeats 0).\n\n"
             + markdown_table(["row", "perplexity", "vs fp32", "prefill tok/s", "decode tok/s",
                               "ONNX Runtime kernels (optimized graph)"], table)
+            + (jitter_table(jitter) if jitter else "")
             + "\n\n" + "\n".join(f"- {'PASS' if ok else 'MISS'}: {text}" for ok, text in checks))
     write_result(args.out, "ONNX Runtime: sinkquant's export and ONNX Runtime's own int8", body,
-                 {"rows": rows, "checks": [{"ok": ok, "text": text} for ok, text in checks],
+                 {"rows": rows, "jitter": jitter, "checks": [{"ok": ok, "text": text} for ok, text in checks],
                   "data": {"sha256": stream.text_sha256, **plan.describe()}})
 
 
