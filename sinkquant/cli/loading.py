@@ -69,7 +69,7 @@ def load_inputs(args: argparse.Namespace) -> tuple[LoadedModel, TokenStream]:
 
 
 def token_stream(args: argparse.Namespace, tokenizer: Any, spec: str | None = None, windows: int | None = None,
-                 needs: str = "its calibration windows plus one evaluation window") -> TokenStream:
+                 needs: str | None = None) -> TokenStream:
     """`spec` (default --data) tokenized, refused when it holds fewer than `windows` windows of --ctx tokens
     (default: the count check_data_args recorded for the command; `needs` says what they are for)."""
     from sinkquant.data import load_text, tokenize
@@ -78,6 +78,7 @@ def token_stream(args: argparse.Namespace, tokenizer: Any, spec: str | None = No
     stream = tokenize(load_text(spec, config=args.data_config, split=args.data_split, text_field=args.text_field,
                                 local_copy=args.local_copy), tokenizer)
     windows = windows or getattr(args, "data_windows", 1)
+    needs = needs or ("one evaluation window" if windows == 1 else "calibration windows plus one evaluation window")
     if stream.n_windows(args.ctx) < windows:
         raise SinkquantError(f"--data {spec}: {stream.ids.numel()} tokens make {stream.n_windows(args.ctx)} windows "
                              f"of --ctx {args.ctx}; this run needs {windows} ({needs}): use a longer text or a "
