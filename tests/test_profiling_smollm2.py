@@ -109,7 +109,7 @@ def test_cli_profile_and_errors(wikitext_path: Path, tmp_path: Path, capsys: pyt
     short = tmp_path / "short.txt"
     short.write_text("Too short to profile.")
     assert main(["profile", "--data", str(short), "--ctx", "64", "--quiet", "--out", str(tmp_path / "y")]) == 2
-    assert "shorter than one window of ctx=64" in capsys.readouterr().err
+    assert "make 0 windows of --ctx 64; this run needs 4 (--calib-windows)" in capsys.readouterr().err
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
 
 
