@@ -229,27 +229,19 @@ def load_model(
 ) -> LoadedModel:
     """`spec` is a zoo name ('smollm2-135m' by default), a .gguf file, a local folder, or a hub id owner/name
     (needs internet, or HF_HUB_OFFLINE=1 and a copy in the hub cache). Anything else fails at once."""
-    path = Path(spec).expanduser()
-    entry = embedded(spec)
-    if entry is not None:
-        folder, digest, add_bos = _embedded_folder(entry, dtype)
-        source = {"kind": "embedded", "gguf": entry.filename, "sha256": digest, ADD_BOS: add_bos}
+    kind, where = _locate(spec)
+    if kind == "embedded":
+        folder, digest, add_bos = _embedded_folder(where, dtype)
+        source = {"kind": "embedded", "gguf": where.filename, "sha256": digest, ADD_BOS: add_bos}
         model, tokenizer = _from_folder(folder, dtype, trust_remote_code)
-    elif path.suffix == ".gguf":
-        if not path.is_file():
-            raise SinkquantError(f"model file {path} does not exist (expected a readable .gguf file)")
-        source = {"kind": "gguf", "path": str(path), "sha256": sha256_file(path),
-                  ADD_BOS: gguf_add_bos(path)}
-        model, tokenizer = _load_gguf(path, dtype)
-    elif path.is_dir():
-        _check_model_folder(path)
-        model, tokenizer = _from_folder(path, dtype, trust_remote_code)
-        source = {"kind": "folder", "path": str(path), "sha256": _folder_digest(path)}
-    elif path.exists() or not HUB_ID.fullmatch(spec):
-        raise _unknown_model(spec)
+    elif kind == "gguf":
+        source = {"kind": "gguf", "path": str(where), "sha256": sha256_file(where), ADD_BOS: gguf_add_bos(where)}
+        model, tokenizer = _load_gguf(where, dtype)
+    elif kind == "folder":
+        model, tokenizer = _from_folder(where, dtype, trust_remote_code)
+        source = {"kind": "folder", "path": str(where), "sha256": _folder_digest(where)}
     else:
-        reason = declared_offline() or unreachable()
-        model, tokenizer = _from_pretrained(spec, dtype, trust_remote_code, local=reason is not None, hub=reason)
+        model, tokenizer = _from_pretrained(spec, dtype, trust_remote_code, local=where is not None, hub=where)
         source = {"kind": "hub", "id": spec, "sha256": getattr(model.config, "_commit_hash", None) or "unknown"}
     adapter = adapter_for(model)
     normalize(model)
@@ -261,25 +253,38 @@ def load_model(
 def load_tokenizer(spec: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
     """The tokenizer `load_model(spec)` returns, read without any weights: a text too short for the windows a
     command needs is refused before the model loads (the embedded model's cache is built first if absent)."""
-    path = Path(spec).expanduser()
+    kind, where = _locate(spec)
+    if kind == "embedded":
+        return folder_tokenizer(_embedded_folder(where, torch.float32)[0])
+    if kind == "gguf":
+        return _read_gguf(where, AutoTokenizer.from_pretrained)
+    if kind == "folder":
+        return folder_tokenizer(where, trust_remote_code)
+    try:
+        return AutoTokenizer.from_pretrained(spec, trust_remote_code=trust_remote_code,
+                                             local_files_only=where is not None)
+    except (OSError, ValueError) as exc:
+        raise _load_error(spec, where is not None, where, exc) from exc
+
+
+def _locate(spec: str) -> tuple[str, Any]:
+    """What `spec` names, checked before anything is read: ('embedded', its EmbeddedModel), ('gguf', the file),
+    ('folder', a plain safetensors model folder) or ('hub', why the hub is out of reach, None when it is not);
+    anything else fails at once."""
     entry = embedded(spec)
     if entry is not None:
-        return folder_tokenizer(_embedded_folder(entry, torch.float32)[0])
+        return "embedded", entry
+    path = Path(spec).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():
             raise SinkquantError(f"model file {path} does not exist (expected a readable .gguf file)")
-        return _read_gguf(path, AutoTokenizer.from_pretrained)
+        return "gguf", path
     if path.is_dir():
         _check_model_folder(path)
-        return folder_tokenizer(path, trust_remote_code)
+        return "folder", path
     if path.exists() or not HUB_ID.fullmatch(spec):
         raise _unknown_model(spec)
-    reason = declared_offline() or unreachable()
-    try:
-        return AutoTokenizer.from_pretrained(spec, trust_remote_code=trust_remote_code,
-                                             local_files_only=reason is not None)
-    except (OSError, ValueError) as exc:
-        raise _load_error(spec, reason is not None, reason, exc) from exc
+    return "hub", declared_offline() or unreachable()
 
 
 def folder_tokenizer(folder: Path, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
