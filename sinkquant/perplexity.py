@@ -84,12 +84,10 @@ def next_token_nll(model: torch.nn.Module, input_ids: torch.Tensor, start: int, 
         handle.remove()
     hidden, targets = captured[0][:, start:-1].flatten(0, 1), input_ids[:, start + 1 :].flatten()
     cap = getattr(model.config, "final_logit_softcapping", None)  # Gemma 2's, applied by its CausalLM head
-    widen = head.weight.dtype != hidden.dtype
+    if head.weight.dtype != hidden.dtype:
+        return _widened_head_nll(head, hidden, targets, cap), targets.numel()
     total = 0.0
     for part, target in zip(hidden.split(chunk), targets.split(chunk), strict=True):
-        if widen:
-            total += _widened_head_nll(head, part, target, cap)
-            continue
         logits = head(part).float()
         if cap:
             logits = torch.tanh(logits / cap) * cap
@@ -99,10 +97,11 @@ def next_token_nll(model: torch.nn.Module, input_ids: torch.Tensor, start: int, 
 
 def _widened_head_nll(head: torch.nn.Module, hidden: torch.Tensor, target: torch.Tensor, cap: float | None,
                       rows: int = 8192) -> float:
-    """Summed NLL of `target` under the logits of `hidden` through a head stored in a narrower dtype than the
-    layers compute in (a streamed bf16 checkpoint's lm_head): `rows` vocab rows at a time widened to the
-    layers' dtype, the log-partition accumulated across them. On a CPU without bf16 units a bf16 matmul is ~4x
-    slower than fp32, and a whole fp32 copy of a 128k-vocab head would be 1-2 GB."""
+    """Summed NLL of `target` under the logits of `hidden` (every scored token) through a head stored in a
+    narrower dtype than the layers compute in (a streamed bf16 checkpoint's lm_head): `rows` vocab rows at a
+    time, each widened once to the layers' dtype, the log-partition accumulated across them. On a CPU without
+    bf16 units a bf16 matmul is ~4x slower than fp32, and a whole fp32 copy of a 128k-vocab head would be 1-2 GB;
+    the logits alive at once are tokens x `rows` (32 MB for 1024 tokens)."""
     bias = getattr(head, "bias", None)
     log_z = torch.full((hidden.shape[0],), -math.inf, dtype=torch.float32, device=hidden.device)
     picked = torch.zeros_like(log_z)

@@ -90,3 +90,25 @@ def test_a_fresh_prefix_cache_shares_tensors_but_never_changes_the_prefix(smollm
     assert all(torch.equal(layer.keys, k) and torch.equal(layer.values, v)
                for layer, (k, v) in zip(prefix.cache.layers, built, strict=True))
     assert torch.equal(first, second) and torch.allclose(batched[1:], first, atol=1e-6)
+
+
+def test_a_bf16_head_under_fp32_layers_scores_in_fp32(smollm2, wikitext_stream) -> None:
+    """A streamed bf16 checkpoint keeps lm_head in bf16 and casts its input to bf16 (engine.stream.open_checkpoint);
+    next_token_nll scores it from the fp32 hidden states with the head widened a vocabulary slice at a time: the
+    result of an fp32 model whose head holds the same (bf16) values."""
+    from sinkquant.perplexity import next_token_nll
+    from tests.tiny import tiny_model
+
+    reference = tiny_model("llama", smollm2.tokenizer).model
+    head = reference.get_output_embeddings()
+    head.weight.data = (head.weight.data * 50).to(torch.bfloat16).float()  # bf16 values, logits large enough
+    # that scoring bf16-rounded inputs in bf16 would be off by ~5e-5 of the sum
+    streamed = tiny_model("llama", smollm2.tokenizer).model
+    streamed.load_state_dict(reference.state_dict())
+    narrow = streamed.get_output_embeddings()
+    narrow.weight.data = narrow.weight.data.to(torch.bfloat16)
+    narrow.register_forward_pre_hook(lambda _m, args: (args[0].to(torch.bfloat16),))
+    ids = wikitext_stream.windows(48, [0, 1])
+    expected, count = next_token_nll(reference, ids, start=0)
+    got, same_count = next_token_nll(streamed, ids, start=0)
+    assert same_count == count and got == pytest.approx(expected, rel=1e-6)
