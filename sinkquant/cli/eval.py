@@ -28,17 +28,12 @@ def check(args: argparse.Namespace) -> None:
 
 def run(args: argparse.Namespace) -> None:
     from sinkquant.backends.export.onnx_runtime import is_onnx_export
-    from sinkquant.errors import SinkquantError
     from sinkquant.io import atomic_write_json, check_output_file
     from sinkquant.models import is_artifact
     from sinkquant.tables import print_table
 
     if args.out:
         check_output_file(args.out)  # an unwritable --out fails before the evaluation, not after
-    export = is_onnx_export(args.model) or _export_manifest(args.model) is not None
-    if export and args.stream == "always":
-        raise SinkquantError(f"--stream always: {args.model} is an export folder, which its runtime reads whole; "
-                             "stream the sinkquant artifact it came from, or drop --stream")
     if is_artifact(args.model):
         result, spec = _evaluate_artifact(args)
     elif is_onnx_export(args.model):
@@ -98,6 +93,14 @@ def _evaluate_model(args: argparse.Namespace):
                               batch_size=args.batch_size), args.model
 
 
+def _refuse_streaming_an_export(args: argparse.Namespace) -> None:
+    from sinkquant.errors import SinkquantError
+
+    if args.stream == "always":
+        raise SinkquantError(f"--stream always: {args.model} is an export folder, which its runtime reads whole; "
+                             "stream the sinkquant artifact it came from, or drop --stream")
+
+
 def _export_manifest(model: str) -> dict | None:
     from sinkquant.backends.export.compressed_tensors import export_manifest
 
@@ -112,10 +115,10 @@ def _evaluate_export(args: argparse.Namespace, manifest: dict):
     from sinkquant.data import plan_windows
     from sinkquant.perplexity import Prefix, evaluate
 
+    _refuse_streaming_an_export(args)
     verify_export(args.model, manifest, verify=not args.no_verify)  # before any of its files is read
     calib = (manifest.get("recipe") or {}).get("calibration", {}).get("windows", 0)
-    args.data_windows = calib + 1
-    loaded, stream = load_inputs(args)
+    loaded, stream = load_inputs(args, windows=calib + 1)
     prefix = None
     if manifest.get("prefix_ids"):
         ids, cache = load_prefix_cache(args.model, loaded.model.config)
@@ -145,6 +148,7 @@ def _evaluate_onnx(args: argparse.Namespace):
     from sinkquant.perplexity import evaluate
     from sinkquant.recipe import parse_recipe
 
+    _refuse_streaming_an_export(args)
     manifest, _ = open_onnx_manifest(Path(args.model), verify=not args.no_verify)  # before its tokenizer is read
     recipe = parse_recipe(manifest.get("recipe") or {}, str(args.model))
     stream = token_stream(args, folder_tokenizer(Path(args.model)), windows=recipe.calibration.windows + 1)

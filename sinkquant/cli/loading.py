@@ -59,12 +59,12 @@ def streamed_embeddings(args: argparse.Namespace) -> Any:
     return stored if stored in (torch.bfloat16, torch.float16) and args.dtype == "float32" else None
 
 
-def load_inputs(args: argparse.Namespace) -> tuple[LoadedModel, TokenStream]:
+def load_inputs(args: argparse.Namespace, windows: int | None = None) -> tuple[LoadedModel, TokenStream]:
     """Model and token stream from the common flags. The text is tokenized first (the tokenizer alone is read),
-    so a text too short for the command's windows is refused before the model loads."""
+    so a text too short for `windows` (as token_stream's) is refused before the model loads."""
     from sinkquant.models import load_model, load_tokenizer
 
-    stream = token_stream(args, load_tokenizer(args.model, args.trust_remote_code))
+    stream = token_stream(args, load_tokenizer(args.model, args.trust_remote_code), windows=windows)
     return load_model(args.model, **load_kwargs(args)), stream
 
 
