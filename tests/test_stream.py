@@ -233,3 +233,28 @@ def test_cli_eval_streams_a_model_and_an_artifact(tokenizer, wikitext_path, tmp_
             assert main(["eval", *common, "--model", str(model), "--stream", mode, "--out", str(out)]) == 0
             ppl[mode] = json.loads(out.read_text())["ppl"]
         assert ("streaming" in capsys.readouterr().out) and ppl["always"] == ppl["never"], (model, ppl)
+
+
+def test_chunked_reads_equal_the_stored_tensors(tmp_path, monkeypatch) -> None:
+    """A tensor read in row chunks (a few rows per mapping here, 64 MB at scale) comes back exactly as stored,
+    converted to the asked dtype, the last partial chunk included, in 64-byte aligned memory of its own."""
+    from safetensors.torch import save_file
+
+    from sinkquant.quant import stream
+
+    generator = torch.Generator().manual_seed(0)
+    stored = {"rows": torch.randn(37, 10, generator=generator).to(torch.bfloat16),
+              "codes": torch.randint(-128, 127, (9, 4), generator=generator, dtype=torch.int8),
+              "norm": torch.randn(10, generator=generator).to(torch.bfloat16)}
+    save_file(stored, str(tmp_path / "w.safetensors"))
+    monkeypatch.setattr(stream, "READ_CHUNK_BYTES", 3 * 10 * 4)  # 3 fp32 rows: 13 chunks, the last of one row
+    files = dict.fromkeys(stored, tmp_path / "w.safetensors")
+    as_fp32 = stream.read_tensors(files, list(stored), torch.float32)
+    as_stored = stream.read_tensors(files, list(stored), None)
+    for name, tensor in stored.items():
+        expected = tensor.to(torch.float32) if tensor.is_floating_point() else tensor
+        assert as_fp32[name].dtype == expected.dtype and torch.equal(as_fp32[name], expected)
+        assert as_stored[name].dtype == tensor.dtype and torch.equal(as_stored[name], tensor)
+        assert as_fp32[name].data_ptr() % 64 == 0 and as_stored[name].data_ptr() % 64 == 0
+    with pytest.raises(SinkquantError, match="no tensor 'missing'"):
+        stream.read_tensors(files, ["missing"], None)

@@ -59,35 +59,46 @@ def checkpoint_index(folder: Path, only: list[Path] | None = None) -> dict[str, 
     return files
 
 
-def _read(handle: Any, key: str, dtype: torch.dtype | None) -> torch.Tensor:
-    """One tensor in memory of its own (safetensors' pread backend reads it into a fresh buffer), converted to
-    `dtype` if floating point. A tensor already in `dtype` is kept as read, not copied (a 0.5-1 GB embedding
-    would briefly be held twice), unless its buffer is not 64-byte aligned like torch's own allocations:
-    kernels may round differently on unaligned data, and the in-memory path computes on torch's copies."""
-    tensor = handle.get_tensor(key)
-    if dtype is not None and tensor.is_floating_point() and tensor.dtype != dtype:
-        return tensor.to(dtype)
-    return tensor if tensor.data_ptr() % 64 == 0 else tensor.clone()
+# Rows of a large tensor copied per safetensors mapping: reading costs one such chunk beyond the result.
+READ_CHUNK_BYTES = 64 << 20
+
+
+def _read(file: Path, key: str, dtype: torch.dtype | None) -> torch.Tensor:
+    """One tensor in memory torch allocates (64-byte aligned like the in-memory path's copies: kernels may round
+    differently on unaligned data), floating point converted to `dtype`. Copied in row chunks of about
+    READ_CHUNK_BYTES, each from a mapping of its own that closes after it (safetensors' pread backend reads the
+    whole tensor for any slice, and one mapping held open keeps every page it touched resident), so the tensor is
+    never in memory twice: 0.5-1 GB more for an embedding otherwise."""
+    with safe_open(file, framework="pt", device="cpu") as handle:
+        piece = handle.get_slice(key)
+        shape = piece.get_shape()
+        if len(shape) < 2 or shape[0] == 0:
+            tensor = handle.get_tensor(key)
+            convert = dtype is not None and tensor.is_floating_point() and tensor.dtype != dtype
+            return tensor.to(dtype) if convert else tensor.clone()
+        first = piece[0:1]
+    target = dtype if dtype is not None and first.is_floating_point() else first.dtype
+    out = torch.empty(shape, dtype=target)
+    step = max(1, READ_CHUNK_BYTES // (out[0].numel() * max(out.element_size(), first.element_size())))
+    for start in range(0, shape[0], step):
+        end = min(start + step, shape[0])  # safetensors' slices do not clamp
+        with safe_open(file, framework="pt", device="cpu") as handle:
+            out[start:end] = handle.get_slice(key)[start:end]
+    return out
 
 
 def read_tensors(files: dict[str, Path], names: list[str], dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
-    """`names` read from their files (pread, one tensor at a time) into memory torch allocates, floating-point
-    tensors in `dtype` (None: as stored): the values `models.read_weights` and from_pretrained give the in-memory
-    model."""
+    """`names` read from their files one tensor at a time (`_read`), floating-point tensors in `dtype` (None: as
+    stored): the values `models.read_weights` and from_pretrained give the in-memory model."""
     missing = [name for name in names if name not in files]
     if missing:
         raise SinkquantError(f"the checkpoint has no tensor {missing[0]!r}; it does not match its config.json")
     tensors: dict[str, torch.Tensor] = {}
-    by_file: dict[Path, list[str]] = {}
     for name in names:
-        by_file.setdefault(files[name], []).append(name)
-    for file, keys in by_file.items():
         try:
-            with safe_open(file, framework="pt", device="cpu", backend="pread") as handle:
-                for key in keys:
-                    tensors[key] = _read(handle, key, dtype)
+            tensors[name] = _read(files[name], name, dtype)
         except Exception as exc:  # safetensors raises its own error types for a damaged file
-            raise SinkquantError(f"{file} is not a readable safetensors file: {_first_line(exc)}") from exc
+            raise SinkquantError(f"{files[name]} is not a readable safetensors file: {_first_line(exc)}") from exc
     return tensors
 
 
