@@ -49,11 +49,12 @@ class HessianAccumulator:
         self.sum.addmm_(rows.T, rows)
         self.rows += rows.shape[0]
 
-    def hessian(self) -> torch.Tensor:
+    def hessian(self, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+        """H in `dtype`; float32 (what `gptq_quantize` factorises) skips a float64 copy of the sum."""
         if self.rows == 0:
             raise SinkquantError("no calibration rows reached this layer (all positions kept?); "
                                  "calibrate on windows longer than the kept positions")
-        return self.sum * (2.0 / self.rows)
+        return self.sum.to(dtype, copy=True).mul_(2.0 / self.rows)
 
 
 def _unit_error(weight: torch.Tensor, deq: torch.Tensor, granularity: str, group_size: int | None) -> torch.Tensor:
@@ -86,16 +87,22 @@ def search_grid(
     return scale, zero_point
 
 
-def _inverse_hessian_factor(hessian: torch.Tensor, damp: float) -> torch.Tensor:
-    """Upper Cholesky factor of (H + damp * mean(diag H) * I)^-1, the form GPTQ's column loop reads. A
+def _inverse_hessian_factor(h: torch.Tensor, damp: float) -> torch.Tensor:
+    """Upper Cholesky factor of (H + damp * mean(diag H) * I)^-1, the form GPTQ's column loop reads, in float32
+    as the reference implementations compute it (float64 takes twice the time and memory: 17.7 s against 9.6 s
+    for one 8192-wide Hessian on one core). `h` (the caller's float32 copy) is dampened in place. A
     factorisation that fails (H near singular: few calibration rows) is retried with tenfold dampening."""
-    mean_diag = torch.diag(hessian).mean()
-    eye = torch.eye(hessian.shape[0], dtype=hessian.dtype, device=hessian.device)
-    fraction = damp
+    mean_diag = torch.diag(h).mean()
+    fraction, added = damp, 0.0
     for _ in range(DAMP_RETRIES):
-        lower, info = torch.linalg.cholesky_ex(hessian + fraction * mean_diag * eye)
+        h.diagonal().add_(fraction * mean_diag - added)
+        added = fraction * mean_diag
+        lower, info = torch.linalg.cholesky_ex(h)
         if int(info) == 0:
-            upper, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(lower), upper=True)
+            inverse = torch.cholesky_inverse(lower)
+            del lower  # the largest layer's Hessian is 0.27-0.8 GB in float32: at most three copies at once
+            upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
+            del inverse
             if int(info) == 0:
                 if fraction != damp:
                     log.warning("GPTQ: Hessian not positive definite with damp=%g; used damp=%g", damp, fraction)
@@ -154,7 +161,7 @@ def gptq_quantize(
     _check_args(weight, hessian, granularity, group_size, damp, block_size)
     w = weight.detach().to(torch.float32).clone()
     out_features, width = w.shape
-    h = hessian.detach().to(device=w.device, dtype=torch.float64).clone()
+    h = hessian.detach().to(device=w.device, dtype=torch.float32, copy=True)
     dead = torch.diag(h) == 0
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
@@ -169,27 +176,30 @@ def gptq_quantize(
     perm = torch.argsort(torch.diag(h), descending=True) if act_order else None
     if perm is not None:
         w, h = w[:, perm], h[perm][:, perm]
-    hinv = _inverse_hessian_factor(h, damp).to(torch.float32)
+    hinv = _inverse_hessian_factor(h, damp)
+    del h
     quantized = torch.zeros_like(w)
     for start in range(0, width, block_size):
         end = min(start + block_size, width)
-        block = w[:, start:end].clone()
+        # The block transposed: each column is a contiguous row, and its error update one in-place rank-1
+        # update (addr_) of the rows after it: 3.7x faster than outer() on the strided columns.
+        block = w[:, start:end].T.contiguous()
         errors = torch.zeros_like(block)
         hblock = hinv[start:end, start:end]
         for i in range(end - start):
             column = start + i
             if dynamic_groups and column % group_size == 0:
                 g = column // group_size
-                s, z = search_grid(block[:, i:i + group_size], bits, "channel", None, symmetric, mse_clip)
+                s, z = search_grid(block[i:i + group_size].T, bits, "channel", None, symmetric, mse_clip)
                 scale[:, g:g + 1], zero_point[:, g:g + 1] = s, z
             source = int(perm[column]) if perm is not None else column
             s, z = _column_grid(scale, zero_point, granularity, group_size, source)
-            q = quantize_dequantize(block[:, i], s, z, bits, symmetric)
+            q = quantize_dequantize(block[i], s, z, bits, symmetric)
             quantized[:, column] = q
-            error = (block[:, i] - q) / hblock[i, i]
-            block[:, i:].sub_(torch.outer(error, hblock[i, i:]))
-            errors[:, i] = error
-        w[:, end:].sub_(errors @ hinv[start:end, end:])
+            error = (block[i] - q) / hblock[i, i]
+            block[i:].addr_(hblock[i, i:], error, alpha=-1)
+            errors[i] = error
+        w[:, end:].sub_(errors.T @ hinv[start:end, end:])
     if perm is not None:
         quantized = quantized[:, torch.argsort(perm)]
     # The pass's values lie on the grid already; quantize_with turns them back into exact integers.
