@@ -67,14 +67,15 @@ def next_token_nll(model: torch.nn.Module, input_ids: torch.Tensor, start: int, 
                    ) -> tuple[float, int]:
     """(sum of NLL in nats, token count) of every row's tokens start+1.., each predicted from all before it.
     lm_head runs on `chunk` tokens at a time, its input, captured by a pre-hook that lets the model's own
-    head see one position only: one window's full logits (100 MB at 512 SmolLM2 tokens, again for the
-    softmax) never exist, which keeps a quantization's peak memory near the weights."""
+    head see no position: one window's full logits (100 MB at 512 SmolLM2 tokens, again for the softmax)
+    never exist, which keeps a quantization's peak memory near the weights (and a head left on disk is not
+    read for nothing)."""
     head = model.get_output_embeddings()
     captured: list[torch.Tensor] = []
 
     def hook(_module: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
         captured.append(args[0])
-        return (args[0][:, -1:],)
+        return (args[0][:, :0],)
 
     handle = head.register_forward_pre_hook(hook, prepend=True)  # before a hook that casts to a bf16 head's dtype
     release_freed_memory()
@@ -84,7 +85,7 @@ def next_token_nll(model: torch.nn.Module, input_ids: torch.Tensor, start: int, 
         handle.remove()
     hidden, targets = captured[0][:, start:-1].flatten(0, 1), input_ids[:, start + 1 :].flatten()
     cap = getattr(model.config, "final_logit_softcapping", None)  # Gemma 2's, applied by its CausalLM head
-    if head.weight.dtype != hidden.dtype:
+    if head.weight.dtype != hidden.dtype or getattr(head, "disk_rows", None) is not None:
         return _widened_head_nll(head, hidden, targets, cap), targets.numel()
     total = 0.0
     for part, target in zip(hidden.split(chunk), targets.split(chunk), strict=True):
@@ -98,21 +99,24 @@ def next_token_nll(model: torch.nn.Module, input_ids: torch.Tensor, start: int, 
 def _widened_head_nll(head: torch.nn.Module, hidden: torch.Tensor, target: torch.Tensor, cap: float | None,
                       rows: int = 8192) -> float:
     """Summed NLL of `target` under the logits of `hidden` (every scored token) through a head stored in a
-    narrower dtype than the layers compute in (a streamed bf16 checkpoint's lm_head): `rows` vocab rows at a
-    time, each widened once to the layers' dtype, the log-partition accumulated across them. On a CPU without
-    bf16 units a bf16 matmul is ~4x slower than fp32, and a whole fp32 copy of a 128k-vocab head would be 1-2 GB;
-    the logits alive at once are tokens x `rows` (32 MB for 1024 tokens)."""
-    bias = getattr(head, "bias", None)
+    narrower dtype than the layers compute in (a streamed bf16 checkpoint's lm_head), or left on disk (its
+    `disk_rows`, quant/stream.py): `rows` vocab rows at a time, each widened once to the layers' dtype, the
+    log-partition accumulated across them. On a CPU without bf16 units a bf16 matmul is ~4x slower than fp32, and
+    a whole fp32 copy of a 128k-vocab head would be 1-2 GB; the logits alive at once are tokens x `rows` (32 MB
+    for 1024 tokens)."""
+    bias, disk = getattr(head, "bias", None), getattr(head, "disk_rows", None)
+    vocab = disk.shape[0] if disk is not None else head.weight.shape[0]
     log_z = torch.full((hidden.shape[0],), -math.inf, dtype=torch.float32, device=hidden.device)
     picked = torch.zeros_like(log_z)
-    for first in range(0, head.weight.shape[0], rows):
-        weight = head.weight[first : first + rows].to(hidden.dtype)
-        logits = F.linear(hidden, weight, None if bias is None else bias[first : first + rows].to(hidden.dtype))
+    for first in range(0, vocab, rows):
+        last = min(first + rows, vocab)
+        weight = disk.rows(first, last, hidden.dtype) if disk is not None else head.weight[first:last].to(hidden.dtype)
+        logits = F.linear(hidden, weight, None if bias is None else bias[first:last].to(hidden.dtype))
         logits = logits.float()
         if cap:
             logits = torch.tanh(logits / cap) * cap
         log_z = torch.logaddexp(log_z, torch.logsumexp(logits, dim=-1))
-        inside = (target >= first) & (target < first + weight.shape[0])
+        inside = (target >= first) & (target < last)
         picked[inside] = logits[inside, target[inside] - first]
     return float((log_z - picked).sum())
 

@@ -37,17 +37,30 @@ from sinkquant.io import atomic_dir, atomic_write_json, check_output_dir
 from sinkquant.models import LoadedModel, _check_model_folder, _folder_digest, folder_tokenizer
 from sinkquant.perplexity import PerplexityResult, evaluate
 from sinkquant.quant.embeddings import embedding_weights
-from sinkquant.quant.stream import WEIGHTS_INDEX, LayerStream, checkpoint_index, read_tensors, skeleton
+from sinkquant.quant.stream import (
+    WEIGHTS_INDEX,
+    LayerStream,
+    checkpoint_index,
+    leave_embeddings_on_disk,
+    read_tensors,
+    skeleton,
+)
 from sinkquant.recipe import Recipe
 
 
 def open_checkpoint(folder: str | Path, dtype: torch.dtype = torch.float32,
-                    embeddings_dtype: torch.dtype | None = None) -> tuple[LoadedModel, LayerStream]:
+                    embeddings_dtype: torch.dtype | None = None,
+                    embeddings_on_disk: bool = False) -> tuple[LoadedModel, LayerStream]:
     """A safetensors model folder as a skeleton: everything but the decoder layers read in `dtype`, the decoder
     layers left on disk for the LayerStream. Refuses what `load_model` refuses (an artifact, pickle weights).
 
-    `embeddings_dtype` (e.g. bf16, as a checkpoint stores them): the input embeddings and lm_head, the largest
-    tensors held throughout, stay in it while everything else computes in `dtype`. Their values are the stored
+    `embeddings_on_disk`: the input embeddings and lm_head, the largest tensors otherwise held throughout (0.5 GB
+    at Llama-3.2-1B, 2.1 GB at Llama-3.1-8B in bf16), stay in the checkpoint too and are read per use
+    (`quant.stream.leave_embeddings_on_disk`, `stream.embeddings`); the lookups and logits are those of the
+    in-memory model in `dtype`.
+
+    `embeddings_dtype` (e.g. bf16, as a checkpoint stores them; ignored with `embeddings_on_disk`): the input
+    embeddings and lm_head stay in it while everything else computes in `dtype`. Their values are the stored
     ones, so the decoder layers see exactly what an fp32 model loaded from the checkpoint gives them; only lm_head
     multiplies in the lower precision. For a CPU without bf16 matrix units (bf16 matmuls 4x slower than fp32 on
     this machine): memory of a bf16 model, speed of fp32 layers."""
@@ -63,13 +76,17 @@ def open_checkpoint(folder: str | Path, dtype: torch.dtype = torch.float32,
     tied = model.config.tie_word_embeddings
     rest = [name for name in model.state_dict() if not name.startswith(layer_names)]
     wanted = [name for name in rest if name in files or not (tied and name == "lm_head.weight")]
-    embeddings = set(embedding_weights(model)) if embeddings_dtype not in (None, dtype) else set()
-    tensors = read_tensors(files, [n for n in wanted if n not in embeddings], dtype)
-    tensors.update(read_tensors(files, [n for n in wanted if n in embeddings], embeddings_dtype))
+    embeddings = set(embedding_weights(model))
+    split = embeddings_on_disk or embeddings_dtype not in (None, dtype)
+    tensors = read_tensors(files, [n for n in wanted if not (split and n in embeddings)], dtype)
+    if split and not embeddings_on_disk:
+        tensors.update(read_tensors(files, [n for n in wanted if n in embeddings], embeddings_dtype))
     for name, tensor in tensors.items():
         set_module_tensor_to_device(model, name, "cpu", value=tensor, dtype=tensor.dtype)
     model.tie_weights()
-    if embeddings:
+    if embeddings_on_disk:
+        stream.embeddings = leave_embeddings_on_disk(model, files)
+    if split and not embeddings_on_disk:
         model.get_input_embeddings().register_forward_hook(lambda _m, _a, out: out.to(dtype))
         model.get_output_embeddings().register_forward_pre_hook(lambda _m, args: (args[0].to(embeddings_dtype),))
     source = {"kind": "folder", "path": str(folder), "sha256": _folder_digest(folder)}
@@ -79,11 +96,13 @@ def open_checkpoint(folder: str | Path, dtype: torch.dtype = torch.float32,
 
 def evaluate_streaming(folder: str | Path, stream: TokenStream, plan: WindowPlan, bos: str = "auto",
                        dtype: torch.dtype = torch.float32, progress: bool = False,
-                       embeddings_dtype: torch.dtype | None = None, batch_size: int = 1) -> PerplexityResult:
+                       embeddings_dtype: torch.dtype | None = None, batch_size: int = 1,
+                       embeddings_on_disk: bool = True) -> PerplexityResult:
     """`perplexity.evaluate` of the model in `folder` (the fp or bf16 reference) without holding it whole: each
-    window's forward reads the decoder layers one at a time. Equals the in-memory result (a test checks it).
-    `embeddings_dtype`: as `open_checkpoint`'s."""
-    loaded, layers = open_checkpoint(folder, dtype, embeddings_dtype)
+    window's forward reads the decoder layers one at a time, and (`embeddings_on_disk`) the embedding rows and
+    lm_head slices it needs. Equals the in-memory result (a test checks it). `embeddings_dtype`: as
+    `open_checkpoint`'s."""
+    loaded, layers = open_checkpoint(folder, dtype, embeddings_dtype, embeddings_on_disk)
     with layers.streaming():
         return evaluate(loaded, stream, plan, bos=bos, progress=progress, batch_size=batch_size)
 
@@ -154,19 +173,23 @@ def memory_shortfall(spec: str, dtype: torch.dtype, available: int | None = None
 
 def quantize_streaming(folder: str | Path, recipe: Recipe, stream: TokenStream, ctx: int, out: str | Path,
                        dtype: torch.dtype = torch.float32, overwrite: bool = False, progress: bool = False,
-                       extra: dict[str, Any] | None = None, embeddings_dtype: torch.dtype | None = None
-                       ) -> QuantizedModel:
+                       extra: dict[str, Any] | None = None, embeddings_dtype: torch.dtype | None = None,
+                       embeddings_on_disk: bool = True) -> QuantizedModel:
     """Quantize the safetensors model in `folder` by `recipe` without ever holding it whole, writing the artifact
-    to `out` as it goes: one shard per decoder layer plus one for the rest, a hub-style index, all inside one
-    atomic folder (an interrupted run leaves nothing that looks complete). The artifact equals `save` of the
-    in-memory `apply_recipe` bit for bit and loads with `sinkquant.load`. Returns the (skeleton) result: its
-    record and prefix; its layers are on disk. `dtype`, `embeddings_dtype`: as `open_checkpoint`'s."""
+    to `out` as it goes: one shard per decoder layer, one for the rest and one per embedding left on disk, a
+    hub-style index, all inside one atomic folder (an interrupted run leaves nothing that looks complete). The
+    artifact equals `save` of the in-memory `apply_recipe` bit for bit and loads with `sinkquant.load`. Returns
+    the (skeleton) result: its record and prefix; its layers are on disk. `dtype`, `embeddings_dtype`,
+    `embeddings_on_disk`: as `open_checkpoint`'s; a recipe that stores its embeddings in another precision
+    (scheme.embeddings) holds them in memory."""
     refusal = streaming_refusal(recipe)
     if refusal is not None:
         raise SinkquantError(f"recipe {recipe.name!r} cannot be streamed: {refusal}")
     check_output_dir(out, overwrite)
-    loaded, layers = open_checkpoint(folder, dtype, embeddings_dtype)
+    embeddings = recipe.scheme.embeddings
+    loaded, layers = open_checkpoint(folder, dtype, embeddings_dtype, embeddings_on_disk and embeddings is None)
     count = len(layers.layers)
+    shards = count + 1 + len(layers.embeddings)
     shard = "model-{:05d}-of-{:05d}.safetensors".format
     weight_map: dict[str, str] = {}
     with atomic_dir(out, overwrite=overwrite) as tmp:
@@ -175,12 +198,12 @@ def quantize_streaming(folder: str | Path, recipe: Recipe, stream: TokenStream, 
 
         def write(tensors: dict[str, torch.Tensor], number: int) -> None:
             nonlocal total
-            name = shard(number, count + 1)
+            name = shard(number, shards)
             save_file(tensors, str(tmp / name))
             weight_map.update(dict.fromkeys(tensors, name))
             total += sum(t.numel() * t.element_size() for t in tensors.values())
 
-        backend, embeddings = BACKENDS[recipe.backend], recipe.scheme.embeddings
+        backend = BACKENDS[recipe.backend]
         layers.on_finish = lambda index: write(
             state_tensors(loaded.model, backend, embeddings, lambda n: n.startswith(layers.prefix(index))), index + 1)
         with layers.streaming():
@@ -189,11 +212,15 @@ def quantize_streaming(folder: str | Path, recipe: Recipe, stream: TokenStream, 
         if unwritten:
             raise SinkquantError(f"streaming: decoder layers {unwritten} were never quantized; the recipe's scheme "
                                  "quantizes nothing in them")
+        stand_ins = [rows.placeholder for rows in layers.embeddings.values()]
+        on_disk = {name for name, tensor in loaded.model.state_dict(keep_vars=True).items()
+                   if any(tensor is stand_in for stand_in in stand_ins)}
         write(state_tensors(loaded.model, backend, embeddings,
-                            lambda n: not n.startswith(f"{layers.adapter.layers}.")), count + 1)
+                            lambda n: not n.startswith(f"{layers.adapter.layers}.") and n not in on_disk), count + 1)
+        for number, (name, rows) in enumerate(layers.embeddings.items(), count + 2):
+            write({name: rows.rows(0, rows.shape[0], embeddings_dtype or dtype)}, number)  # one at a time
         quantized.record["stream"] = {"layer_reads": layers.reads, "read_seconds": layers.read_seconds,
-                                      "layer_seconds": layers.layer_seconds, "shards": count + 1}
+                                      "layer_seconds": layers.layer_seconds, "shards": shards}
         atomic_write_json(tmp / WEIGHTS_INDEX, {"metadata": {"total_size": total}, "weight_map": weight_map})
         write_artifact(tmp, quantized, extra, [*sorted(set(weight_map.values())), WEIGHTS_INDEX])
     return quantized
-

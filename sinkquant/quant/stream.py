@@ -11,9 +11,11 @@ that add that."""
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -22,12 +24,14 @@ from accelerate import init_empty_weights
 from accelerate.utils import set_module_tensor_to_device
 from safetensors import safe_open
 from torch import nn
+from torch.nn import functional as F
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from sinkquant.adapters import adapter_for
 from sinkquant.errors import SinkquantError
 from sinkquant.memory import release_freed_memory
 from sinkquant.models import _first_line, folder_config
+from sinkquant.quant.embeddings import embedding_weights
 from sinkquant.quant.simulate import QuantLinear
 
 WEIGHTS_INDEX = "model.safetensors.index.json"  # sharded checkpoints (the hub's and a streamed artifact's)
@@ -65,26 +69,62 @@ READ_CHUNK_BYTES = 64 << 20
 
 def _read(file: Path, key: str, dtype: torch.dtype | None) -> torch.Tensor:
     """One tensor in memory torch allocates (64-byte aligned like the in-memory path's copies: kernels may round
-    differently on unaligned data), floating point converted to `dtype`. Copied in row chunks of about
-    READ_CHUNK_BYTES, each from a mapping of its own that closes after it (safetensors' pread backend reads the
-    whole tensor for any slice, and one mapping held open keeps every page it touched resident), so the tensor is
-    never in memory twice: 0.5-1 GB more for an embedding otherwise."""
+    differently on unaligned data), floating point converted to `dtype`. A 2-D or larger tensor is copied in row
+    chunks (`DiskRows.rows`), so it is never in memory twice: 0.5-1 GB more for an embedding otherwise."""
     with safe_open(file, framework="pt", device="cpu") as handle:
         piece = handle.get_slice(key)
-        shape = piece.get_shape()
-        if len(shape) < 2 or shape[0] == 0:
+        if len(piece.get_shape()) < 2 or piece.get_shape()[0] == 0:
             tensor = handle.get_tensor(key)
             convert = dtype is not None and tensor.is_floating_point() and tensor.dtype != dtype
             return tensor.to(dtype) if convert else tensor.clone()
-        first = piece[0:1]
-    target = dtype if dtype is not None and first.is_floating_point() else first.dtype
-    out = torch.empty(shape, dtype=target)
-    step = max(1, READ_CHUNK_BYTES // (out[0].numel() * max(out.element_size(), first.element_size())))
-    for start in range(0, shape[0], step):
-        end = min(start + step, shape[0])  # safetensors' slices do not clamp
+    rows = DiskRows(file, key)
+    return rows.rows(0, rows.shape[0], dtype)
+
+
+class DiskRows:
+    """A tensor of two or more dimensions left in its safetensors file, read a range (or a set) of rows at a time:
+    a streamed model's embeddings and lm_head (0.5-2 GB each at a 128k vocabulary) are never held whole. Each
+    chunk of about READ_CHUNK_BYTES is copied from a mapping of its own that closes after it: safetensors' pread
+    backend reads the whole tensor for any slice, and one mapping held open keeps every page it touched resident."""
+
+    def __init__(self, file: Path, key: str) -> None:
         with safe_open(file, framework="pt", device="cpu") as handle:
-            out[start:end] = handle.get_slice(key)[start:end]
-    return out
+            piece = handle.get_slice(key)
+            self.shape = tuple(piece.get_shape())
+            self.stored_dtype = piece[0:1].dtype
+        self.file, self.key = file, key
+        self.placeholder: nn.Parameter | None = None  # stands in the module (leave_embeddings_on_disk)
+
+    def _empty(self, rows: int, dtype: torch.dtype | None) -> torch.Tensor:
+        floating = self.stored_dtype.is_floating_point
+        return torch.empty((rows, *self.shape[1:]), dtype=dtype if dtype is not None and floating else
+                           self.stored_dtype)
+
+    def _chunk(self, out: torch.Tensor) -> int:
+        """Rows per mapping: READ_CHUNK_BYTES of the result or of the stored values, whichever is wider."""
+        width = max(out.element_size(), self.stored_dtype.itemsize)
+        return max(1, READ_CHUNK_BYTES // (width * math.prod(self.shape[1:])))
+
+    def rows(self, start: int, end: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Rows start..end-1, floating point in `dtype` (None: as stored)."""
+        out = self._empty(end - start, dtype)
+        step = self._chunk(out)
+        for first in range(start, end, step):
+            last = min(first + step, end)  # safetensors' slices do not clamp
+            with safe_open(self.file, framework="pt", device="cpu") as handle:
+                out[first - start:last - start] = handle.get_slice(self.key)[first:last]
+        return out
+
+    def gather(self, ids: list[int], dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Rows `ids` in their order, floating point in `dtype` (an embedding lookup's few hundred tokens)."""
+        out = self._empty(len(ids), dtype)
+        step = self._chunk(out)
+        for first in range(0, len(ids), step):
+            with safe_open(self.file, framework="pt", device="cpu") as handle:
+                piece = handle.get_slice(self.key)
+                for offset, row in enumerate(ids[first:first + step], first):
+                    out[offset] = piece[row:row + 1][0]
+        return out
 
 
 def read_tensors(files: dict[str, Path], names: list[str], dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
@@ -118,6 +158,7 @@ class LayerStream:
         self.loaded: set[int] = set()
         self.finished: set[int] = set()
         self.on_finish: Callable[[int], None] | None = None
+        self.embeddings: dict[str, DiskRows] = {}  # embeddings and lm_head left on disk, by weight name
         self.reads = 0  # layer reads from disk, for the record
         self.read_seconds = 0.0
         self.layer_seconds: list[float] = []  # each layer's turn in the pipeline: read, quantize, calibrate, write
@@ -209,6 +250,64 @@ class LayerStream:
         finally:
             for handle in handles:
                 handle.remove()
+
+
+# Vocabulary rows of a disk-backed lm_head multiplied at a time (32 MB of logits for 1024 tokens).
+HEAD_ROWS = 8192
+
+
+def leave_embeddings_on_disk(model: PreTrainedModel, files: dict[str, Path]) -> dict[str, DiskRows]:
+    """The input embedding and lm_head (tied or not) of a skeleton stay in the checkpoint: a lookup reads the rows
+    of the tokens it is given (a compact table and remapped ids, so the module's own forward, e.g. Gemma's scaling,
+    runs unchanged), lm_head multiplies HEAD_ROWS vocabulary rows at a time, widened to its input's dtype (its
+    `disk_rows` lets the perplexity code do the same slice by slice). Rows come in the skeleton's dtype, the values
+    an in-memory model loaded in that dtype holds. In the modules' place: `DiskRows.placeholder`, a CPU tensor of
+    the weight's shape and dtype with one stored value (code that asks a parameter for the model's device or
+    dtype still gets them). Returns '<module>.weight' -> its rows, a tied weight once."""
+    weights = embedding_weights(model)
+    disk = {name: DiskRows(files[name], name) for name in weights}
+    rows_of = {id(weight): disk[name] for name, weight in weights.items()}
+    embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
+    table, head_rows = rows_of[id(embedding.weight)], head is not None and rows_of[id(head.weight)]
+    for module in (embedding, head):
+        if module is not None:
+            rows = rows_of[id(module.weight)]
+            if rows.placeholder is None:
+                stand_in = torch.zeros((), dtype=module.weight.dtype).expand(module.weight.shape)
+                rows.placeholder = nn.Parameter(stand_in, requires_grad=False)
+            module._parameters["weight"] = rows.placeholder
+
+    padding_idx = getattr(embedding, "padding_idx", None)
+
+    def lookup(module: nn.Module, args: tuple) -> tuple:
+        unique, inverse = torch.unique(args[0], return_inverse=True)
+        rows = table.gather(unique.tolist(), table.placeholder.dtype)
+        module._parameters["weight"] = nn.Parameter(rows, requires_grad=False)
+        module.padding_idx = None  # it only masks gradients, and indexes the full table
+        return (inverse.reshape(args[0].shape), *args[1:])
+
+    def drop(module: nn.Module, _args: tuple, _output: Any) -> None:
+        module._parameters["weight"], module.padding_idx = table.placeholder, padding_idx
+
+    embedding.register_forward_pre_hook(lookup)
+    embedding.register_forward_hook(drop)
+    if head is not None:
+        head.disk_rows = head_rows
+        head.forward = partial(_disk_head, head)
+    return disk
+
+
+def _disk_head(head: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """lm_head's forward with its weight on disk (`leave_embeddings_on_disk`)."""
+    rows, bias = head.disk_rows, head.bias
+    if x.numel() == 0:  # perplexity.next_token_nll's own slices do the scoring
+        return x.new_empty((*x.shape[:-1], rows.shape[0]))
+    parts = []
+    for first in range(0, rows.shape[0], HEAD_ROWS):
+        last = min(first + HEAD_ROWS, rows.shape[0])
+        part_bias = None if bias is None else bias[first:last].to(x.dtype)
+        parts.append(F.linear(x, rows.rows(first, last, x.dtype), part_bias))
+    return torch.cat(parts, dim=-1)
 
 
 def tensor_slots(layer: nn.Module) -> list[tuple[str, torch.Tensor | None]]:
