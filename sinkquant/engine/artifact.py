@@ -48,6 +48,7 @@ from sinkquant.quant.stream import (
     LayerStream,
     assign_tensors,
     checkpoint_index,
+    leave_embeddings_on_disk,
     read_tensors,
     skeleton,
     tensor_slots,
@@ -354,9 +355,10 @@ def _load_model(folder: Path, recipe: Recipe, record: dict[str, Any], model_meta
 
 
 def artifact_layers(folder: Path, session: Session) -> LayerStream:
-    """An artifact's tensors into the quantized skeleton of `session` (its QuantLinears in place): embeddings, final
-    norm, lm_head and every activation scale now (exceptions and checks read them), each decoder layer's integer
-    weights when a forward reads it. Tensors keep their stored dtype (a bf16 model stays bf16)."""
+    """An artifact's tensors into the quantized skeleton of `session` (its QuantLinears in place): the final norm
+    and every activation scale now (exceptions and checks read them), each decoder layer's integer weights when a
+    forward reads it, embedding rows and lm_head slices as a forward needs them (int8 embeddings: now).
+    Tensors keep their stored dtype (a bf16 model stays bf16)."""
     model = session.model
     files = checkpoint_index(folder, weight_files(folder))
     layer_names = f"{session.loaded.adapter.layers}."
@@ -364,10 +366,15 @@ def artifact_layers(folder: Path, session: Session) -> LayerStream:
     for name, tensor in read_tensors(files, scales, None).items():
         module_name, _, buffer = name.rpartition(".")
         setattr(model.get_submodule(module_name), buffer, tensor)
-    rest = read_tensors(files, [n for n in files if not n.startswith(layer_names)], None)
-    for name, weight in embedding_weights(model).items():
+    model.tie_weights()  # a tied lm_head is stored once, under the input embedding's name
+    embeddings = embedding_weights(model)
+    # 16-bit or fp32 embeddings stay on disk like the layers (int8 ones are rebuilt from values and scales)
+    on_disk = set(embeddings) if all(name in files for name in embeddings) else set()
+    rest = read_tensors(files, [n for n in files if not n.startswith(layer_names) and n not in on_disk], None)
+    for name, weight in embeddings.items():
         restore_embedding(rest, name, tuple(weight.shape), WEIGHTS)
-    assign_tensors(model, rest, [n for n in model.state_dict() if not n.startswith(layer_names)], folder)
+    assign_tensors(model, rest, [n for n in model.state_dict() if not n.startswith(layer_names) and n not in on_disk],
+                   folder)
     model.tie_weights()
 
     def read(index: int, layer: nn.Module) -> None:
@@ -379,4 +386,7 @@ def artifact_layers(folder: Path, session: Session) -> LayerStream:
                 restore_quantized(name, module, tensors)
         assign_tensors(layer, tensors, [n for n, _ in tensor_slots(layer) if not n.endswith(QUANT_BUFFERS)], folder)
 
-    return LayerStream(model, files, None, reader=read)
+    layers = LayerStream(model, files, None, reader=read)
+    if on_disk:
+        layers.embeddings = leave_embeddings_on_disk(model, files)
+    return layers
