@@ -95,6 +95,20 @@ def test_deterministic_and_bit_exact_dequantize():
     assert torch.equal(requant.to(torch.int8), first.qweight)
 
 
+def test_a_consumed_hessian_gives_the_same_integers():
+    """overwrite_hessian (the pipeline's: its float32 Hessian is not needed after) dampens the caller's tensor in
+    place instead of a copy, and changes nothing else; without it the caller's Hessian is left as it was."""
+    x = _correlated(256, 64, seed=11)
+    weight = torch.randn(16, 64, generator=torch.Generator().manual_seed(12))
+    h = _hessian(x).to(torch.float32)
+    kept = h.clone()
+    copied = gptq_quantize(weight, h, 4, "group", 16, True)
+    assert torch.equal(h, kept)
+    consumed = gptq_quantize(weight, h, 4, "group", 16, True, overwrite_hessian=True)
+    assert torch.equal(copied.qweight, consumed.qweight) and torch.equal(copied.scale, consumed.scale)
+    assert not torch.equal(h, kept)  # dampened in place
+
+
 def test_mse_clip_lowers_reconstruction_error():
     weight = torch.randn(32, 64, generator=torch.Generator().manual_seed(7))
     weight[:, 0] *= 10  # one wide column stretches every row's min/max grid

@@ -120,11 +120,10 @@ def gptq_weights(session: Session, index: int, layers: dict[str, QuantLinear], r
     for name, module in targets.items():
         spec = module.weights_spec
         options = spec.gptq
-        hessian = hessians.pop(name).hessian(torch.float32)  # each accumulator freed once used
-        module.set_qweight(gptq_quantize(
-            module.weight, hessian, spec.bits, spec.granularity, spec.group_size, spec.symmetric,
-            damp=options.damp, act_order=options.act_order, block_size=options.block_size,
-            mse_clip=options.mse_clip))
+        module.set_qweight(gptq_quantize(  # each accumulator freed once used, its float32 Hessian consumed
+            module.weight, hessians.pop(name).hessian(torch.float32), spec.bits, spec.granularity, spec.group_size,
+            spec.symmetric, damp=options.damp, act_order=options.act_order, block_size=options.block_size,
+            mse_clip=options.mse_clip, overwrite_hessian=True))
     return {}
 
 

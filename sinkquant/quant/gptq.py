@@ -150,9 +150,11 @@ def gptq_quantize(
     act_order: bool = False,
     block_size: int = 128,
     mse_clip: bool = False,
+    overwrite_hessian: bool = False,
 ) -> QuantizedWeight:
     """GPTQ onto the grid `bits` / `granularity` / `group_size` / `symmetric` describe; `hessian` comes from a
-    `HessianAccumulator` over the layer's calibration inputs.
+    `HessianAccumulator` over the layer's calibration inputs. `overwrite_hessian`: a float32 `hessian` the caller
+    no longer needs is dampened in place instead of copied (0.8 GB less for an 8B model's down_proj).
 
     Per-tensor and per-channel grids are fixed before the pass. Groups take their grid when the pass reaches
     their first column (from the error-updated weights), except with `act_order` (columns in decreasing
@@ -161,7 +163,7 @@ def gptq_quantize(
     _check_args(weight, hessian, granularity, group_size, damp, block_size)
     w = weight.detach().to(torch.float32).clone()
     out_features, width = w.shape
-    h = hessian.detach().to(device=w.device, dtype=torch.float32, copy=True)
+    h = hessian.detach().to(device=w.device, dtype=torch.float32, copy=not overwrite_hessian)
     dead = torch.diag(h) == 0
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
