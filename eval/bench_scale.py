@@ -1,8 +1,9 @@
 """Cost of streaming quantization against model size: seeded random-weight models with the real configs of
 Llama-3.2-1B, Llama-3.2-3B and Llama-3.1-8B, written once as sharded bf16 safetensors (one shard per decoder layer
 plus one for embeddings and lm_head, with the hub's index), quantized layer by layer from disk
-(sinkquant.engine.stream; decoder layers computed in fp32, one at a time, embeddings and lm_head kept bf16:
-bf16 matmuls are 4x slower than fp32 on a CPU without bf16 units) by the static W8A8 recipe
+(sinkquant.engine.stream; decoder layers computed in fp32, one at a time: bf16 matmuls are 4x slower than fp32
+on a CPU without bf16 units; embeddings and lm_head left on disk, read per lookup and per vocabulary slice, and
+stored bf16 in the artifact) by the static W8A8 recipe
 (recipes/w8a8-prefix-smooth-except.yaml: prefix, smoothing, 8 exceptions) and by GPTQ W4A16 (int4 group-64, no
 rotation: rotation is not streamed). Each run is its own process,
 so its peak RSS (ru_maxrss) is its own; per-layer seconds are each decoder layer's turn in the pipeline (read,
@@ -180,6 +181,9 @@ def main() -> None:
     p.add_argument("--worker", choices=["static", "gptq", "ppl-fp", "ppl-quant"], help=argparse.SUPPRESS)
     p.add_argument("--checkpoint", help=argparse.SUPPRESS)
     p.add_argument("--artifact", help=argparse.SUPPRESS)
+    p.add_argument("--append", action="store_true",
+                   help="keep the rows of --out measured earlier (each with its own command), replacing those of the "
+                        "same shape and recipe: one table from several runs")
     p.add_argument("--render", action="store_true",
                    help="rewrite the .md and .png from the .json of an earlier run (its command is kept)")
     args = p.parse_args()
@@ -196,7 +200,9 @@ def main() -> None:
         args.task = args.worker
         print(json.dumps(worker(args)))
         return
-    rows = []
+    command = " ".join(shlex.quote(a) for a in ["python", *sys.argv])
+    earlier = args.out.with_suffix(".json")
+    rows = json.loads(earlier.read_text())["rows"] if args.append and earlier.is_file() else []
     for shape in args.shapes:
         checkpoint = write_checkpoint(shape, args.cache / f"{NAMES[shape]}-random-bf16")
         weight_bytes = sum(f.stat().st_size for f in checkpoint.glob("*.safetensors"))
@@ -210,8 +216,10 @@ def main() -> None:
                    "peak_rss_bytes": quant["peak_rss_bytes"], "rss_ratio": quant["peak_rss_bytes"] / weight_bytes,
                    "seconds": quant["seconds"], "layer_seconds_mean": sum(quant["layer_seconds"]) / layers,
                    "layer_seconds": quant["layer_seconds"], "layer_reads": quant["layer_reads"],
-                   "fp_ppl": fp["ppl"], "quant_ppl": ppl["ppl"], "fp_peak_rss_bytes": fp["peak_rss_bytes"]}
-            rows.append(row)
+                   "fp_ppl": fp["ppl"], "quant_ppl": ppl["ppl"], "fp_peak_rss_bytes": fp["peak_rss_bytes"],
+                   "command": command}
+            rows = sorted([r for r in rows if (r["shape"], r["recipe"]) != (row["shape"], row["recipe"])] + [row],
+                          key=lambda r: (r["recipe"], r["weight_bytes"]))
             print(json.dumps({k: v for k, v in row.items() if k != "layer_seconds"}), flush=True)
             # written after every row: a long run leaves what it measured so far
             write_result(args.out, "Streaming quantization cost against model size", table(rows, args),
@@ -220,18 +228,23 @@ def main() -> None:
 
 
 def table(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
-    lines = ["| model shape | recipe | layers | weights GB | peak RSS GB | RSS / weights | s per layer | total s | "
-             "bf16 ppl | quantized ppl |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| model shape | recipe | layers | weights GB | peak RSS GB | RSS / weights | s per layer | "
+             "s per layer per 100M layer weights | total s | bf16 ppl | quantized ppl |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    key = {v: k for k, v in NAMES.items()}
     for r in rows:
+        per_weight = r["layer_seconds_mean"] / (layer_params(SHAPES[key[r["shape"]]]) / 1e8)
         lines.append(f"| {r['shape']} (random) | {r['recipe']} | {r['layers']} | {r['weight_bytes'] / 1e9:.2f} | "
                      f"{r['peak_rss_bytes'] / 1e9:.2f} | {r['rss_ratio']:.2f}x | {r['layer_seconds_mean']:.1f} | "
-                     f"{r['seconds']:.0f} | {r['fp_ppl']:.1f} | {r['quant_ppl']:.1f} |")
-    largest = rows[-1]["shape"]
-    ratio = layer_params(LLAMA_70B) / layer_params(SHAPES[next(k for k, v in NAMES.items() if v == largest)])
+                     f"{per_weight:.1f} | {r['seconds']:.0f} | {r['fp_ppl']:.1f} | {r['quant_ppl']:.1f} |")
+    largest = max(rows, key=lambda r: r["weight_bytes"])["shape"]
+    ratio = layer_params(LLAMA_70B) / layer_params(SHAPES[key[largest]])
     layers = LLAMA_70B["num_hidden_layers"]
     projection = "; ".join(
         f"{r['recipe']}: pipeline {layers * r['layer_seconds_mean'] * ratio / 3600:.1f} h, whole run "
         f"{r['seconds'] / r['layers'] * layers * ratio / 3600:.1f} h" for r in rows if r["shape"] == largest)
+    commands = sorted({r.get("command", "") for r in rows} - {""})
+    measured = "".join(f"\n- `{c}`" for c in commands)
     return ("\n".join(lines) + f"\n\nctx {args.ctx}, {args.calib_windows} calibration windows, {args.windows} "
             f"evaluation windows, threads {args.threads or torch.get_num_threads()}, machine shared with other jobs. "
             "'s per layer': each decoder layer's turn in the quantization pipeline; 'total s' adds the whole-model "
@@ -239,7 +252,7 @@ def table(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
             "read every layer once per calibration window."
             f"\n\nProjection to Llama-3.1-70B (not measured): {largest}'s seconds scaled by the ratio of decoder-layer "
             f"weights ({ratio:.1f}x per layer) and by layer count (80), same ctx and windows, "
-            f"same machine: {projection}.")
+            f"same machine: {projection}." + (f"\n\nRows measured by:{measured}" if measured else ""))
 
 
 def plot(rows: list[dict[str, Any]], path: Path) -> None:

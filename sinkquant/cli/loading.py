@@ -49,8 +49,9 @@ def stream_reason(args: argparse.Namespace, recipe: Recipe | None = None) -> str
 
 
 def streamed_embeddings(args: argparse.Namespace) -> Any:
-    """The dtype a streamed checkpoint's embeddings and lm_head stay in: the stored bf16/fp16 when the layers
-    compute in fp32 (engine.stream.open_checkpoint), else None."""
+    """The dtype a streamed checkpoint's embeddings and lm_head keep (in the artifact, and in memory for a recipe
+    that stores them in another precision): the stored bf16/fp16 when the layers compute in fp32
+    (engine.stream.open_checkpoint), else None."""
     import torch
 
     from sinkquant.models import folder_config

@@ -1,7 +1,8 @@
 """Streaming: quantize (and evaluate) a model larger than memory, one decoder layer at a time from its safetensors
 shards. The model is an empty skeleton (accelerate's `init_empty_weights`: parameters on the meta device, buffers
-real) with only the embeddings, the final norm and lm_head read in; a decoder layer's tensors are read with
-safetensors' lazy `safe_open` when the layer is needed and dropped after.
+real) with only the final norm read in; a decoder layer's tensors are read with safetensors' lazy `safe_open` when
+the layer is needed and dropped after, and the embeddings and lm_head are read a few rows or a vocabulary slice at
+a time as a forward needs them.
 
 Two ways a layer is needed, both with the recipe's weight changes so far replayed on it (`Session.transform_layers`):
 
@@ -12,8 +13,8 @@ Two ways a layer is needed, both with the recipe's weight changes so far replaye
   forward, the same arithmetic in the same order as in memory, so the artifact is bit-identical (tests check it).
 
 The layer reading itself (skeleton, LayerStream, and why not accelerate's own offload) is quant/stream.py.
-Memory: the embeddings and lm_head, one decoder layer (fp and, while it is quantized, its
-integers), and the calibration windows' activations for one layer."""
+Memory: one decoder layer (fp and, while it is quantized, its integers, or GPTQ's Hessians), the calibration
+windows' activations for one layer, and at the end one embedding matrix while its shard is written."""
 
 from __future__ import annotations
 
