@@ -78,16 +78,17 @@ def open_checkpoint(folder: str | Path, dtype: torch.dtype = torch.float32,
     rest = [name for name in model.state_dict() if not name.startswith(layer_names)]
     wanted = [name for name in rest if name in files or not (tied and name == "lm_head.weight")]
     embeddings = set(embedding_weights(model))
-    split = embeddings_on_disk or embeddings_dtype not in (None, dtype)
-    tensors = read_tensors(files, [n for n in wanted if not (split and n in embeddings)], dtype)
-    if split and not embeddings_on_disk:
-        tensors.update(read_tensors(files, [n for n in wanted if n in embeddings], embeddings_dtype))
+    narrower = not embeddings_on_disk and embeddings_dtype not in (None, dtype)  # held, in embeddings_dtype
+    apart = embeddings if embeddings_on_disk or narrower else set()
+    tensors = read_tensors(files, [n for n in wanted if n not in apart], dtype)
+    if narrower:
+        tensors.update(read_tensors(files, [n for n in wanted if n in apart], embeddings_dtype))
     for name, tensor in tensors.items():
         set_module_tensor_to_device(model, name, "cpu", value=tensor, dtype=tensor.dtype)
     model.tie_weights()
     if embeddings_on_disk:
         stream.embeddings = leave_embeddings_on_disk(model, files)
-    if split and not embeddings_on_disk:
+    if narrower:
         model.get_input_embeddings().register_forward_hook(lambda _m, _a, out: out.to(dtype))
         model.get_output_embeddings().register_forward_pre_hook(lambda _m, args: (args[0].to(embeddings_dtype),))
     source = {"kind": "folder", "path": str(folder), "sha256": _folder_digest(folder)}
