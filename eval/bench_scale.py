@@ -130,6 +130,7 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     torch.set_num_threads(args.threads or torch.get_num_threads())
     torch.manual_seed(0)
     folder = Path(args.checkpoint)
+    dtype = getattr(torch, args.dtype)
     from transformers import AutoTokenizer
 
     stream = tokenize(load_text(args.data), AutoTokenizer.from_pretrained(folder))
@@ -140,14 +141,13 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
         recipe = recipe.model_copy(update={"calibration": recipe.calibration.model_copy(
             update={"windows": args.calib_windows})})
         quantized = quantize_streaming(folder, recipe, stream, ctx=args.ctx, out=args.artifact, overwrite=True,
-                                       dtype=torch.float32, embeddings_dtype=torch.bfloat16, progress=False)
+                                       dtype=dtype, embeddings_dtype=torch.bfloat16, progress=False)
         result["layer_seconds"] = quantized.record["stream"]["layer_seconds"]
         result["layer_reads"] = quantized.record["stream"]["layer_reads"]
     else:
         plan = plan_windows(stream, args.ctx, max_windows=args.windows)
         if args.task == "ppl-fp":
-            ppl = evaluate_streaming(folder, stream, plan, bos="never", dtype=torch.float32,
-                                     embeddings_dtype=torch.bfloat16)
+            ppl = evaluate_streaming(folder, stream, plan, bos="never", dtype=dtype, embeddings_dtype=torch.bfloat16)
         else:
             quantized = load(args.artifact, stream=True)
             ppl = quantized.evaluate(stream, plan, bos="never", progress=False)
@@ -160,7 +160,7 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
 def run_worker(args: argparse.Namespace, task: str, checkpoint: Path, artifact: Path) -> dict[str, Any]:
     command = [sys.executable, __file__, "--worker", task, "--checkpoint", str(checkpoint), "--artifact",
                str(artifact), "--ctx", str(args.ctx), "--windows", str(args.windows), "--calib-windows",
-               str(args.calib_windows), "--data", args.data]
+               str(args.calib_windows), "--data", args.data, "--dtype", args.dtype]
     if args.threads:
         command += ["--threads", str(args.threads)]
     done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
@@ -178,6 +178,9 @@ def main() -> None:
                    help="which quantizations to run per shape (default both)")
     p.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "sinkquant" / "scale",
                    help="where the random checkpoints are written once and reused")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                   help="the dtype a decoder layer is read into and computed in (the checkpoint is bf16 either way; "
+                        "bf16 halves the layer in memory, and runs slower on CPUs without bf16 instructions)")
     p.add_argument("--worker", choices=["static", "gptq", "ppl-fp", "ppl-quant"], help=argparse.SUPPRESS)
     p.add_argument("--checkpoint", help=argparse.SUPPRESS)
     p.add_argument("--artifact", help=argparse.SUPPRESS)
@@ -212,14 +215,15 @@ def main() -> None:
             quant = run_worker(args, task, checkpoint, artifact)
             ppl = run_worker(args, "ppl-quant", checkpoint, artifact)
             layers = SHAPES[shape]["num_hidden_layers"]
-            row = {"shape": NAMES[shape], "recipe": task, "layers": layers, "weight_bytes": weight_bytes,
+            row = {"shape": NAMES[shape], "recipe": task, "dtype": args.dtype, "layers": layers,
+                   "weight_bytes": weight_bytes,
                    "peak_rss_bytes": quant["peak_rss_bytes"], "rss_ratio": quant["peak_rss_bytes"] / weight_bytes,
                    "seconds": quant["seconds"], "layer_seconds_mean": sum(quant["layer_seconds"]) / layers,
                    "layer_seconds": quant["layer_seconds"], "layer_reads": quant["layer_reads"],
                    "fp_ppl": fp["ppl"], "quant_ppl": ppl["ppl"], "fp_peak_rss_bytes": fp["peak_rss_bytes"],
                    "command": command}
-            rows = sorted([r for r in rows if (r["shape"], r["recipe"]) != (row["shape"], row["recipe"])] + [row],
-                          key=lambda r: (r["recipe"], r["weight_bytes"]))
+            rows = sorted([r for r in rows if _key(r) != _key(row)] + [row],
+                          key=lambda r: (r["recipe"], _dtype(r), r["weight_bytes"]))
             print(json.dumps({k: v for k, v in row.items() if k != "layer_seconds"}), flush=True)
             # written after every row: a long run leaves what it measured so far
             write_result(args.out, "Streaming quantization cost against model size", table(rows, args),
@@ -227,21 +231,30 @@ def main() -> None:
             plot(rows, args.out.with_suffix(".png"))
 
 
+def _dtype(row: dict[str, Any]) -> str:
+    return row.get("dtype", "float32")  # rows measured before --dtype existed computed in float32
+
+
+def _key(row: dict[str, Any]) -> tuple[str, str, str]:
+    return row["shape"], row["recipe"], _dtype(row)
+
+
 def table(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
-    lines = ["| model shape | recipe | layers | weights GB | peak RSS GB | RSS / weights | s per layer | "
+    lines = ["| model shape | recipe | layers in | layers | weights GB | peak RSS GB | RSS / weights | s per layer | "
              "s per layer per 100M layer weights | total s | bf16 ppl | quantized ppl |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     key = {v: k for k, v in NAMES.items()}
     for r in rows:
         per_weight = r["layer_seconds_mean"] / (layer_params(SHAPES[key[r["shape"]]]) / 1e8)
-        lines.append(f"| {r['shape']} (random) | {r['recipe']} | {r['layers']} | {r['weight_bytes'] / 1e9:.2f} | "
+        lines.append(f"| {r['shape']} (random) | {r['recipe']} | {_dtype(r)} | {r['layers']} | "
+                     f"{r['weight_bytes'] / 1e9:.2f} | "
                      f"{r['peak_rss_bytes'] / 1e9:.2f} | {r['rss_ratio']:.2f}x | {r['layer_seconds_mean']:.1f} | "
                      f"{per_weight:.1f} | {r['seconds']:.0f} | {r['fp_ppl']:.1f} | {r['quant_ppl']:.1f} |")
     largest = max(rows, key=lambda r: r["weight_bytes"])["shape"]
     ratio = layer_params(LLAMA_70B) / layer_params(SHAPES[key[largest]])
     layers = LLAMA_70B["num_hidden_layers"]
     projection = "; ".join(
-        f"{r['recipe']}: pipeline {layers * r['layer_seconds_mean'] * ratio / 3600:.1f} h, whole run "
+        f"{r['recipe']} ({_dtype(r)}): pipeline {layers * r['layer_seconds_mean'] * ratio / 3600:.1f} h, whole run "
         f"{r['seconds'] / r['layers'] * layers * ratio / 3600:.1f} h" for r in rows if r["shape"] == largest)
     commands = sorted({r.get("command", "") for r in rows} - {""})
     measured = "".join(f"\n- `{c}`" for c in commands)
@@ -262,11 +275,11 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-    for recipe in sorted({r["recipe"] for r in rows}):
-        mine = [r for r in rows if r["recipe"] == recipe]
+    for recipe, dtype in sorted({(r["recipe"], _dtype(r)) for r in rows}):
+        mine = [r for r in rows if (r["recipe"], _dtype(r)) == (recipe, dtype)]
         size = [r["weight_bytes"] / 1e9 for r in mine]
-        left.plot(size, [r["peak_rss_bytes"] / 1e9 for r in mine], "o-", label=recipe)
-        right.plot(size, [r["layer_seconds_mean"] for r in mine], "o-", label=recipe)
+        left.plot(size, [r["peak_rss_bytes"] / 1e9 for r in mine], "o-", label=f"{recipe}, layers in {dtype}")
+        right.plot(size, [r["layer_seconds_mean"] for r in mine], "o-", label=f"{recipe}, layers in {dtype}")
     left.set(xlabel="bf16 weights (GB)", ylabel="peak RSS (GB)", title="memory")
     right.set(xlabel="bf16 weights (GB)", ylabel="seconds per decoder layer", title="time")
     for axis in (left, right):

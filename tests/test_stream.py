@@ -277,3 +277,22 @@ def test_chunked_reads_equal_the_stored_tensors(tmp_path, monkeypatch) -> None:
         assert as_fp32[name].data_ptr() % 64 == 0 and as_stored[name].data_ptr() % 64 == 0
     with pytest.raises(SinkquantError, match="no tensor 'missing'"):
         stream.read_tensors(files, ["missing"], None)
+
+
+@pytest.mark.parametrize("dtype", [None, torch.float32, torch.float16])
+def test_a_tensor_saved_by_chunks_is_the_file_safetensors_writes(tmp_path, monkeypatch, dtype) -> None:
+    """An embedding copied to its shard a few rows at a time (64 MB at scale) gives byte for byte the file
+    safetensors' `save_file` writes for the whole tensor, in the stored dtype or converted."""
+    from safetensors.torch import save_file
+
+    from sinkquant.quant import stream
+
+    tensor = torch.randn(37, 10, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    save_file({"model.embed_tokens.weight": tensor}, str(tmp_path / "stored.safetensors"))
+    monkeypatch.setattr(stream, "READ_CHUNK_BYTES", 3 * 10 * 4)  # 13 chunks, the last of one row
+    rows = stream.DiskRows(tmp_path / "stored.safetensors", "model.embed_tokens.weight")
+    written = rows.save(tmp_path / "chunked.safetensors", dtype)
+    expected = tensor if dtype is None else tensor.to(dtype)
+    save_file({"model.embed_tokens.weight": expected}, str(tmp_path / "whole.safetensors"))
+    assert written == expected.numel() * expected.element_size()
+    assert (tmp_path / "chunked.safetensors").read_bytes() == (tmp_path / "whole.safetensors").read_bytes()

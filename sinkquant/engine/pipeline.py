@@ -162,7 +162,9 @@ def calibrate_sequential(session: Session) -> dict[str, Any]:
             module.start_calibration()
         try:
             with contextlib.ExitStack() as stack:
-                for module in quantized.values():
+                # the dequantized weights held across the windows: in memory a layer's worth beside the whole
+                # model; streamed, where one layer is the peak, each window dequantizes again (the same values)
+                for module in quantized.values() if session.stream is None else ():
                     stack.enter_context(module.holding(hidden[0].dtype if hidden else torch.float32))
                 hidden = run()
         except BaseException:

@@ -13,8 +13,8 @@ Two ways a layer is needed, both with the recipe's weight changes so far replaye
   forward, the same arithmetic in the same order as in memory, so the artifact is bit-identical (tests check it).
 
 The layer reading itself (skeleton, LayerStream, and why not accelerate's own offload) is quant/stream.py.
-Memory: one decoder layer (fp and, while it is quantized, its integers, or GPTQ's Hessians), the calibration
-windows' activations for one layer, and at the end one embedding matrix while its shard is written."""
+Memory: one decoder layer (fp and, while it is quantized, its integers, or GPTQ's Hessians) and the calibration
+windows' activations for one layer; an embedding left on disk is copied to its shard a chunk of rows at a time."""
 
 from __future__ import annotations
 
@@ -220,7 +220,8 @@ def quantize_streaming(folder: str | Path, recipe: Recipe, stream: TokenStream, 
         write(state_tensors(loaded.model, backend, embeddings,
                             lambda n: not n.startswith(f"{layers.adapter.layers}.") and n not in on_disk), count + 1)
         for number, (name, rows) in enumerate(layers.embeddings.items(), count + 2):
-            write({name: rows.rows(0, rows.shape[0], embeddings_dtype or dtype)}, number)  # one at a time
+            weight_map[name] = shard(number, shards)
+            total += rows.save(tmp / weight_map[name], embeddings_dtype or dtype)  # a chunk of rows at a time
         quantized.record["stream"] = {"layer_reads": layers.reads, "read_seconds": layers.read_seconds,
                                       "layer_seconds": layers.layer_seconds, "shards": shards}
         atomic_write_json(tmp / WEIGHTS_INDEX, {"metadata": {"total_size": total}, "weight_map": weight_map})

@@ -39,10 +39,10 @@ class QuantizedWeight:
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The weight the simulator multiplies with; bit-exact with `quantize_dequantize` on the same grid."""
-        q = self.qweight.to(torch.float32)
+        q = self.qweight.to(torch.float32)  # a new tensor, worked on in place: one weight-sized temporary
         if not self.symmetric:  # symmetric grids have zero points of 0: skip a pass over the weight
-            q = q - self._expand(self.zero_point)
-        return (q * self._expand(self.scale)).to(dtype)
+            q.sub_(self._expand(self.zero_point))
+        return q.mul_(self._expand(self.scale)).to(dtype)
 
     def packed(self) -> torch.Tensor:
         """int4 values two per byte (low nibble first, offset to 0..15) for storage; int8 as is."""
@@ -100,8 +100,10 @@ def quantize_with(
     """Round `weight` onto a given grid (round-to-nearest, clamped)."""
     qmin, qmax = qrange(bits, symmetric)
     spec = QuantizedWeight(torch.empty(0), scale, zero_point, bits, granularity, group_size, symmetric)
-    q = torch.clamp(torch.round(weight / spec._expand(scale)) + spec._expand(zero_point), qmin, qmax)
-    spec.qweight = q.to(storage_dtype(bits, symmetric))
+    q = (weight / spec._expand(scale)).round_()  # in place from here: one weight-sized temporary
+    if not symmetric:
+        q.add_(spec._expand(zero_point))
+    spec.qweight = q.clamp_(qmin, qmax).to(storage_dtype(bits, symmetric))
     return spec
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import struct
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -65,6 +66,10 @@ def checkpoint_index(folder: Path, only: list[Path] | None = None) -> dict[str, 
 
 # Rows of a large tensor copied per safetensors mapping: reading costs one such chunk beyond the result.
 READ_CHUNK_BYTES = 64 << 20
+# safetensors' names of the dtypes a streamed tensor is written in (its format's header field "dtype")
+SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+                      torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+                      torch.bool: "BOOL"}
 
 
 def _read(file: Path, key: str, dtype: torch.dtype | None) -> torch.Tensor:
@@ -114,6 +119,22 @@ class DiskRows:
             with safe_open(self.file, framework="pt", device="cpu") as handle:
                 out[first - start:last - start] = handle.get_slice(self.key)[first:last]
         return out
+
+    def save(self, path: Path, dtype: torch.dtype | None = None) -> int:
+        """This tensor written alone to a safetensors file at `path` one chunk of rows at a time (an embedding
+        is never whole in memory; safetensors' own writers take whole tensors): the bytes `save_file` writes for
+        it (a test compares them). Floating point in `dtype` (None: as stored). Returns the data bytes."""
+        probe = self._empty(0, dtype)
+        size = probe.element_size() * math.prod(self.shape)
+        header = json.dumps({self.key: {"dtype": SAFETENSORS_DTYPES[probe.dtype], "shape": list(self.shape),
+                                        "data_offsets": [0, size]}}, separators=(",", ":")).encode()
+        header += b" " * (-len(header) % 8)  # the format aligns the data to 8 bytes
+        step = self._chunk(probe)
+        with open(path, "wb") as file:
+            file.write(struct.pack("<Q", len(header)) + header)
+            for first in range(0, self.shape[0], step):
+                file.write(self.rows(first, min(first + step, self.shape[0]), dtype).view(torch.uint8).numpy().data)
+        return size
 
     def gather(self, ids: list[int], dtype: torch.dtype | None = None) -> torch.Tensor:
         """Rows `ids` in their order, floating point in `dtype` (an embedding lookup's few hundred tokens)."""

@@ -135,8 +135,10 @@ class Smooth(SmoothSpec, Step):
 
 
 def _weight_max(linears: list[torch.nn.Module]) -> torch.Tensor:
-    """Each input channel's largest |w| over the group's Linears."""
-    return torch.stack([lin.weight.abs().amax(dim=0) for lin in linears]).amax(dim=0)
+    """Each input channel's largest |w| over the group's Linears (from column maxima and minima: no weight-sized
+    |w| temporary, the same values)."""
+    return torch.stack([torch.maximum(lin.weight.amax(dim=0), lin.weight.amin(dim=0).neg()).abs()
+                        for lin in linears]).amax(dim=0)
 
 
 def _migration_scale(act_max: torch.Tensor, w_max: torch.Tensor, alpha: float) -> torch.Tensor:
