@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 from transformers import Cache
 
 from sinkquant.errors import SinkquantError
+from sinkquant.models import load_model, model_device
 from sinkquant.perplexity import logits_after_context, resolve_bos
 
 NAME = "sinkquant"
@@ -71,8 +72,6 @@ class SinkquantLM(TemplateLM):
             self.cached = prefix is not None and prefix.cache is not None
             self.make_cache: Callable[[int], Cache | None] | None = quantized.cache_for_batch
         else:
-            from sinkquant.models import load_model
-
             self.loaded = load_model(str(model), trust_remote_code=bool(trust_remote_code))
             self.model = self.loaded.model
             self.context, self.cached, self.make_cache = self._bos_context(bos), False, None
@@ -110,7 +109,7 @@ class SinkquantLM(TemplateLM):
     def token_scores(self, ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """(log p(ids[t] | context, ids[:t]), whether ids[t] is the argmax) for t = 1..len(ids)-1, from one
         forward over `ids` behind the context."""
-        tensor = torch.tensor([ids], device=next(self.model.parameters()).device)
+        tensor = torch.tensor([ids], device=model_device(self.model))
         logits = logits_after_context(self.model, tensor, self.context, self.cached, self.make_cache)
         log_probs = logits[0, :-1].float().log_softmax(-1)
         target = tensor[0, 1:]
@@ -144,7 +143,7 @@ class SinkquantLM(TemplateLM):
     @torch.no_grad()
     def generate_until(self, requests: list[Instance], disable_tqdm: bool = False) -> list[str]:
         results = []
-        device = next(self.model.parameters()).device
+        device = model_device(self.model)
         for context, gen_kwargs in tqdm([r.args for r in requests], desc="generate_until", disable=disable_tqdm):
             options = dict(gen_kwargs)
             until = options.pop("until", None) or []

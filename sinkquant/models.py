@@ -48,6 +48,11 @@ HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
 PICKLE_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
 
 
+def model_device(model: torch.nn.Module) -> torch.device:
+    """Where a model computes: its first parameter's device (a streamed model's placeholders sit on the CPU too)."""
+    return next(model.parameters()).device
+
+
 @dataclass
 class LoadedModel:
     """A model with what every later step needs to know about where it came from."""

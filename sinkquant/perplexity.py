@@ -21,7 +21,7 @@ from sinkquant.data import TokenStream, WindowPlan
 from sinkquant.errors import SinkquantError
 from sinkquant.io import library_versions
 from sinkquant.memory import release_freed_memory
-from sinkquant.models import LoadedModel
+from sinkquant.models import LoadedModel, model_device
 
 BosPolicy = Literal["never", "per-window", "auto"]
 BOS_POLICIES: tuple[str, ...] = ("never", "per-window", "auto")
@@ -56,7 +56,7 @@ def build_prefix(model: torch.nn.Module, ids: list[int]) -> Prefix:
     """Run `model` once over `ids` and keep the resulting KV cache."""
     if not ids:
         return Prefix(ids=[], cache=None)
-    device = next(model.parameters()).device
+    device = model_device(model)
     cache = DynamicCache(config=model.config)
     model(input_ids=torch.tensor([ids], device=device), past_key_values=cache, use_cache=True)
     return Prefix(ids=list(ids), cache=cache)
@@ -207,7 +207,7 @@ def evaluate(
             f"ctx={ctx} plus {len(context)} context token(s) exceeds the model's limit of {limit} positions; "
             f"use --ctx {limit - len(context)} or less"
         )
-    device = next(model.parameters()).device
+    device = model_device(model)
     cached = prefix is not None and prefix.cache is not None
     make_cache = cache if cache is not None else (prefix.cache_for_batch if cached else None)
     nll_sum, tokens, words, n_bytes = 0.0, 0, 0, 0

@@ -28,6 +28,7 @@ from sinkquant.io import (
     read_manifest,
     verify_digests,
 )
+from sinkquant.models import model_device
 
 if TYPE_CHECKING:
     import torch
@@ -123,7 +124,7 @@ class QuantoPeer(Peer):
         quanto.quantize(quantized, weights=getattr(quanto, self.weights), activations=activations,
                         exclude=SKIP_MODULES)
         if activations is not None:
-            device = next(quantized.parameters()).device
+            device = model_device(quantized)
             with quanto.Calibration():
                 for batch in calib_batches:
                     quantized(input_ids=(batch.unsqueeze(0) if batch.dim() == 1 else batch).to(device))

@@ -21,7 +21,7 @@ from sinkquant.backends.registry import BACKENDS
 from sinkquant.data import TokenStream, WindowPlan, plan_windows
 from sinkquant.engine.pipeline import calibrate_sequential
 from sinkquant.errors import SinkquantError
-from sinkquant.models import LoadedModel
+from sinkquant.models import LoadedModel, model_device
 from sinkquant.perplexity import PerplexityResult, Prefix, evaluate
 from sinkquant.quant.embeddings import round_embeddings
 from sinkquant.quant.keep import attach_keep_state, keep_state
@@ -83,7 +83,7 @@ class QuantizedModel:
     def generate(self, text: str, max_new_tokens: int = 20) -> str:
         """Greedy generation with the prefix in front (its KV reused), returning the new text only."""
         tokenizer = self.base.tokenizer
-        device = next(self.model.parameters()).device
+        device = model_device(self.model)
         ids = tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids.to(device)
         kwargs: dict[str, Any] = {"max_new_tokens": max_new_tokens, "do_sample": False,
                                   "pad_token_id": tokenizer.pad_token_id or tokenizer.eos_token_id}
@@ -151,7 +151,7 @@ def quantize_model(
     """The scheme alone, no recipe steps, in place: `calibration` is [windows, seq] token ids (needed for static
     activations), `keep` the positions / ids left in full precision. Returns the session (its `quantized`
     layers and `record`)."""
-    device = next(loaded.model.parameters()).device
+    device = model_device(loaded.model)
     windows = calibration if calibration is not None else torch.empty(0, 0, dtype=torch.long)
     session = Session(loaded=_working_copy(loaded, copy=False), scheme=scheme, calibration=windows.to(device),
                       keep=keep or KeepPolicy(), progress=progress)
@@ -183,7 +183,7 @@ def apply_recipe(
 
     def run_recipe() -> QuantizedModel:
         target = _working_copy(loaded, copy)
-        device = next(target.model.parameters()).device
+        device = model_device(target.model)
         session = Session(loaded=target, scheme=recipe.scheme, calibration=windows.to(device),
                           profile_report=profile_report, progress=progress, memo=memo, stream=layers)
         steps: list[dict[str, Any]] = []

@@ -35,7 +35,7 @@ from sinkquant.io import (
     to_json,
     verify_digests,
 )
-from sinkquant.models import LoadedModel, empty_model, folder_tokenizer
+from sinkquant.models import LoadedModel, empty_model, folder_tokenizer, model_device
 from sinkquant.perplexity import Prefix
 from sinkquant.quant.embeddings import embedding_weights
 from sinkquant.quant.embeddings import restore as restore_embedding
@@ -341,7 +341,7 @@ def _load_model(folder: Path, recipe: Recipe, record: dict[str, Any], model_meta
             prefix_tensors = load_file(folder / PREFIX)
         except (SafetensorError, OSError) as exc:
             raise SinkquantError(f"{folder / PREFIX}: not a readable safetensors file ({exc})") from None
-        session.prefix = _prefix_from(prefix_tensors, model.config, next(model.parameters()).device)
+        session.prefix = _prefix_from(prefix_tensors, model.config, model_device(model))
         if session.prefix.ids != prefix_record.get("ids"):
             raise SinkquantError(f"{folder / PREFIX}: token ids {session.prefix.ids} differ from the prefix step's "
                                  f"record {prefix_record.get('ids')}; the artifact is damaged")

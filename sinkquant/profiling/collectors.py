@@ -21,7 +21,7 @@ from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
 from sinkquant.errors import SinkquantError
 from sinkquant.memory import release_freed_memory
-from sinkquant.models import LoadedModel
+from sinkquant.models import LoadedModel, model_device
 from sinkquant.profiling import metrics
 from sinkquant.profiling.thresholds import HIDDEN_SINK_THRESHOLD
 
@@ -335,7 +335,7 @@ class ProfileCollector:
     def run(self, ids: torch.Tensor) -> torch.Tensor:
         """Profile one window of token ids (1-D), folding its statistics into the accumulators; returns the
         last position's logits (to check that profiling does not change what the model computes)."""
-        device = next(self.model.parameters()).device
+        device = model_device(self.model)
         self.residual.ids = ids.tolist()
         # One logit is enough (the profile reads activations), which skips most of the LM head's cost.
         logits = self.model(input_ids=ids[None].to(device), use_cache=False, logits_to_keep=1).logits
@@ -471,7 +471,7 @@ def residual_peaks(loaded: LoadedModel, ids: list[int]) -> tuple[torch.Tensor, t
 
     handles = [layer.register_forward_hook(hook) for layer in loaded.adapter.decoder_layers(loaded.model)]
     try:
-        device = next(loaded.model.parameters()).device
+        device = model_device(loaded.model)
         loaded.model(input_ids=torch.tensor([ids], device=device), use_cache=False, logits_to_keep=1)
     finally:
         for handle in handles:

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from sinkquant.data import TokenStream
 from sinkquant.errors import SinkquantError
-from sinkquant.models import LoadedModel
+from sinkquant.models import LoadedModel, model_device
 from sinkquant.profiling import metrics
 from sinkquant.profiling.collectors import _tensor_output, _tokens, attention_probe
 
@@ -65,7 +65,7 @@ def _measure(loaded: LoadedModel, ids: list[int]) -> dict[str, Any]:
     handles = [layer.register_forward_hook(depth.hook(i)) for i, layer in enumerate(layers)]
     try:
         with attention_probe(loaded.model, depth):
-            device = next(loaded.model.parameters()).device
+            device = model_device(loaded.model)
             loaded.model(input_ids=torch.tensor([ids], device=device), use_cache=False, logits_to_keep=1)
     finally:
         for handle in handles:

@@ -18,7 +18,7 @@ from sinkquant.data import TokenStream, WindowPlan, plan_windows
 from sinkquant.errors import SinkquantError
 from sinkquant.io import check_output_dir, library_versions
 from sinkquant.memory import release_freed_memory
-from sinkquant.models import LoadedModel, bos_evidence
+from sinkquant.models import LoadedModel, bos_evidence, model_device
 from sinkquant.perplexity import resolve_bos
 from sinkquant.profiling import metrics
 from sinkquant.profiling.collectors import (
@@ -109,7 +109,7 @@ def _head_stats(loaded: LoadedModel, stream: TokenStream, plan: WindowPlan, add_
     """alpha_0 and row entropy per head over one text's windows (the attention part of the collector only)."""
     layer_of = {id(m): i for i, m in enumerate(loaded.adapter.attention_modules(loaded.model))}
     stats = AttentionStats(layer_of, len(layer_of))
-    device = next(loaded.model.parameters()).device
+    device = model_device(loaded.model)
     with attention_probe(loaded.model, stats):
         for ids in _window_ids(loaded, stream, plan, add_bos):
             loaded.model(input_ids=ids[None].to(device), use_cache=False, logits_to_keep=1)

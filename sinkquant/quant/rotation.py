@@ -22,7 +22,7 @@ from torch import nn
 
 from sinkquant.adapters import Adapter, adapter_for
 from sinkquant.errors import SinkquantError
-from sinkquant.models import LoadedModel
+from sinkquant.models import LoadedModel, model_device
 from sinkquant.quant.hadamard import orthogonal, rotation_kind
 
 
@@ -202,7 +202,7 @@ def _rotate_out(linear: nn.Linear, q: torch.Tensor, rows: slice = slice(None)) -
 
 def _attach_online(model: nn.Module, adapter: Adapter, record: RotationRecord) -> None:
     """Register the online transforms (idempotent): down_proj's input rotation, Q/K's, Gemma's post-norm one."""
-    device = next(model.parameters()).device
+    device = model_device(model)
     for layer in adapter.decoder_layers(model):
         down = layer.get_submodule(adapter.down_proj)
         if record.down_proj and not hasattr(down, INPUT_ATTRIBUTE):

@@ -15,6 +15,7 @@ from torch import nn
 
 from sinkquant.adapters import Adapter
 from sinkquant.errors import SinkquantError
+from sinkquant.models import model_device
 from sinkquant.quant.keep import KeepState
 from sinkquant.quant.observers import Observer, make_observer
 from sinkquant.quant.primitives import fake_quant_dynamic, fake_quant_range, quantize_dequantize, scale_zero_point
@@ -204,7 +205,7 @@ def calibrate(model: nn.Module, layers: Iterable[QuantLinear], batches: Iterable
     """Whole-model calibration: run `batches` through the model with observers on (inputs left in floating point);
     returns the number of tokens seen."""
     layers = [layer for layer in layers if layer.activations is not None]
-    device = next(model.parameters()).device
+    device = model_device(model)
     for layer in layers:
         layer.start_calibration()
     tokens = 0

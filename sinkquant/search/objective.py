@@ -11,7 +11,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from sinkquant.models import LoadedModel
+from sinkquant.models import LoadedModel, model_device
 from sinkquant.perplexity import Prefix
 
 OBJECTIVE = "mean KL(fp32 || quantized) of the next-token distribution, nats per scored token"
@@ -27,7 +27,7 @@ NOISE_BLOCK = 32
 def forward(model: torch.nn.Module, window: torch.Tensor, context: list[int], prefix: Prefix | None,
             logits_to_keep: int) -> torch.Tensor:
     """One window [ctx] as perplexity sees it: behind the prefix's KV cache, or behind the BOS context."""
-    device = next(model.parameters()).device
+    device = model_device(model)
     if prefix is not None and prefix.cache is not None:
         inputs, past = window[None].to(device), prefix.cache_for_batch(1)
     else:

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from sinkquant.memory import release_freed_memory
-from sinkquant.models import LoadedModel
+from sinkquant.models import LoadedModel, model_device
 from sinkquant.perplexity import Prefix
 from sinkquant.quant.scheme import KeepPolicy, Scheme
 
@@ -45,7 +45,7 @@ class Session:
 
     @property
     def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        return model_device(self.model)
 
     def transform_layers(self, transform: Callable[[int, nn.Module], None]) -> None:
         """A weight change a step makes to every decoder layer, `transform(index, layer)`: applied to each layer
