@@ -12,14 +12,13 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 import torch
 import yaml
 
 from sinkquant.backends.export import export
 from sinkquant.backends.export.onnx import DATA_FILE, MODEL_FILE, ONNX_MANIFEST, PREFIX_FILE, onnx_refusals
-from sinkquant.backends.export.onnx_runtime import generate, load_onnx, session_options
+from sinkquant.backends.export.onnx_runtime import cpu_session, generate, load_onnx
 from sinkquant.cli import main
 from sinkquant.engine import save
 from sinkquant.engine.apply import apply_recipe
@@ -88,7 +87,7 @@ def test_optimized_graph_runs_integer_kernels(tiny_exports, tmp_path) -> None:
     quantized, folder = tiny_exports["llama"]
     manifest = json.loads((folder / ONNX_MANIFEST).read_text())
     optimized = tmp_path / "optimized.onnx"
-    ort.InferenceSession(str(folder / MODEL_FILE), session_options(1, optimized), providers=["CPUExecutionProvider"])
+    cpu_session(folder / MODEL_FILE, 1, optimized)
     graph = onnx.load(str(optimized), load_external_data=False).graph
     counts = collections.Counter(node.op_type for node in graph.node)
     assert sum(counts[op] for op in INTEGER_MATMULS) == len(manifest["layers"]["quantized"]) == 13
@@ -101,7 +100,7 @@ def test_attention_runs_in_one_fused_kernel_per_layer(tiny_exports, arch, tmp_pa
     no score matrix, mask or Softmax is left in the optimized graph."""
     quantized, folder = tiny_exports[arch]
     optimized = tmp_path / "optimized.onnx"
-    ort.InferenceSession(str(folder / MODEL_FILE), session_options(1, optimized), providers=["CPUExecutionProvider"])
+    cpu_session(folder / MODEL_FILE, 1, optimized)
     graph = onnx.load(str(optimized), load_external_data=False).graph
     counts = collections.Counter(node.op_type for node in graph.node)
     assert counts["GroupQueryAttention"] == quantized.model.config.num_hidden_layers
@@ -173,6 +172,11 @@ def test_cli_eval_runs_the_export(tiny_exports, wikitext_path, tmp_path, capsys)
     assert "run by ONNX Runtime behind its fp prefix KV" in capsys.readouterr().out
     result = json.loads(out.read_text())
     assert result["context_cached"] and result["model"]["kind"] == "onnx"
+    code = main(["eval", "--quiet", "--model", str(folder), "--data", str(wikitext_path), "--ctx", "64",
+                 "--max-windows", "2", "--batch-size", "2", "--out", str(out)])
+    assert code in (0, None)
+    assert "--batch-size 2 not used: a quantized artifact or ONNX export" in capsys.readouterr().out
+    assert json.loads(out.read_text())["ppl"] == result["ppl"]
 
 
 def test_cli_export_writes_the_onnx_folder(tiny_exports, tmp_path, capsys) -> None:

@@ -25,7 +25,7 @@ from torch import nn
 
 from sinkquant.backends import ONNX_PEERS
 from sinkquant.backends.export.onnx import LOGITS_TO_KEEP, MODEL_FILE, build_graph, save_graph
-from sinkquant.backends.export.onnx_runtime import OnnxCausalLM, session_options
+from sinkquant.backends.export.onnx_runtime import OnnxCausalLM, cpu_session
 from sinkquant.errors import SinkquantError
 from sinkquant.models import LoadedModel
 
@@ -80,8 +80,7 @@ def write_fp32_graph(model: nn.Module, folder: Path) -> Path:
 
 def onnx_model(base: LoadedModel, path: Path, threads: int | None = None) -> LoadedModel:
     """The graph at `path` run by ONNX Runtime behind `base`'s tokenizer and config, for the same evaluator."""
-    session = ort.InferenceSession(str(path), session_options(threads), providers=["CPUExecutionProvider"])
-    return LoadedModel(model=OnnxCausalLM(session, base.model.config), tokenizer=base.tokenizer,
+    return LoadedModel(model=OnnxCausalLM(cpu_session(path, threads), base.model.config), tokenizer=base.tokenizer,
                        adapter=base.adapter, spec=str(path), source={**base.source, "kind": "onnx"})
 
 
@@ -114,6 +113,6 @@ def kernel_counts(path: Path, threads: int | None = None) -> dict[str, int]:
     """Op counts of ONNX Runtime's optimized graph for `path` (which kernels run)."""
     with tempfile.TemporaryDirectory(prefix="sinkquant-ort-") as tmp:
         optimized = Path(tmp) / "optimized.onnx"
-        ort.InferenceSession(str(path), session_options(threads, optimized), providers=["CPUExecutionProvider"])
+        cpu_session(path, threads, optimized)
         counts = collections.Counter(n.op_type for n in onnx.load(str(optimized), load_external_data=False).graph.node)
     return {op: counts[op] for op in KERNELS if counts[op]}

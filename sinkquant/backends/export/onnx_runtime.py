@@ -50,6 +50,20 @@ def session_options(threads: int | None = None, optimized_path: str | os.PathLik
     return options
 
 
+def cpu_session(path: str | os.PathLike, threads: int | None = None,
+                optimized_path: str | os.PathLike | None = None) -> Any:
+    """An `onnxruntime.InferenceSession` of the graph at `path` on the CPU execution provider with
+    `session_options`; a graph ONNX Runtime cannot load is refused in one line."""
+    import onnxruntime as ort
+
+    try:
+        return ort.InferenceSession(str(path), session_options(threads, optimized_path),
+                                    providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime raises its own exception types, one per failure kind
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise SinkquantError(f"{path}: ONNX Runtime cannot load it ({first})") from None
+
+
 class OnnxCausalLM(nn.Module):
     """The graph behind a causal LM's forward: `input_ids` and an optional DynamicCache in, logits (and the cache
     extended by this call's KV, when `use_cache`) out. Holds no weights; the placeholder parameter tells callers
@@ -136,16 +150,9 @@ def load_onnx(folder: str | os.PathLike, verify: bool = True, threads: int | Non
               ) -> tuple[LoadedModel, Prefix | None, dict[str, Any]]:
     """(the model, its fp prefix with the KV as a DynamicCache, the manifest) of an ONNX export folder; a missing,
     partial or tampered file is refused in one line before ONNX Runtime reads it."""
-    import onnxruntime as ort
-
     folder = Path(folder)
     manifest, files = open_onnx_manifest(folder, verify)
-    try:
-        session = ort.InferenceSession(str(folder / MODEL_FILE), session_options(threads),
-                                       providers=["CPUExecutionProvider"])
-    except Exception as exc:  # onnxruntime raises its own exception types, one per failure kind
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise SinkquantError(f"{folder / MODEL_FILE}: ONNX Runtime cannot load it ({first})") from None
+    session = cpu_session(folder / MODEL_FILE, threads)
     config = AutoConfig.from_pretrained(folder)
     tokenizer = folder_tokenizer(folder)
     model = OnnxCausalLM(session, config)
