@@ -14,9 +14,13 @@ from typing import Any
 
 import torch
 
-from sinkquant.data import WIKITEXT2_ENV, TokenStream, load_text, tokenize
-from sinkquant.io import atomic_write_json, atomic_write_text, library_versions
-from sinkquant.models import LoadedModel, load_model
+from sinkquant.cli.noise import quiet_libraries
+
+quiet_libraries(quiet=False)  # the CLI's filter of upstream noise, before transformers imports torchao
+
+from sinkquant.data import WIKITEXT2_ENV, TokenStream, load_text, tokenize  # noqa: E402
+from sinkquant.io import atomic_write_json, atomic_write_text, library_versions  # noqa: E402
+from sinkquant.models import LoadedModel, load_model  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 # Benchmarks run offline like the tests: WikiText-2 from ../shared unless the environment names a copy.
