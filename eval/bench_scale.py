@@ -196,7 +196,8 @@ def main() -> None:
         settings = p.parse_args(shlex.split(command)[2:])  # the measuring run's ctx and windows
         body = table(measured["rows"], settings) + f"\n\nMeasured by: `{command}`"
         write_result(args.out, "Streaming quantization cost against model size", body,
-                     {"rows": measured["rows"], "measured_by": command})
+                     {"rows": measured["rows"], "measured_by": command, "machine": measured["machine"],
+                      "versions": measured["versions"]})
         plot(measured["rows"], args.out.with_suffix(".png"))
         return
     if args.worker:
@@ -239,6 +240,18 @@ def _key(row: dict[str, Any]) -> tuple[str, str, str]:
     return row["shape"], row["recipe"], _dtype(row)
 
 
+def _threads(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
+    """The thread counts of the rows' commands (rows from several runs may differ)."""
+    counts = set()
+    for row in rows:
+        words = shlex.split(row.get("command", ""))
+        given = words[words.index("--threads") + 1] if "--threads" in words[:-1] else None
+        counts.add(given or str(args.threads or torch.get_num_threads()))
+    if len(counts) == 1:
+        return f"threads {counts.pop()}"
+    return f"threads {' or '.join(sorted(counts))} (each row's command says which)"
+
+
 def table(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
     lines = ["| model shape | recipe | layers in | layers | weights GB | peak RSS GB | RSS / weights | s per layer | "
              "s per layer per 100M layer weights | total s | bf16 ppl | quantized ppl |",
@@ -259,7 +272,7 @@ def table(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
     commands = sorted({r.get("command", "") for r in rows} - {""})
     measured = "".join(f"\n- `{c}`" for c in commands)
     return ("\n".join(lines) + f"\n\nctx {args.ctx}, {args.calib_windows} calibration windows, {args.windows} "
-            f"evaluation windows, threads {args.threads or torch.get_num_threads()}, machine shared with other jobs. "
+            f"evaluation windows, {_threads(rows, args)}, machine shared with other jobs. "
             "'s per layer': each decoder layer's turn in the quantization pipeline; 'total s' adds the whole-model "
             "forwards before it (prefix selection with its profile and fp-loss checks, smoothing statistics), which "
             "read every layer once per calibration window."
