@@ -39,7 +39,7 @@ class QuantizedWeight:
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The weight the simulator multiplies with; bit-exact with `quantize_dequantize` on the same grid."""
-        q = self.qweight.to(torch.float32)  # a new tensor, worked on in place: one weight-sized temporary
+        q = self.qweight.to(torch.float32, copy=True)  # worked on in place: one weight-sized temporary
         if not self.symmetric:  # symmetric grids have zero points of 0: skip a pass over the weight
             q.sub_(self._expand(self.zero_point))
         return q.mul_(self._expand(self.scale)).to(dtype)
