@@ -28,7 +28,6 @@ from sinkquant.io import (
     read_manifest,
     verify_digests,
 )
-from sinkquant.models import model_device
 
 if TYPE_CHECKING:
     import torch
@@ -118,6 +117,8 @@ class QuantoPeer(Peer):
 
     def quantize(self, model: PreTrainedModel, calib_batches: Iterable[torch.Tensor] | None) -> PreTrainedModel:
         from optimum import quanto
+
+        from sinkquant.models import model_device  # here: the registry is imported without torch
 
         quantized = copy.deepcopy(model).eval()
         activations = getattr(quanto, self.activations) if self.activations else None

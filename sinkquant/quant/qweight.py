@@ -4,6 +4,7 @@ what every weight quantizer (round-to-nearest, GPTQ) produces."""
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -39,7 +40,10 @@ class QuantizedWeight:
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The weight the simulator multiplies with; bit-exact with `quantize_dequantize` on the same grid."""
-        q = self.qweight.to(torch.float32, copy=True)  # worked on in place: one weight-sized temporary
+        # one weight-sized temporary, worked on in place, in the dtype the out-of-place arithmetic would promote
+        # to (float64 scales of a model in float64 keep their precision)
+        grid = (self.scale,) if self.symmetric else (self.scale, self.zero_point)
+        q = self.qweight.to(functools.reduce(torch.promote_types, (g.dtype for g in grid), torch.float32), copy=True)
         if not self.symmetric:  # symmetric grids have zero points of 0: skip a pass over the weight
             q.sub_(self._expand(self.zero_point))
         return q.mul_(self._expand(self.scale)).to(dtype)
