@@ -32,10 +32,12 @@ import onnx
 import onnxruntime as ort
 import torch
 import torch.nn.functional as F
+from bench_onnx import prefix_past
+from bench_runtime import measure
 from benchlib import REPO, configure, parser, write_result
 from onnx import TensorProto, helper
 
-from sinkquant.backends.export.onnx import MODEL_FILE, past_names
+from sinkquant.backends.export.onnx import MODEL_FILE
 from sinkquant.backends.export.onnx_peers import write_fp32_graph
 from sinkquant.backends.export.onnx_runtime import OnnxCausalLM, load_onnx, session_options
 from sinkquant.models import load_model
@@ -112,38 +114,42 @@ def time_kernels(kernels: dict[str, Callable[[], object]], rounds: int, calls: i
     return {name: statistics.median(times) for name, times in samples.items()}
 
 
+def _op_times(session: Any, runs: int) -> dict[str, float]:
+    """Milliseconds per op type per run from the profile ONNX Runtime wrote for `session`, largest first."""
+    totals: collections.Counter[str] = collections.Counter()
+    for event in json.loads(Path(session.end_profiling()).read_text()):
+        if event.get("cat") == "Node" and event["name"].endswith("_kernel_time"):
+            totals[event["args"]["op_name"]] += event["dur"] / 1e3 / runs
+    return dict(totals.most_common())
+
+
 def profile_graph(path: Path, config: Any, past: dict[str, np.ndarray] | None, ctx: int, new_tokens: int,
                   threads: int | None, prefills: int = 3) -> dict[str, dict[str, float]]:
     """Milliseconds per op type of the optimized graph at `path`, ONNX Runtime's profiler: per prefill of `ctx`
-    tokens after `past` (mean of `prefills`) and over `new_tokens` decode steps after one; under "wall" the
-    same two phases by the clock (kernels plus ONNX Runtime's and Python's per-call work)."""
+    tokens after `past` (mean of `prefills`) and over `new_tokens` decode steps after one (a session of their
+    own, from the prefill's present KV); under "wall" the same two phases by the clock (kernels plus ONNX
+    Runtime's and Python's per-call work)."""
     ids = np.random.default_rng(0).integers(100, config.vocab_size - 1, size=(1, ctx + new_tokens))
     result: dict[str, dict[str, float]] = {"wall": {}}
     with tempfile.TemporaryDirectory(prefix="sinkquant-ort-profile-") as tmp:
-        for phase in ("prefill", "decode"):
+
+        def profiled(phase: str) -> OnnxCausalLM:
             options = session_options(threads)
             options.enable_profiling, options.profile_file_prefix = True, str(Path(tmp) / phase)
-            model = OnnxCausalLM(ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"]),
-                                 config)
-            start = time.perf_counter()
+            return OnnxCausalLM(ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"]), config)
+
+        model = profiled("prefill")
+        start = time.perf_counter()
+        for _ in range(prefills):
             _, present = model.run(ids[:, :ctx], past, logits_to_keep=1)
-            if phase == "decode":
-                start = time.perf_counter()
-            for step in range(prefills - 1 if phase == "prefill" else new_tokens):
-                if phase == "prefill":
-                    model.run(ids[:, :ctx], past, logits_to_keep=1)
-                else:
-                    _, present = model.run(ids[:, ctx + step:ctx + step + 1], present, logits_to_keep=1)
-            result["wall"][phase] = (time.perf_counter() - start) * 1e3 / (prefills if phase == "prefill" else 1)
-            events = json.loads(Path(model.session.end_profiling()).read_text())
-            runs = [e for e in events if e.get("cat") == "Session" and e["name"] == "model_run"]
-            first_decode = runs[0]["ts"] + runs[0]["dur"] if phase == "decode" else 0  # the prefill before
-            totals: collections.Counter[str] = collections.Counter()
-            for event in events:
-                if (event.get("cat") == "Node" and event["name"].endswith("_kernel_time")
-                        and event["ts"] >= first_decode):
-                    totals[event["args"]["op_name"]] += event["dur"] / 1e3 / (prefills if phase == "prefill" else 1)
-            result[phase] = dict(totals.most_common())
+        result["wall"]["prefill"] = (time.perf_counter() - start) * 1e3 / prefills
+        result["prefill"] = _op_times(model.session, prefills)
+        model = profiled("decode")
+        start = time.perf_counter()
+        for step in range(ctx, ctx + new_tokens):
+            _, present = model.run(ids[:, step:step + 1], present, logits_to_keep=1)
+        result["wall"]["decode"] = (time.perf_counter() - start) * 1e3
+        result["decode"] = _op_times(model.session, 1)
     return result
 
 
@@ -152,9 +158,7 @@ def profiles(folder: Path, model: torch.nn.Module, ctx: int, new_tokens: int, th
     """The export's profile (its prefix KV as the first past, as `sinkquant eval` runs it) and the fp32 graph's
     of the same model (no past), the ONNX Runtime fp32 row of eval/bench_onnx.py."""
     exported, prefix, _ = load_onnx(folder, threads=threads)
-    past = None if prefix is None else {
-        name: tensor.numpy() for index, layer in enumerate(prefix.cache.layers)
-        for name, tensor in zip(past_names(index), (layer.keys, layer.values), strict=True)}
+    past = prefix_past(prefix)
     with tempfile.TemporaryDirectory(prefix="sinkquant-fp32-graph-") as tmp:
         fp32 = write_fp32_graph(model, Path(tmp))
         return {folder.name: profile_graph(folder / MODEL_FILE, exported.model.config, past, ctx, new_tokens,
@@ -164,19 +168,6 @@ def profiles(folder: Path, model: torch.nn.Module, ctx: int, new_tokens: int, th
 
 FP32_GRAPH = "fp32 graph"
 INTEGER_OPS = ("MatMulIntegerToFloat", "QuantizeLinear", "Clip")  # the int8 Linears: ONNX Runtime's fused kernels
-
-
-def torch_prefill_ms(model: torch.nn.Module, ctx: int, rounds: int) -> float:
-    """Median milliseconds of one fp32 forward over `ctx` tokens keeping the last logits, as bench_onnx times it."""
-    ids = torch.randint(100, model.config.vocab_size - 1, (1, ctx), generator=torch.Generator().manual_seed(0))
-    times = []
-    with torch.no_grad():
-        model(ids, logits_to_keep=1)  # warm-up
-        for _ in range(rounds):
-            start = time.perf_counter()
-            model(ids, logits_to_keep=1)
-            times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
 
 
 def main() -> None:
@@ -199,7 +190,8 @@ def main() -> None:
     payload: dict[str, Any] = {"attention_ms": kernels}
     if args.export is not None:
         measured = profiles(args.export, loaded.model, args.ctx, args.new_tokens, args.threads)
-        torch_ms = torch_prefill_ms(loaded.model, args.ctx, args.rounds)
+        window = torch.randint(100, config.vocab_size - 1, (1, args.ctx), generator=torch.Generator().manual_seed(0))
+        torch_ms = args.ctx / measure(loaded.model, lambda: None, window, 0, args.rounds)["prefill_tokens_per_s"] * 1e3
         payload.update(profile_ms=measured, torch_fp32_prefill_ms=torch_ms)
         for graph, profile in measured.items():
             for phase in ("prefill", "decode"):

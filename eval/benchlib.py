@@ -73,8 +73,8 @@ def machine() -> dict[str, Any]:
 def write_result(out: Path, title: str, body: str, payload: dict[str, Any]) -> None:
     """Markdown for people and JSON for machines, both atomically, each with the command and machine."""
     command = " ".join(shlex.quote(a) for a in ["python", *sys.argv])
-    payload = {"command": command, "machine": machine(), "versions": library_versions(), **payload}  # a re-render
-    # passes the measuring run's machine and versions
+    # the payload's own machine and versions win: a re-render passes the measuring run's
+    payload = {"command": command, "machine": machine(), "versions": library_versions(), **payload}
     text = (f"# {title}\n\n{body}\n\nCommand: `{command}`  \nMachine: {payload['machine']}  \n"
             f"Versions: {payload['versions']}\n")
     atomic_write_json(out.parent / f"{out.name}.json", payload)

@@ -34,11 +34,12 @@ def run(args: argparse.Namespace) -> None:
 
     if args.out:
         check_output_file(args.out)  # an unwritable --out fails before the evaluation, not after
-    if is_artifact(args.model) or is_onnx_export(args.model):
+    artifact = is_artifact(args.model)
+    if artifact or is_onnx_export(args.model):
         if args.batch_size > 1:  # dynamic-tensor activations and KV ranges would span the windows of a batch
             print(f"sinkquant eval: --batch-size {args.batch_size} not used: a quantized artifact or ONNX export is "
                   "evaluated one window per forward, as compare evaluates its rows")
-        result, spec = _evaluate_artifact(args) if is_artifact(args.model) else _evaluate_onnx(args)
+        result, spec = _evaluate_artifact(args) if artifact else _evaluate_onnx(args)
     elif (manifest := _export_manifest(args.model)) is not None:
         result, spec = _evaluate_export(args, manifest)
     else:
