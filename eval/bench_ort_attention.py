@@ -32,14 +32,13 @@ import onnx
 import onnxruntime as ort
 import torch
 import torch.nn.functional as F
-from bench_onnx import prefix_past
 from bench_runtime import measure
 from benchlib import REPO, configure, parser, write_result
 from onnx import TensorProto, helper
 
 from sinkquant.backends.export.onnx import MODEL_FILE
 from sinkquant.backends.export.onnx_peers import write_fp32_graph
-from sinkquant.backends.export.onnx_runtime import OnnxCausalLM, load_onnx, session_options
+from sinkquant.backends.export.onnx_runtime import OnnxCausalLM, SharedKV, load_onnx, prefix_arrays, session_options
 from sinkquant.models import load_model
 
 # the IR version the pinned onnxruntime reads (onnx writes a newer one by default)
@@ -127,7 +126,8 @@ def profile_graph(path: Path, config: Any, past: dict[str, np.ndarray] | None, c
                   threads: int | None, prefills: int = 3) -> dict[str, dict[str, float]]:
     """Milliseconds per op type of the optimized graph at `path`, ONNX Runtime's profiler: per prefill of `ctx`
     tokens after `past` (mean of `prefills`) and over `new_tokens` decode steps after one (a session of their
-    own, from the prefill's present KV); under "wall" the same two phases by the clock (kernels plus ONNX
+    own, from the prefill's present KV, through a KV buffer shared between past and present as generation runs);
+    under "wall" the same two phases by the clock (kernels plus ONNX
     Runtime's and Python's per-call work)."""
     ids = np.random.default_rng(0).integers(100, config.vocab_size - 1, size=(1, ctx + new_tokens))
     result: dict[str, dict[str, float]] = {"wall": {}}
@@ -144,12 +144,12 @@ def profile_graph(path: Path, config: Any, past: dict[str, np.ndarray] | None, c
             _, present = model.run(ids[:, :ctx], past, logits_to_keep=1)
         result["wall"]["prefill"] = (time.perf_counter() - start) * 1e3 / prefills
         result["prefill"] = _op_times(model.session, prefills)
-        model = profiled("decode")
+        kv = SharedKV(profiled("decode"), next(iter(present.values())).shape[2] + new_tokens, present)
         start = time.perf_counter()
         for step in range(ctx, ctx + new_tokens):
-            _, present = model.run(ids[:, step:step + 1], present, logits_to_keep=1)
+            kv.next_logits(ids[:, step:step + 1])
         result["wall"]["decode"] = (time.perf_counter() - start) * 1e3
-        result["decode"] = _op_times(model.session, 1)
+        result["decode"] = _op_times(kv.session, 1)
     return result
 
 
@@ -158,7 +158,7 @@ def profiles(folder: Path, model: torch.nn.Module, ctx: int, new_tokens: int, th
     """The export's profile (its prefix KV as the first past, as `sinkquant eval` runs it) and the fp32 graph's
     of the same model (no past), the ONNX Runtime fp32 row of eval/bench_onnx.py."""
     exported, prefix, _ = load_onnx(folder, threads=threads)
-    past = prefix_past(prefix)
+    past = prefix_arrays(prefix)
     with tempfile.TemporaryDirectory(prefix="sinkquant-fp32-graph-") as tmp:
         fp32 = write_fp32_graph(model, Path(tmp))
         return {folder.name: profile_graph(folder / MODEL_FILE, exported.model.config, past, ctx, new_tokens,

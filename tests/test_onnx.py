@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import collections
 import copy
+import hashlib
 import json
 from pathlib import Path
 
@@ -18,7 +19,7 @@ import yaml
 
 from sinkquant.backends.export import export
 from sinkquant.backends.export.onnx import DATA_FILE, MODEL_FILE, ONNX_MANIFEST, PREFIX_FILE, onnx_refusals
-from sinkquant.backends.export.onnx_runtime import cpu_session, generate, load_onnx
+from sinkquant.backends.export.onnx_runtime import SharedKV, cpu_session, generate, load_onnx
 from sinkquant.cli import main
 from sinkquant.engine import save
 from sinkquant.engine.apply import apply_recipe
@@ -77,8 +78,45 @@ def test_tiny_round_trip_matches_native(tiny_exports, arch) -> None:
     first, following = loaded.model.run(ids[:, :50].numpy(), past)
     second, _ = loaded.model.run(ids[:, 50:].numpy(), following)
     assert np.abs(np.concatenate([first, second], axis=1) - reference).max() < 1e-4 * scale
+    kv = SharedKV(loaded.model, 96, past)  # one buffer for past and present, written in place: prompt, then steps
+    shared = [kv.next_logits(ids[:, :50].numpy())] + [kv.next_logits(ids[:, t:t + 1].numpy()) for t in range(50, 80)]
+    assert kv.length == 81 and np.abs(np.stack(shared) - reference[0, 49:]).max() < 1e-4 * scale
     assert generate(loaded, prefix, "The capital of France is", max_new_tokens=3) == \
         quantized.generate("The capital of France is", max_new_tokens=3)
+
+
+def test_the_documented_onnxruntime_only_generation_runs(tiny_exports) -> None:
+    """docs/deployment.md's serving example (numpy, onnxruntime and tokenizers only, KV buffers bound as past and
+    present) on a tiny export decodes the tokens sinkquant's own generation does."""
+    _, folder = tiny_exports["llama"]
+    doc = (REPO / "docs" / "deployment.md").read_text()
+    code = doc.split("### Running it with onnxruntime alone", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    assert 'folder = "onnx"' in code
+    namespace: dict = {"print": lambda *_: None}
+    exec(code.replace('folder = "onnx"', f"folder = {str(folder)!r}"), namespace)
+    loaded, prefix, _ = load_onnx(folder)
+    expected = generate(loaded, prefix, "The capital of France is", max_new_tokens=12)
+    assert len(namespace["new"]) == 12 and namespace["tokenizer"].decode(namespace["new"]) == expected
+
+
+def test_an_export_without_the_attention_mask_input_is_refused(tiny_exports, tmp_path) -> None:
+    """A graph from before `attention_mask` (past length read from the past's shape) cannot run behind a shared KV
+    buffer: refused in one line, naming the input."""
+    _, folder = tiny_exports["llama"]
+    old = tmp_path / "old"
+    old.mkdir()
+    for path in folder.iterdir():
+        (old / path.name).write_bytes(path.read_bytes())
+    graph = onnx.load(str(old / MODEL_FILE), load_external_data=False)
+    for node in graph.graph.node:
+        node.input[:] = ["mask" if name == "attention_mask" else name for name in node.input]
+    next(i for i in graph.graph.input if i.name == "attention_mask").name = "mask"
+    onnx.save(graph, str(old / MODEL_FILE))
+    manifest = json.loads((old / ONNX_MANIFEST).read_text())
+    manifest["files"][MODEL_FILE] = hashlib.sha256((old / MODEL_FILE).read_bytes()).hexdigest()
+    (old / ONNX_MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(SinkquantError, match="has no attention_mask input .* export the artifact again"):
+        load_onnx(old)
 
 
 def test_optimized_graph_runs_integer_kernels(tiny_exports, tmp_path) -> None:

@@ -11,11 +11,13 @@ Gather. Online transforms of the rotate step become MatMuls by their matrices (d
 post-norm rotation); the Q/K rotation leaves Q K^T unchanged in float (KV quantization, which it serves, is
 refused) and is not written.
 
-Inputs: `input_ids` [batch, seq], `past_key_values.{i}.key` / `.value` [batch, kv_heads, past, head_dim] and
-`logits_to_keep` (int64 scalar, 0: all positions); outputs `logits` [batch, seq or logits_to_keep, vocab] and
-`present.{i}.key` / `.value`. Positions are past + 0..seq-1, so the fp prefix KV (written beside the graph as
-`prefix_kv.npz`, keyed by the input names) is fed as the first past and the prompt runs after it exactly as in
-sinkquant. No padding mask: rows of a batch are unpadded and equally long."""
+Inputs: `input_ids` [batch, seq], `attention_mask` [batch, past + seq] (all ones), `past_key_values.{i}.key` /
+`.value` [batch, kv_heads, past or a longer buffer, head_dim] and `logits_to_keep` (int64 scalar, 0: all
+positions); outputs `logits` [batch, seq or logits_to_keep, vocab] and `present.{i}.key` / `.value` (which may be
+bound to the past's buffer: GroupQueryAttention then writes the new KV in place). Positions are past + 0..seq-1,
+the past's length read from the mask, so the fp prefix KV (written beside the graph as `prefix_kv.npz`, keyed by
+the input names) is fed as the first past and the prompt runs after it exactly as in sinkquant. No padding: rows
+of a batch are unpadded and equally long."""
 
 from __future__ import annotations
 
@@ -48,6 +50,7 @@ MODEL_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
 PREFIX_FILE = "prefix_kv.npz"
 LOGITS_TO_KEEP = "logits_to_keep"
+ATTENTION_MASK = "attention_mask"
 OPSET = 21
 SUPPORTED_TYPES = ("llama", "mistral", "qwen2", "gemma3_text")
 ACTIVATIONS = ("silu", "gelu_pytorch_tanh")
@@ -153,6 +156,7 @@ class _Builder:
         self.kv_heads = getattr(config, "num_key_value_heads", None) or self.heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
         self.activation = getattr(config, "hidden_act", None) or getattr(config, "hidden_activation", None)
+        self.max_positions = config.max_position_embeddings
 
     # --- layers -------------------------------------------------------------------------------------------
     def linear(self, x: str, module: nn.Module, name: str) -> str:
@@ -239,50 +243,39 @@ class _Builder:
         return y
 
     # --- the decoder ----------------------------------------------------------------------------------------
-    def rope(self, positions: str, layer_type: str | None) -> tuple[str, str]:
+    def rope_cache(self, layer_type: str | None) -> tuple[str, str]:
+        """cos and sin [max positions, head_dim / 2] for GroupQueryAttention's own rotary, computed as transformers'
+        rotary embedding computes them (float32 positions times inv_freq, times the attention scaling)."""
         rotary = self.model.get_submodule(self.adapter.layers.rsplit(".", 1)[0]).rotary_emb
         prefix = f"{layer_type}_" if layer_type and hasattr(rotary, f"{layer_type}_inv_freq") else ""
-        inv_freq = getattr(rotary, f"{prefix}inv_freq")
+        inv_freq = getattr(rotary, f"{prefix}inv_freq").float()
         scaling = float(getattr(rotary, f"{prefix}attention_scaling"))
-        g = self.g
-        freqs = g.op("Mul", [g.op("Unsqueeze", [positions, g.const([1], np.int64)]),
-                             g.tensor(g.name(f"rope.{prefix}inv_freq"), _array(inv_freq).reshape(1, -1))])
-        emb = g.op("Concat", [freqs, freqs], axis=-1)
-        cos, sin = g.op("Cos", [emb]), g.op("Sin", [emb])
-        if scaling != 1.0:
-            cos, sin = g.op("Mul", [cos, g.const(scaling)]), g.op("Mul", [sin, g.const(scaling)])
-        return cos, sin
-
-    def apply_rope(self, x: str, cos: str, sin: str) -> str:
-        g, half = self.g, self.head_dim // 2
-        first = g.op("Slice", [x, g.const([0], np.int64), g.const([half], np.int64), g.const([-1], np.int64)])
-        second = g.op("Slice", [x, g.const([half], np.int64), g.const([self.head_dim], np.int64),
-                                g.const([-1], np.int64)])
-        rotated = g.op("Concat", [g.op("Neg", [second]), first], axis=-1)
-        return g.op("Add", [g.op("Mul", [x, cos]), g.op("Mul", [rotated, sin])])
+        positions = torch.arange(self.max_positions, dtype=torch.float32)
+        freqs = positions[:, None] * inv_freq[None, :]
+        return (self.g.tensor(self.g.name(f"rope.{prefix}cos_cache"), _array(freqs.cos() * scaling)),
+                self.g.tensor(self.g.name(f"rope.{prefix}sin_cache"), _array(freqs.sin() * scaling)))
 
     def attention(self, x: str, layer: nn.Module, index: int, rope: tuple[str, str], window: int | None,
                   lengths: tuple[str, str]) -> str:
         g, attn_name = self.g, f"{self.adapter.layers}.{index}.{self.adapter.attention}"
         attn = layer.get_submodule(self.adapter.attention)
         offset = self.adapter.norm_weight_offset
-        parts = {}
+        parts = []
         for part, heads in (("q", self.heads), ("k", self.kv_heads), ("v", self.kv_heads)):
             y = self.linear(x, attn.get_submodule(f"{part}_proj"), f"{attn_name}.{part}_proj")
-            y = g.op("Reshape", [y, g.const([0, 0, heads, self.head_dim], np.int64)])
             norm = getattr(attn, f"{part}_norm", None)
             if norm is not None:
+                y = g.op("Reshape", [y, g.const([0, 0, heads, self.head_dim], np.int64)])
                 y = self.norm(y, norm, f"{attn_name}.{part}_norm", offset)
-            parts[part] = g.op("Transpose", [y], perm=[0, 2, 1, 3])
-        query, key = (self.apply_rope(parts[p], *rope) for p in ("q", "k"))
-        # ONNX Runtime's fused GroupQueryAttention (com.microsoft): causal, sliding window, GQA heads and the past
-        # KV in one kernel, on [batch, seq, heads * head_dim]; the unfused MatMul/Softmax form took ~60% of a
-        # SmolLM2 prefill.
-        flat = [g.op("Reshape", [g.op("Transpose", [t], perm=[0, 2, 1, 3]), g.const([0, 0, -1], np.int64)])
-                for t in (query, key, parts["v"])]
-        context = g.op("GroupQueryAttention", [*flat, *past_names(index), *lengths], [
+                y = g.op("Reshape", [y, g.const([0, 0, heads * self.head_dim], np.int64)])
+            parts.append(y)
+        # ONNX Runtime's fused GroupQueryAttention (com.microsoft): RoPE from the cos/sin caches at positions
+        # past + 0..seq-1, causal and sliding-window masking, GQA heads and the past KV in one kernel. Unfused
+        # (MatMul / Softmax, RoPE as Slice / Mul / Add around transposes) it took ~60% of a SmolLM2 prefill.
+        context = g.op("GroupQueryAttention", [*parts, *past_names(index), *lengths, *rope], [
             f"{attn_name}.context", *present_names(index)], domain="com.microsoft", num_heads=self.heads,
-            kv_num_heads=self.kv_heads, scale=float(attn.scaling), local_window_size=window or -1)[0]
+            kv_num_heads=self.kv_heads, scale=float(attn.scaling), local_window_size=window or -1, do_rotary=1,
+            rotary_interleaved=0)[0]
         # a contrib operator's output type is unknown to onnx.shape_inference (ONNX Runtime's quantizer needs it)
         g.value_info.append(helper.make_tensor_value_info(context, TensorProto.FLOAT,
                                                           ["batch", "seq", self.heads * self.head_dim]))
@@ -325,19 +318,14 @@ class _Builder:
         if self.activation not in ACTIVATIONS:
             raise SinkquantError(f"hidden activation {self.activation!r} cannot be exported to ONNX; valid: "
                                  f"{', '.join(ACTIVATIONS)}")
-        past_len = g.op("Shape", [past_names(0)[0]], start=2, end=3)
-        seq_len = g.op("Shape", ["input_ids"], start=1, end=2)
-        total = g.op("Add", [past_len, seq_len])
-        scalar = g.const([], np.int64)
-        positions = g.op("Range", [g.op("Reshape", [past_len, scalar]), g.op("Reshape", [total, scalar]),
-                                   g.const(1, np.int64)])
-        # GroupQueryAttention's lengths: every row attends to all `total` positions (no padding)
-        total32 = g.op("Cast", [total], to=TensorProto.INT32)
-        lengths = (g.op("Expand", [g.op("Sub", [total32, g.const([1], np.int32)]),
-                                   g.op("Shape", ["input_ids"], start=0, end=1)]),
-                   g.op("Reshape", [total32, scalar]))
-        float_positions = g.op("Cast", [positions], to=TensorProto.FLOAT)
-        ropes = {t: self.rope(float_positions, t) for t in set(self._layer_types())}
+        # GroupQueryAttention's lengths from the attention mask [batch, past + seq] (all ones: rows are unpadded):
+        # each row's total - 1, and the total. With a KV buffer shared between past and present (I/O binding) the
+        # past inputs are longer than the past, so the mask, not their shape, says where the past ends.
+        mask_sum = g.op("ReduceSum", [ATTENTION_MASK, g.const([1], np.int64)], keepdims=0)
+        total = g.op("Shape", [ATTENTION_MASK], start=1, end=2)
+        lengths = (g.op("Cast", [g.op("Sub", [mask_sum, g.const(1, np.int64)])], to=TensorProto.INT32),
+                   g.op("Cast", [g.op("Reshape", [total, g.const([], np.int64)])], to=TensorProto.INT32))
+        ropes = {t: self.rope_cache(t) for t in set(self._layer_types())}
         hidden = self.embed("input_ids")
         offset = adapter.norm_weight_offset
         for index, (layer, layer_type) in enumerate(zip(adapter.decoder_layers(self.model), self._layer_types(),
@@ -372,6 +360,7 @@ class _Builder:
         kv_shape = ["batch", self.kv_heads, "past", self.head_dim]
         present_shape = ["batch", self.kv_heads, "total", self.head_dim]
         inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"]),
+                  helper.make_tensor_value_info(ATTENTION_MASK, TensorProto.INT64, ["batch", "total"]),
                   helper.make_tensor_value_info(LOGITS_TO_KEEP, TensorProto.INT64, [])]
         outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", "seq", self.config.vocab_size])]
         for index in range(self.config.num_hidden_layers):

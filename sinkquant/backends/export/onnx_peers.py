@@ -24,7 +24,7 @@ from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, 
 from torch import nn
 
 from sinkquant.backends import ONNX_PEERS
-from sinkquant.backends.export.onnx import LOGITS_TO_KEEP, MODEL_FILE, build_graph, save_graph
+from sinkquant.backends.export.onnx import ATTENTION_MASK, LOGITS_TO_KEEP, MODEL_FILE, build_graph, save_graph
 from sinkquant.backends.export.onnx_runtime import OnnxCausalLM, cpu_session
 from sinkquant.errors import SinkquantError
 from sinkquant.models import LoadedModel
@@ -57,8 +57,8 @@ class CalibrationWindows:
     lets ONNX Runtime read a slice of them at a time."""
 
     def __init__(self, windows: list[torch.Tensor], model: OnnxCausalLM) -> None:
-        self.feeds = [{"input_ids": w.numpy(), LOGITS_TO_KEEP: np.asarray(0, np.int64), **model.empty_past(1)}
-                      for w in windows]
+        self.feeds = [{"input_ids": w.numpy(), ATTENTION_MASK: np.ones(w.shape, np.int64),
+                       LOGITS_TO_KEEP: np.asarray(0, np.int64), **model.empty_past(1)} for w in windows]
         self.set_range(0, len(self.feeds))
 
     def __len__(self) -> int:

@@ -17,6 +17,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from sinkquant.adapters import adapter_for
 from sinkquant.backends.export.onnx import (
+    ATTENTION_MASK,
     LOGITS_TO_KEEP,
     MODEL_FILE,
     ONNX_MANIFEST,
@@ -28,6 +29,8 @@ from sinkquant.errors import SinkquantError
 from sinkquant.io import check_listed, read_manifest, recorded_digests, verify_digests
 from sinkquant.models import LoadedModel, folder_tokenizer
 from sinkquant.perplexity import Prefix
+
+PREFILL_CHUNK = 256  # tokens per prompt call in generation (SharedKV); eval/results/onnx-speed.md
 
 
 def is_onnx_export(path: str | os.PathLike) -> bool:
@@ -88,8 +91,11 @@ class OnnxCausalLM(nn.Module):
             ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         """(logits of the last `logits_to_keep` positions, 0: all; the next call's past) for int64 ids [batch, seq]
         after `past` (None: no past)."""
-        feeds = {"input_ids": input_ids, LOGITS_TO_KEEP: np.asarray(logits_to_keep, np.int64),
-                 **(past if past is not None else self.empty_past(input_ids.shape[0]))}
+        batch, seq = input_ids.shape
+        past = past if past is not None else self.empty_past(batch)
+        total = next(iter(past.values())).shape[2] + seq
+        feeds = {"input_ids": input_ids, ATTENTION_MASK: np.ones((batch, total), np.int64),
+                 LOGITS_TO_KEEP: np.asarray(logits_to_keep, np.int64), **past}
         outputs = dict(zip(self.output_names, self.session.run(None, feeds), strict=True))
         following = {}
         for index in range(self.layers):
@@ -153,6 +159,9 @@ def load_onnx(folder: str | os.PathLike, verify: bool = True, threads: int | Non
     folder = Path(folder)
     manifest, files = open_onnx_manifest(folder, verify)
     session = cpu_session(folder / MODEL_FILE, threads)
+    if ATTENTION_MASK not in {i.name for i in session.get_inputs()}:
+        raise SinkquantError(f"{folder / MODEL_FILE}: the graph has no {ATTENTION_MASK} input (an export of an "
+                             "earlier sinkquant); export the artifact again")
     config = AutoConfig.from_pretrained(folder)
     tokenizer = folder_tokenizer(folder)
     model = OnnxCausalLM(session, config)
@@ -170,23 +179,76 @@ def load_onnx(folder: str | os.PathLike, verify: bool = True, threads: int | Non
     return loaded, prefix, manifest
 
 
+class SharedKV:
+    """Generation through I/O binding with one KV buffer per layer shared between the graph's past input and its
+    present output: ONNX Runtime's GroupQueryAttention writes each call's keys and values in place after the past,
+    instead of copying the whole past into a new present that then comes back to Python, every step.
+
+    A prompt runs in calls of at most `prefill_chunk` tokens: GroupQueryAttention's CPU kernel computes every
+    query's scores against all keys of its call, masked ones included, so chunks skip most of the masked half
+    (eval/results/onnx-speed.md measures the gain)."""
+
+    def __init__(self, model: OnnxCausalLM, capacity: int, past: dict[str, np.ndarray] | None = None,
+                 prefill_chunk: int | None = PREFILL_CHUNK) -> None:
+        import onnxruntime as ort
+
+        limit = model.config.get_text_config(decoder=True).max_position_embeddings
+        if capacity > limit:
+            raise SinkquantError(f"a KV buffer of {capacity} positions exceeds the model's max_position_embeddings "
+                                 f"({limit}), the length of the graph's RoPE tables")
+        self.session, self.length, self.capacity = model.session, 0, capacity
+        self.prefill_chunk = prefill_chunk
+        self.binding = self.session.io_binding()
+        self.binding.bind_output("logits")  # bound first: the first of the binding's outputs
+        for index in range(model.layers):
+            for source, target in zip(past_names(index), present_names(index), strict=True):
+                buffer = np.zeros((1, model.kv_heads, capacity, model.head_dim), np.float32)
+                if past is not None:
+                    self.length = past[source].shape[2]
+                    buffer[:, :, :self.length] = past[source]
+                value = ort.OrtValue.ortvalue_from_numpy(buffer)
+                self.binding.bind_ortvalue_input(source, value)
+                self.binding.bind_ortvalue_output(target, value)
+        self.binding.bind_cpu_input(LOGITS_TO_KEEP, np.asarray(1, np.int64))
+
+    def next_logits(self, ids: np.ndarray) -> np.ndarray:
+        """The last position's logits [vocab] after int64 `ids` [1, seq], whose KV joins the buffer."""
+        if self.length + ids.shape[1] > self.capacity:
+            raise SinkquantError(f"{self.length + ids.shape[1]} tokens do not fit the KV buffer of {self.capacity}")
+        step = self.prefill_chunk or ids.shape[1]
+        for start in range(0, ids.shape[1], step):
+            chunk = ids[:, start:start + step]
+            self.length += chunk.shape[1]
+            self.binding.bind_cpu_input("input_ids", chunk)
+            self.binding.bind_cpu_input(ATTENTION_MASK, np.ones((1, self.length), np.int64))
+            self.session.run_with_iobinding(self.binding)
+        return self.binding.get_outputs()[0].numpy()[0, -1].copy()  # a view of a buffer the next call reuses
+
+
+def prefix_arrays(prefix: Prefix | None) -> dict[str, np.ndarray] | None:
+    """The fp prefix KV as the graph's past arrays (None without a prefix KV)."""
+    if prefix is None or prefix.cache is None:
+        return None
+    past = {}
+    for index, layer in enumerate(prefix.cache.layers):
+        key, value = past_names(index)
+        past[key], past[value] = layer.keys.numpy(), layer.values.numpy()
+    return past
+
+
 def generate(loaded: LoadedModel, prefix: Prefix | None, text: str, max_new_tokens: int = 20) -> str:
-    """Greedy generation through ONNX Runtime with the prefix KV as the first past; the new text only."""
-    model: OnnxCausalLM = loaded.model
+    """Greedy generation through ONNX Runtime with the prefix KV as the first past (a `SharedKV` buffer); the new
+    text only."""
     ids = loaded.tokenizer(text, add_special_tokens=False).input_ids
-    past = None
-    if prefix is not None and prefix.cache is not None:
-        past = {}
-        for index, layer in enumerate(prefix.cache.layers):
-            key, value = past_names(index)
-            past[key], past[value] = layer.keys.numpy(), layer.values.numpy()
-    elif prefix is not None:
+    past = prefix_arrays(prefix)
+    if prefix is not None and past is None:
         ids = list(prefix.ids) + ids
+    length = (next(iter(past.values())).shape[2] if past else 0) + len(ids) + max_new_tokens
+    kv = SharedKV(loaded.model, length, past)
     new: list[int] = []
     step = np.asarray([ids], np.int64)
     for _ in range(max_new_tokens):
-        logits, past = model.run(step, past, logits_to_keep=1)
-        token = int(logits[0, -1].argmax())
+        token = int(kv.next_logits(step).argmax())
         if token == loaded.tokenizer.eos_token_id:
             break
         new.append(token)
