@@ -7,7 +7,8 @@ Two measurements, one run:
    MultiHeadAttention and the standard Attention (opset 23), each a one-node graph, against torch's
    scaled_dot_product_attention, interleaved rounds, median.
 2. With --export FOLDER: ONNX Runtime's own profiler over a prefill of --ctx tokens and over --new-tokens decode
-   steps after it, time per op type of the optimized graph. The export of eval/results/ort-attention.md:
+   steps after it, run as sinkquant's ONNX generation runs them (`SharedKV`), time per op type of the optimized
+   graph. The export of eval/results/ort-attention.md:
 
        sinkquant quantize --recipe recipes/w8a8-prefix-smooth-except-native.yaml --out out/w8a8
        sinkquant export out/w8a8 --format onnx --out out/w8a8-onnx
@@ -38,7 +39,14 @@ from onnx import TensorProto, helper
 
 from sinkquant.backends.export.onnx import MODEL_FILE
 from sinkquant.backends.export.onnx_peers import write_fp32_graph
-from sinkquant.backends.export.onnx_runtime import OnnxCausalLM, SharedKV, load_onnx, prefix_arrays, session_options
+from sinkquant.backends.export.onnx_runtime import (
+    PREFILL_CHUNK,
+    OnnxCausalLM,
+    SharedKV,
+    load_onnx,
+    prefix_arrays,
+    session_options,
+)
 from sinkquant.models import load_model
 
 # the IR version the pinned onnxruntime reads (onnx writes a newer one by default)
@@ -124,11 +132,11 @@ def _op_times(session: Any, runs: int) -> dict[str, float]:
 
 def profile_graph(path: Path, config: Any, past: dict[str, np.ndarray] | None, ctx: int, new_tokens: int,
                   threads: int | None, prefills: int = 3) -> dict[str, dict[str, float]]:
-    """Milliseconds per op type of the optimized graph at `path`, ONNX Runtime's profiler: per prefill of `ctx`
-    tokens after `past` (mean of `prefills`) and over `new_tokens` decode steps after one (a session of their
-    own, from the prefill's present KV, through a KV buffer shared between past and present as generation runs);
-    under "wall" the same two phases by the clock (kernels plus ONNX
-    Runtime's and Python's per-call work)."""
+    """Milliseconds per op type of the optimized graph at `path`, ONNX Runtime's profiler, run as generation runs
+    it (`SharedKV`: one KV buffer for past and present, the prompt in calls of PREFILL_CHUNK tokens): per prefill
+    of `ctx` tokens after `past` (mean of `prefills`) and over `new_tokens` decode steps after one (a session of
+    their own, from the prefill's KV); under "wall" the same two phases by the clock (kernels plus ONNX Runtime's
+    and Python's per-call work)."""
     ids = np.random.default_rng(0).integers(100, config.vocab_size - 1, size=(1, ctx + new_tokens))
     result: dict[str, dict[str, float]] = {"wall": {}}
     with tempfile.TemporaryDirectory(prefix="sinkquant-ort-profile-") as tmp:
@@ -138,13 +146,14 @@ def profile_graph(path: Path, config: Any, past: dict[str, np.ndarray] | None, c
             options.enable_profiling, options.profile_file_prefix = True, str(Path(tmp) / phase)
             return OnnxCausalLM(ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"]), config)
 
-        model = profiled("prefill")
+        model, capacity = profiled("prefill"), (next(iter(past.values())).shape[2] if past else 0) + ctx + new_tokens
+        buffers = [SharedKV(model, capacity, past) for _ in range(prefills)]
         start = time.perf_counter()
-        for _ in range(prefills):
-            _, present = model.run(ids[:, :ctx], past, logits_to_keep=1)
+        for kv in buffers:
+            kv.next_logits(ids[:, :ctx])
         result["wall"]["prefill"] = (time.perf_counter() - start) * 1e3 / prefills
         result["prefill"] = _op_times(model.session, prefills)
-        kv = SharedKV(profiled("decode"), next(iter(present.values())).shape[2] + new_tokens, present)
+        kv = SharedKV(profiled("decode"), capacity, kv.past())
         start = time.perf_counter()
         for step in range(ctx, ctx + new_tokens):
             kv.next_logits(ids[:, step:step + 1])
@@ -196,7 +205,8 @@ def main() -> None:
         for graph, profile in measured.items():
             for phase in ("prefill", "decode"):
                 totals, total = profile[phase], sum(profile[phase].values())
-                what = f"one prefill of {args.ctx} tokens" if phase == "prefill" else f"{args.new_tokens} decode steps"
+                what = (f"one prefill of {args.ctx} tokens (calls of {PREFILL_CHUNK})" if phase == "prefill"
+                        else f"{args.new_tokens} decode steps")
                 lines += ["", f"{graph}, ONNX Runtime's profiler, {what}: {total:.0f} ms in kernels, "
                           f"{profile['wall'][phase]:.0f} ms by the clock", "",
                           "| op type | ms | share |", "|---|---|---|"]

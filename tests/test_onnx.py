@@ -78,11 +78,21 @@ def test_tiny_round_trip_matches_native(tiny_exports, arch) -> None:
     first, following = loaded.model.run(ids[:, :50].numpy(), past)
     second, _ = loaded.model.run(ids[:, 50:].numpy(), following)
     assert np.abs(np.concatenate([first, second], axis=1) - reference).max() < 1e-4 * scale
-    kv = SharedKV(loaded.model, 96, past)  # one buffer for past and present, written in place: prompt, then steps
+    # one buffer for past and present, written in place: the prompt in calls of 16 tokens, then one token a call
+    kv = SharedKV(loaded.model, 96, past, prefill_chunk=16)
     shared = [kv.next_logits(ids[:, :50].numpy())] + [kv.next_logits(ids[:, t:t + 1].numpy()) for t in range(50, 80)]
     assert kv.length == 81 and np.abs(np.stack(shared) - reference[0, 49:]).max() < 1e-4 * scale
     assert generate(loaded, prefix, "The capital of France is", max_new_tokens=3) == \
         quantized.generate("The capital of France is", max_new_tokens=3)
+
+
+def test_shared_kv_refuses_what_does_not_fit(tiny_exports) -> None:
+    loaded, _, _ = load_onnx(tiny_exports["llama"][1])
+    limit = loaded.model.config.max_position_embeddings
+    with pytest.raises(SinkquantError, match=rf"exceeds the model's max_position_embeddings \({limit}\)"):
+        SharedKV(loaded.model, limit + 1)
+    with pytest.raises(SinkquantError, match="5 tokens do not fit the KV buffer of 4"):
+        SharedKV(loaded.model, 4).next_logits(np.arange(5)[None])
 
 
 def test_the_documented_onnxruntime_only_generation_runs(tiny_exports) -> None:
@@ -121,7 +131,9 @@ def test_an_export_without_the_attention_mask_input_is_refused(tiny_exports, tmp
 
 def test_optimized_graph_runs_integer_kernels(tiny_exports, tmp_path) -> None:
     """Every static W8A8 Linear becomes an integer MatMul in ONNX Runtime's optimized graph: none stays a float
-    MatMul behind a DequantizeLinear, and no weight-only layer was turned into an int8-activation kernel."""
+    MatMul behind a DequantizeLinear. Every weight-only layer runs its int8 weight as the native backend does: an
+    integer MatMul on int8 limbs of the activations for a few rows, a float MatMul beyond; none was turned into
+    an int8-activation kernel (MatMulNBits, dynamic quantization)."""
     quantized, folder = tiny_exports["llama"]
     manifest = json.loads((folder / ONNX_MANIFEST).read_text())
     optimized = tmp_path / "optimized.onnx"
@@ -130,6 +142,12 @@ def test_optimized_graph_runs_integer_kernels(tiny_exports, tmp_path) -> None:
     counts = collections.Counter(node.op_type for node in graph.node)
     assert sum(counts[op] for op in INTEGER_MATMULS) == len(manifest["layers"]["quantized"]) == 13
     assert counts["DequantizeLinear"] == counts["MatMulNBits"] == counts["DynamicQuantizeLinear"] == 0
+    branches = {node.name: {a.name: collections.Counter(n.op_type for n in a.g.node) for a in node.attribute}
+                for node in graph.node if node.op_type == "If"}
+    assert len(branches) == len(manifest["layers"]["weight_only"]) == 2
+    for branch in branches.values():
+        assert branch["else_branch"]["MatMulInteger"] == branch["then_branch"]["MatMul"] == 1
+        assert branch["else_branch"]["MatMul"] == branch["then_branch"]["MatMulInteger"] == 0
 
 
 @pytest.mark.parametrize("arch", ["llama", "gemma3"])

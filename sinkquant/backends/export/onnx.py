@@ -5,11 +5,11 @@ The decoder graph is built here with `onnx.helper` from the adapter's facts and 
 every quantized Linear is written as QuantizeLinear -> DequantizeLinear on its input (sinkquant's static scale and
 zero point) and an int8 per-output-channel initializer -> DequantizeLinear on its weight, feeding a MatMul, the
 QDQ form ONNX Runtime fuses into integer kernels (MatMulIntegerToFloat / QLinearMatMul). Norms, attention, RoPE
-and the layers the recipe keeps in float stay float; weight-only layers (exceptions, the int8 lm_head) run a float
-MatMul on their int8 grid's values (`_Builder._weight_only` says why); the int8 embedding stays int8 rows behind a
-Gather. Online transforms of the rotate step become MatMuls by their matrices (down_proj's input Hadamard, Gemma's
-post-norm rotation); the Q/K rotation leaves Q K^T unchanged in float (KV quantization, which it serves, is
-refused) and is not written.
+and the layers the recipe keeps in float stay float; weight-only layers (exceptions, the int8 lm_head) run their
+int8 weight against the activations split into int8 limbs (a decode step) or dequantized per call (a prompt);
+the int8 embedding stays int8 rows behind a Gather. Online transforms of the rotate step become MatMuls by
+their matrices (down_proj's input Hadamard, Gemma's post-norm rotation); the Q/K rotation leaves Q K^T
+unchanged in float (KV quantization, which it serves, is refused) and is not written.
 
 Inputs: `input_ids` [batch, seq], `attention_mask` [batch, past + seq] (all ones), `past_key_values.{i}.key` /
 `.value` [batch, kv_heads, past or a longer buffer, head_dim] and `logits_to_keep` (int64 scalar, 0: all
@@ -22,6 +22,7 @@ of a batch are unpadded and equally long."""
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -32,12 +33,13 @@ from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
 from sinkquant.adapters import adapter_for
-from sinkquant.backends.native import NativeLinear, native_copy
+from sinkquant.backends.native import INT8_HEAD_MAX_ROWS, LIMBS, UINT8_SHIFT, NativeLinear, native_copy
 from sinkquant.backends.registry import BACKENDS
 from sinkquant.errors import SinkquantError
 from sinkquant.io import atomic_dir, atomic_write_json, file_digests, folder_files, library_versions
 from sinkquant.quant.embeddings import int8_rows
 from sinkquant.quant.keep import keep_state
+from sinkquant.quant.primitives import MIN_SCALE
 from sinkquant.quant.qweight import QuantizedWeight
 from sinkquant.quant.rotation import INPUT_ATTRIBUTE, OUTPUT_ATTRIBUTE
 from sinkquant.recipe import Recipe, parse_recipe
@@ -191,12 +193,65 @@ class _Builder:
         return g.op("DequantizeLinear", [values, g.tensor(f"{name}.weight_scale", _array(scale)), zero], axis=1)
 
     def _weight_only(self, x: str, qweight: QuantizedWeight, name: str) -> str:
-        """Float activations against the int8 weight: a float MatMul on the weight's grid values (integers times
-        scales, the numbers sinkquant computes with). ONNX Runtime's 8-bit MatMulNBits with float32 compute runs
-        ~0.9 s per SmolLM2 decode step, and a weight DequantizeLinear -> MatMul is fused into it at accuracy
-        level 4 (int8 activations per 32 values), which the exception layers' massive activations do not survive."""
-        grid = qweight.dequantize(torch.float32).t()
-        return self.g.op("MatMul", [x, self.g.tensor(f"{name}.weight_grid_t", _array(grid))])
+        """Float activations against the int8 weight (exception layers, the int8 lm_head), stored as uint8 with zero
+        point 128. Up to INT8_HEAD_MAX_ROWS rows (a decode step, a prefill's last logits) as the native backend's
+        `limb_matmul`: the activations as LIMBS int8 limbs per row, each the rounding residual of the one before,
+        in one integer MatMul, the limbs' scales and the weight's row scales applied after (u8 x u8: ONNX
+        Runtime's kernels widen to 16 bits before multiplying, so full-range limbs cannot saturate on AVX2 as u8 x
+        s8 pairs can). Beyond that (a prompt, a perplexity window) a float MatMul on the grid's values, dequantized
+        per call: the same numbers to float rounding, and ONNX Runtime's u8 x u8 GEMM is slower than its float
+        one at hundreds of rows. ONNX Runtime's own weight-only form, a weight DequantizeLinear -> MatMul, is
+        fused into MatMulNBits at accuracy level 4 (int8 activations per 32 values), which the exception layers'
+        massive activations do not survive; its float32-compute 8-bit MatMulNBits ran ~0.9 s per decode step."""
+        g = self.g
+        weight, rowscale = self._uint8_weight(qweight, name)
+        in_features = qweight.qweight.shape[1]
+        many = g.op("Greater", [g.op("Size", [x]), g.const(INT8_HEAD_MAX_ROWS * in_features, np.int64)])
+
+        def grid() -> str:
+            values = g.op("Sub", [g.op("Cast", [weight], to=TensorProto.FLOAT), g.const(float(UINT8_SHIFT))])
+            return g.op("MatMul", [x, g.op("Mul", [values, rowscale])])
+
+        return g.op("If", [many], then_branch=self._branch(grid), else_branch=self._branch(
+            lambda: self._limbs(x, weight, rowscale)))
+
+    def _branch(self, build: Callable[[], str]) -> onnx.GraphProto:
+        """A subgraph of the nodes `build` adds (reading the outer graph's values and initializers)."""
+        g = self.g
+        outer, g.nodes = g.nodes, []
+        out = build()
+        nodes, g.nodes = g.nodes, outer
+        return helper.make_graph(nodes, g.name("branch"), [], [helper.make_tensor_value_info(out, TensorProto.FLOAT,
+                                                                                             None)])
+
+    def _uint8_weight(self, qweight: QuantizedWeight, name: str) -> tuple[str, str]:
+        """(the weight transposed to [in, out] as uint8 with zero point 128, one float scale per output)."""
+        rows = qweight.qweight.shape[0]
+        weight = (qweight.qweight.t().to(torch.int16) + UINT8_SHIFT).to(torch.uint8)
+        rowscale = qweight.scale.reshape(-1).float().expand(rows)  # per tensor: the one scale for every row
+        return (self.g.tensor(f"{name}.weight_uint8_t", _array(weight, np.uint8)),
+                self.g.tensor(f"{name}.weight_scale", _array(rowscale)))
+
+    def _limbs(self, x: str, weight: str, rowscale: str) -> str:
+        g = self.g
+        absmax = g.op("ReduceMax", [g.op("Abs", [x]), g.const([-1], np.int64)], keepdims=1)
+        scale = g.op("Div", [g.op("Max", [absmax, g.const(MIN_SCALE)]), g.const(127.0)])
+        residual, limbs, scales = x, [], []
+        for index in range(LIMBS):
+            q = g.op("Clip", [g.op("Round", [g.op("Div", [residual, scale])]), g.const(-127.0), g.const(127.0)])
+            limbs.append(q)
+            scales.append(scale)
+            if index < LIMBS - 1:
+                residual = g.op("Sub", [residual, g.op("Mul", [q, scale])])
+                scale = g.op("Div", [scale, g.const(254.0)])
+        stacked = g.op("Add", [g.op("Concat", limbs, axis=0), g.const(float(UINT8_SHIFT))])
+        zero = g.const(UINT8_SHIFT, np.uint8)
+        acc = g.op("MatMulInteger", [g.op("Cast", [stacked], to=TensorProto.UINT8), weight, zero, zero])
+        parts = g.op("Split", [g.op("Cast", [acc], to=TensorProto.FLOAT)], outputs=LIMBS, axis=0, num_outputs=LIMBS)
+        out = g.op("Mul", [parts[0], scales[0]])
+        for part, limb_scale in zip(parts[1:], scales[1:], strict=True):
+            out = g.op("Add", [out, g.op("Mul", [part, limb_scale])])
+        return g.op("Mul", [out, rowscale])
 
     def _native(self, x: str, module: NativeLinear, name: str) -> str:
         g = self.g

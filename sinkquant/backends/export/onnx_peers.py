@@ -110,9 +110,19 @@ def graph_bytes(path: Path) -> int:
 
 
 def kernel_counts(path: Path, threads: int | None = None) -> dict[str, int]:
-    """Op counts of ONNX Runtime's optimized graph for `path` (which kernels run)."""
+    """Op counts of ONNX Runtime's optimized graph for `path` (which kernels run), subgraphs included."""
     with tempfile.TemporaryDirectory(prefix="sinkquant-ort-") as tmp:
         optimized = Path(tmp) / "optimized.onnx"
         cpu_session(path, threads, optimized)
-        counts = collections.Counter(n.op_type for n in onnx.load(str(optimized), load_external_data=False).graph.node)
+        counts = _op_counts(onnx.load(str(optimized), load_external_data=False).graph)
     return {op: counts[op] for op in KERNELS if counts[op]}
+
+
+def _op_counts(graph: onnx.GraphProto) -> collections.Counter:
+    """Op types of `graph` and of its subgraphs (an If's branches: a weight-only layer is counted in each)."""
+    counts = collections.Counter(n.op_type for n in graph.node)
+    for node in graph.node:
+        for attribute in node.attribute:
+            if attribute.type == onnx.AttributeProto.GRAPH:
+                counts += _op_counts(attribute.g)
+    return counts

@@ -200,9 +200,10 @@ class SharedKV:
         self.prefill_chunk = prefill_chunk
         self.binding = self.session.io_binding()
         self.binding.bind_output("logits")  # bound first: the first of the binding's outputs
+        self.buffers: dict[str, np.ndarray] = {}
         for index in range(model.layers):
             for source, target in zip(past_names(index), present_names(index), strict=True):
-                buffer = np.zeros((1, model.kv_heads, capacity, model.head_dim), np.float32)
+                buffer = self.buffers[source] = np.zeros((1, model.kv_heads, capacity, model.head_dim), np.float32)
                 if past is not None:
                     self.length = past[source].shape[2]
                     buffer[:, :, :self.length] = past[source]
@@ -210,6 +211,10 @@ class SharedKV:
                 self.binding.bind_ortvalue_input(source, value)
                 self.binding.bind_ortvalue_output(target, value)
         self.binding.bind_cpu_input(LOGITS_TO_KEEP, np.asarray(1, np.int64))
+
+    def past(self) -> dict[str, np.ndarray]:
+        """The KV held so far, as the graph's past arrays (copies), e.g. to continue in another session."""
+        return {name: buffer[:, :, :self.length].copy() for name, buffer in self.buffers.items()}
 
     def next_logits(self, ids: np.ndarray) -> np.ndarray:
         """The last position's logits [vocab] after int64 `ids` [1, seq], whose KV joins the buffer."""
