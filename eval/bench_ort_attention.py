@@ -122,10 +122,12 @@ def time_kernels(kernels: dict[str, Callable[[], object]], rounds: int, calls: i
 
 
 def _op_times(session: Any, runs: int) -> dict[str, float]:
-    """Milliseconds per op type per run from the profile ONNX Runtime wrote for `session`, largest first."""
+    """Milliseconds per op type per run from the profile ONNX Runtime wrote for `session`, largest first. An If's
+    time is left out: its branch's nodes are profiled themselves (the weight-only layers' subgraphs)."""
     totals: collections.Counter[str] = collections.Counter()
     for event in json.loads(Path(session.end_profiling()).read_text()):
-        if event.get("cat") == "Node" and event["name"].endswith("_kernel_time"):
+        if (event.get("cat") == "Node" and event["name"].endswith("_kernel_time")
+                and event["args"]["op_name"] != "If"):
             totals[event["args"]["op_name"]] += event["dur"] / 1e3 / runs
     return dict(totals.most_common())
 
