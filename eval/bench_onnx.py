@@ -63,14 +63,18 @@ RECIPE = "recipes/w8a8-prefix-smooth-except-native.yaml"
 GOAL_PPL = 0.3  # percent, against the native backend
 GOAL_PREFILL_TORCH, GOAL_PREFILL_ORT, GOAL_DECODE_ORT = 2.5, 1.6, 1.5
 ORT_FP32, OURS = "ONNX Runtime fp32", "sinkquant ONNX (ONNX Runtime)"
+VERDICTS = {True: "PASS", False: "MISS", None: "INFO"}
 
 
 def onnx_speed(model: OnnxCausalLM, window: np.ndarray, past: dict | None, new_tokens: int
                ) -> dict[str, float]:
     """Seconds of a prefill of `window` after `past` (the last position's logits) in one call and in SharedKV's
     prompt chunks, and of `new_tokens` greedy decode steps after the chunked one, through one KV buffer shared
-    between past and present (`SharedKV`, as sinkquant's ONNX generation runs)."""
+    between past and present (`SharedKV`, as sinkquant's ONNX generation runs), after one untimed prefill."""
     length = (next(iter(past.values())).shape[2] if past else 0) + window.shape[1] + new_tokens
+    # untimed: the first call after another session's ran ~35% slower (measured at ctx 128, the export), and would
+    # land on whichever phase comes first
+    SharedKV(model, length, past, prefill_chunk=None).next_logits(window)
     seconds = {}
     for phase, chunk in (("prefill_one_call", None), ("prefill", PREFILL_CHUNK)):
         kv = SharedKV(model, length, past, prefill_chunk=chunk)
@@ -187,6 +191,7 @@ def main() -> None:
                 for phase, seconds in speed.items():
                     timings[name].setdefault(phase, []).append(seconds)
         for name, times in timings.items() if args.repeats else ():
+            rows[name]["seconds_per_round"] = times
             rows[name]["prefill_tokens_per_s"] = args.ctx / statistics.median(times["prefill"])
             rows[name]["decode_tokens_per_s"] = args.new_tokens / statistics.median(times["decode"])
             if "prefill_one_call" in times:
@@ -225,6 +230,18 @@ def jitter_table(jitter: dict[str, Any]) -> str:
                              table))
 
 
+def speed_check(ours: dict[str, Any], other: dict[str, Any], phase: str, name: str, goal: float | None
+                ) -> tuple[bool | None, str]:
+    """The export's speed over `other`'s in `phase`: the median of the per-round ratios (each round times every row
+    once, so a ratio pairs times seconds apart on a machine whose speed drifts), with their range."""
+    ratios = sorted(o / e for o, e in zip(other["seconds_per_round"][phase], ours["seconds_per_round"][phase],
+                                          strict=True))
+    median = statistics.median(ratios)
+    text = (f"{phase.replace('_', ' ')}: ONNX export {median:.2f}x {name} (median of {len(ratios)} rounds' ratios, "
+            f"range {ratios[0]:.2f}-{ratios[-1]:.2f}x)")
+    return (None, text) if goal is None else (median >= goal, f"{text}; goal {goal}x")
+
+
 def report(args, rows: dict[str, dict[str, Any]], plan, stream: TokenStream, peer_calib: int,
            jitter: dict[str, Any] | None) -> None:
     fp32, ort32 = rows["torch fp32"], rows[ORT_FP32]
@@ -237,18 +254,11 @@ def report(args, rows: dict[str, dict[str, Any]], plan, stream: TokenStream, pee
                       f"{row.get('decode_tokens_per_s', float('nan')):.1f}",
                       ", ".join(f"{op} {n}" for op, n in row.get("kernels", {}).items()) or "torch"])
     checks = [perplexity_check(rows, jitter)]
-    checks += [] if not args.repeats else [
-        (ours["prefill_tokens_per_s"] >= GOAL_PREFILL_TORCH * fp32["prefill_tokens_per_s"],
-         f"prefill: ONNX export {ours['prefill_tokens_per_s'] / fp32['prefill_tokens_per_s']:.2f}x torch fp32 "
-         f"(goal {GOAL_PREFILL_TORCH}x)"),
-        (ours["prefill_tokens_per_s"] >= GOAL_PREFILL_ORT * ort32["prefill_tokens_per_s"],
-         f"prefill: ONNX export {ours['prefill_tokens_per_s'] / ort32['prefill_tokens_per_s']:.2f}x ORT fp32 "
-         f"(goal {GOAL_PREFILL_ORT}x; both in one call: "
-         f"{ours['prefill_one_call_tokens_per_s'] / ort32['prefill_one_call_tokens_per_s']:.2f}x)"),
-        (ours["decode_tokens_per_s"] >= GOAL_DECODE_ORT * ort32["decode_tokens_per_s"],
-         f"decode: ONNX export {ours['decode_tokens_per_s'] / ort32['decode_tokens_per_s']:.2f}x ORT fp32 "
-         f"(goal {GOAL_DECODE_ORT}x)"),
-    ]
+    if args.repeats:
+        checks += [speed_check(ours, fp32, "prefill", "torch fp32", GOAL_PREFILL_TORCH),
+                   speed_check(ours, ort32, "prefill", "ORT fp32", GOAL_PREFILL_ORT),
+                   speed_check(ours, ort32, "prefill_one_call", "ORT fp32", None),
+                   speed_check(ours, ort32, "decode", "ORT fp32", GOAL_DECODE_ORT)]
     body = (f"{args.model}, WikiText-2 test, ctx {args.ctx}, first {len(plan.eval_windows)} windows, no BOS (the "
             f"sinkquant rows bring their fp prefix); calibration: the recipe's {len(plan.calib_windows)} windows from "
             f"the end of the text for the sinkquant rows, the first {peer_calib} of them for ONNX Runtime's static "
@@ -261,7 +271,7 @@ def report(args, rows: dict[str, dict[str, Any]], plan, stream: TokenStream, pee
             + markdown_table(["row", "perplexity", "vs fp32", "prefill tok/s", "prefill tok/s, one call",
                               "decode tok/s", "ONNX Runtime kernels (optimized graph)"], table)
             + (jitter_table(jitter) if jitter else "")
-            + "\n\n" + "\n".join(f"- {'PASS' if ok else 'MISS'}: {text}" for ok, text in checks))
+            + "\n\n" + "\n".join(f"- {VERDICTS[ok]}: {text}" for ok, text in checks))
     write_result(args.out, "ONNX Runtime: sinkquant's export and ONNX Runtime's own int8", body,
                  {"rows": rows, "jitter": jitter, "checks": [{"ok": ok, "text": text} for ok, text in checks],
                   "data": {"sha256": stream.text_sha256, **plan.describe()}})
