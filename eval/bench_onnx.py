@@ -51,7 +51,14 @@ from sinkquant.backends.export.onnx_peers import (
     quantize_peer,
     write_fp32_graph,
 )
-from sinkquant.backends.export.onnx_runtime import PREFILL_CHUNK, OnnxCausalLM, SharedKV, load_onnx, prefix_arrays
+from sinkquant.backends.export.onnx_runtime import (
+    PREFILL_CHUNK,
+    OnnxCausalLM,
+    SharedKV,
+    load_onnx,
+    past_length,
+    prefix_arrays,
+)
 from sinkquant.data import TokenStream, WindowPlan, plan_windows
 from sinkquant.engine import QuantizedModel, apply_recipe
 from sinkquant.models import LoadedModel
@@ -71,7 +78,7 @@ def onnx_speed(model: OnnxCausalLM, window: np.ndarray, past: dict | None, new_t
     """Seconds of a prefill of `window` after `past` (the last position's logits) in one call and in SharedKV's
     prompt chunks, and of `new_tokens` greedy decode steps after the chunked one, through one KV buffer shared
     between past and present (`SharedKV`, as sinkquant's ONNX generation runs), after one untimed prefill."""
-    length = (next(iter(past.values())).shape[2] if past else 0) + window.shape[1] + new_tokens
+    length = past_length(past) + window.shape[1] + new_tokens
     # untimed: the first call after another session's ran ~35% slower (measured at ctx 128, the export), and would
     # land on whichever phase comes first
     SharedKV(model, length, past, prefill_chunk=None).next_logits(window)

@@ -44,6 +44,7 @@ from sinkquant.backends.export.onnx_runtime import (
     OnnxCausalLM,
     SharedKV,
     load_onnx,
+    past_length,
     prefix_arrays,
     session_options,
 )
@@ -148,7 +149,7 @@ def profile_graph(path: Path, config: Any, past: dict[str, np.ndarray] | None, c
             options.enable_profiling, options.profile_file_prefix = True, str(Path(tmp) / phase)
             return OnnxCausalLM(ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"]), config)
 
-        model, capacity = profiled("prefill"), (next(iter(past.values())).shape[2] if past else 0) + ctx + new_tokens
+        model, capacity = profiled("prefill"), past_length(past) + ctx + new_tokens
         buffers = [SharedKV(model, capacity, past) for _ in range(prefills)]
         start = time.perf_counter()
         for kv in buffers:

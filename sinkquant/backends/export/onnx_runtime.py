@@ -33,6 +33,11 @@ from sinkquant.perplexity import Prefix
 PREFILL_CHUNK = 256  # tokens per prompt call in generation (SharedKV); eval/results/onnx-speed.md
 
 
+def past_length(past: dict[str, np.ndarray] | None) -> int:
+    """Positions held by the graph's past arrays (0 for None)."""
+    return next(iter(past.values())).shape[2] if past else 0
+
+
 def is_onnx_export(path: str | os.PathLike) -> bool:
     """A folder written by `sinkquant export --format onnx`."""
     return (Path(path) / ONNX_MANIFEST).is_file()
@@ -93,7 +98,7 @@ class OnnxCausalLM(nn.Module):
         after `past` (None: no past)."""
         batch, seq = input_ids.shape
         past = past if past is not None else self.empty_past(batch)
-        total = next(iter(past.values())).shape[2] + seq
+        total = past_length(past) + seq
         feeds = {"input_ids": input_ids, ATTENTION_MASK: np.ones((batch, total), np.int64),
                  LOGITS_TO_KEEP: np.asarray(logits_to_keep, np.int64), **past}
         outputs = dict(zip(self.output_names, self.session.run(None, feeds), strict=True))
@@ -196,7 +201,7 @@ class SharedKV:
         if capacity > limit:
             raise SinkquantError(f"a KV buffer of {capacity} positions exceeds the model's max_position_embeddings "
                                  f"({limit}), the length of the graph's RoPE tables")
-        self.session, self.length, self.capacity = model.session, 0, capacity
+        self.session, self.length, self.capacity = model.session, past_length(past), capacity
         self.prefill_chunk = prefill_chunk
         self.binding = self.session.io_binding()
         self.binding.bind_output("logits")  # bound first: the first of the binding's outputs
@@ -205,7 +210,6 @@ class SharedKV:
             for source, target in zip(past_names(index), present_names(index), strict=True):
                 buffer = self.buffers[source] = np.zeros((1, model.kv_heads, capacity, model.head_dim), np.float32)
                 if past is not None:
-                    self.length = past[source].shape[2]
                     buffer[:, :, :self.length] = past[source]
                 value = ort.OrtValue.ortvalue_from_numpy(buffer)
                 self.binding.bind_ortvalue_input(source, value)
@@ -248,8 +252,7 @@ def generate(loaded: LoadedModel, prefix: Prefix | None, text: str, max_new_toke
     past = prefix_arrays(prefix)
     if prefix is not None and past is None:
         ids = list(prefix.ids) + ids
-    length = (next(iter(past.values())).shape[2] if past else 0) + len(ids) + max_new_tokens
-    kv = SharedKV(loaded.model, length, past)
+    kv = SharedKV(loaded.model, past_length(past) + len(ids) + max_new_tokens, past)
     new: list[int] = []
     step = np.asarray([ids], np.int64)
     for _ in range(max_new_tokens):
