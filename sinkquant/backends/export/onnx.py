@@ -159,6 +159,7 @@ class _Builder:
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
         self.activation = getattr(config, "hidden_act", None) or getattr(config, "hidden_activation", None)
         self.max_positions = config.max_position_embeddings
+        self.rope_tables: dict[str, tuple[str, str]] = {}  # RoPE table prefix -> (cos, sin) initializer names
 
     # --- layers -------------------------------------------------------------------------------------------
     def linear(self, x: str, module: nn.Module, name: str) -> str:
@@ -300,15 +301,18 @@ class _Builder:
     # --- the decoder ----------------------------------------------------------------------------------------
     def rope_cache(self, layer_type: str | None) -> tuple[str, str]:
         """cos and sin [max positions, head_dim / 2] for GroupQueryAttention's own rotary, computed as transformers'
-        rotary embedding computes them (float32 positions times inv_freq, times the attention scaling)."""
+        rotary embedding computes them (float32 positions times inv_freq, times the attention scaling); written
+        once per RoPE base (layer types without their own inv_freq share the model's)."""
         rotary = self.model.get_submodule(self.adapter.layers.rsplit(".", 1)[0]).rotary_emb
         prefix = f"{layer_type}_" if layer_type and hasattr(rotary, f"{layer_type}_inv_freq") else ""
-        inv_freq = getattr(rotary, f"{prefix}inv_freq").float()
-        scaling = float(getattr(rotary, f"{prefix}attention_scaling"))
-        positions = torch.arange(self.max_positions, dtype=torch.float32)
-        freqs = positions[:, None] * inv_freq[None, :]
-        return (self.g.tensor(self.g.name(f"rope.{prefix}cos_cache"), _array(freqs.cos() * scaling)),
-                self.g.tensor(self.g.name(f"rope.{prefix}sin_cache"), _array(freqs.sin() * scaling)))
+        if prefix not in self.rope_tables:
+            inv_freq = getattr(rotary, f"{prefix}inv_freq").float()
+            scaling = float(getattr(rotary, f"{prefix}attention_scaling"))
+            positions = torch.arange(self.max_positions, dtype=torch.float32)
+            freqs = positions[:, None] * inv_freq[None, :]
+            self.rope_tables[prefix] = (self.g.tensor(f"rope.{prefix}cos_cache", _array(freqs.cos() * scaling)),
+                                        self.g.tensor(f"rope.{prefix}sin_cache", _array(freqs.sin() * scaling)))
+        return self.rope_tables[prefix]
 
     def attention(self, x: str, layer: nn.Module, index: int, rope: tuple[str, str], window: int | None,
                   lengths: tuple[str, str]) -> str:
