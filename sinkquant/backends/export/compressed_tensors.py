@@ -30,7 +30,7 @@ from torch import nn
 from transformers import DynamicCache
 
 from sinkquant.backends.export.transforms import expected_rotation, rotation_refusals, transform_config
-from sinkquant.backends.native import NativeLinear, native_copy
+from sinkquant.backends.native import UINT8_SHIFT, NativeLinear, native_copy
 from sinkquant.backends.registry import BACKENDS
 from sinkquant.errors import SinkquantError
 from sinkquant.io import (
@@ -56,8 +56,6 @@ if TYPE_CHECKING:
 PREFIX_KV = "prefix_kv.safetensors"
 PREFIX_META = "prefix.json"
 MANIFEST = "sinkquant_export.json"
-# compressed-tensors stores 8-bit grids as signed int8; sinkquant's asymmetric grid is uint8 [0, 255].
-UINT8_SHIFT = 128
 
 
 def _weight_args(layer: NativeLinear) -> dict[str, Any]:
@@ -130,6 +128,7 @@ def _fill_parameters(module: nn.Module, layer: NativeLinear) -> None:
     """Put sinkquant's grids into the parameters compressed-tensors initialised on `module`."""
     weight_scale = module.weight_scale
     weight_scale.data.copy_(layer.weight_scale.reshape(weight_scale.shape))
+    # compressed-tensors stores grids as signed integers; sinkquant's asymmetric 8-bit grid is uint8 [0, 255]
     shift = 0 if layer.symmetric else UINT8_SHIFT if layer.bits == 8 else 2 ** (layer.bits - 1)
     if hasattr(module, "weight_zero_point"):
         zero = (layer.weight_zero_point - shift).round().reshape(module.weight_zero_point.shape)
